@@ -1,0 +1,117 @@
+"""Deadlift's built-in host functions, scoped to the calling org.
+
+``kv_get`` / ``kv_set`` / ``kv_incr`` work on the org's own KV bucket
+(``deadlift_state_<org>``). Keys are free text for the module; they are escaped
+into NATS's key alphabet here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import nats.js.errors
+
+from deadlift.errors import HostFunctionError
+from deadlift.wasm.hostfns import HostCall, HostFunction, host_function
+
+STATE_SERVICE = "state"
+_SAFE = set("-_/.abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+
+
+def state_bucket(org: str) -> str:
+    """The KV bucket holding an org's module state."""
+    return f"deadlift_state_{org}"
+
+
+def encode_key(key: str) -> str:
+    """Escape free text into NATS KV's key alphabet (``=XX`` per UTF-8 byte)."""
+    if not key or len(key) > 512:
+        raise HostFunctionError("kv key must be 1 to 512 characters")
+    out = []
+    for char in key:
+        if char in _SAFE:
+            out.append(char)
+        else:
+            out.extend(f"={b:02X}" for b in char.encode())
+    escaped = "".join(out)
+    if escaped.startswith(".") or escaped.endswith(".") or ".." in escaped:
+        escaped = escaped.replace(".", "=2E")
+    return escaped
+
+
+def decode_key(escaped: str) -> str:
+    """Inverse of :func:`encode_key`."""
+    raw = bytearray()
+    i = 0
+    while i < len(escaped):
+        if escaped[i] == "=":
+            raw.append(int(escaped[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            raw.extend(escaped[i].encode())
+            i += 1
+    return raw.decode()
+
+
+def _kv(call: HostCall) -> Any:
+    kv = call.services.get(STATE_SERVICE)
+    if kv is None:
+        raise HostFunctionError(f"no state bucket for org {call.org!r}")
+    return kv
+
+
+def _key(request: Any) -> str:
+    if not isinstance(request, dict) or not isinstance(request.get("key"), str):
+        raise HostFunctionError('request must be {"key": "..."}')
+    return encode_key(request["key"])
+
+
+@host_function
+async def kv_get(call: HostCall, request: Any) -> Any:
+    """Read a key of the org's state: ``{"key"}`` → ``{"value": str | null}``."""
+    try:
+        entry = await _kv(call).get(_key(request))
+    except nats.js.errors.KeyNotFoundError:
+        return {"value": None}
+    return {"value": entry.value.decode() if entry.value is not None else None}
+
+
+@host_function
+async def kv_set(call: HostCall, request: Any) -> Any:
+    """Write a key of the org's state: ``{"key", "value": str}`` → ``{}``."""
+    value = request.get("value") if isinstance(request, dict) else None
+    if not isinstance(value, str):
+        raise HostFunctionError('kv_set request must be {"key": "...", "value": "..."}')
+    await _kv(call).put(_key(request), value.encode())
+    return {}
+
+
+@host_function
+async def kv_incr(call: HostCall, request: Any) -> Any:
+    """Atomically add to an integer key: ``{"key", "by": int}`` → ``{"value": int}``."""
+    by = request.get("by", 1) if isinstance(request, dict) else None
+    if not isinstance(by, int) or isinstance(by, bool):
+        raise HostFunctionError('kv_incr request must be {"key": "...", "by": integer}')
+    kv, key = _kv(call), _key(request)
+    for _ in range(50):  # compare-and-set; retry when another call got in first
+        try:
+            entry = await kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            try:
+                await kv.create(key, str(by).encode())
+                return {"value": by}
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue
+        try:
+            value = int(entry.value or b"0") + by
+        except ValueError:
+            raise HostFunctionError(f"kv_incr: key {request['key']!r} does not hold an integer") from None
+        try:
+            await kv.update(key, str(value).encode(), last=entry.revision)
+            return {"value": value}
+        except nats.js.errors.KeyWrongLastSequenceError:
+            continue
+    raise HostFunctionError("kv_incr: too much contention on the key")
+
+
+BUILTINS: dict[str, HostFunction] = {f.name: f for f in (kv_get, kv_set, kv_incr)}

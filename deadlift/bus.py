@@ -1,0 +1,240 @@
+"""NATS and JetStream plumbing: connect, streams, consumers, durable publish.
+
+The bus moves bytes and headers; :mod:`deadlift.events` knows how to encode them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    PubAck,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+
+from deadlift.errors import ConfigError, DeadliftError, PayloadTooLargeError
+from deadlift.settings import Settings
+from deadlift.workflow import STEP_PREFIX, Step, Workflow, consumer_name, minimal_subjects, step_subject
+
+log = logging.getLogger("deadlift.bus")
+
+STEPS_STREAM = "DEADLIFT_STEPS"
+EVENTS_STREAM = "DEADLIFT_EVENTS"
+DLQ_STREAM = "DEADLIFT_DLQ"
+DLQ_PREFIX = "deadlift.dlq"
+
+
+@dataclass(frozen=True, slots=True)
+class StepBinding:
+    """Where a step's input comes from: a stream and the durable consumer on it."""
+
+    stream: str
+    consumer: str
+
+
+async def connect(settings: Settings, *, name: str = "deadlift") -> Client:
+    """Connect to NATS with the settings' URL and credentials; reconnect forever."""
+
+    async def error_cb(exc: Exception) -> None:
+        # Permission violations arrive only here; make them loud.
+        log.error("NATS error: %s", exc)
+
+    async def disconnected_cb() -> None:
+        log.warning("disconnected from NATS; reconnecting")
+
+    async def reconnected_cb() -> None:
+        log.info("reconnected to NATS")
+
+    options: dict[str, Any] = {
+        "servers": [s.strip() for s in settings.nats_url.split(",") if s.strip()],
+        "name": name,
+        "error_cb": error_cb,
+        "disconnected_cb": disconnected_cb,
+        "reconnected_cb": reconnected_cb,
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 0.5,
+        "connect_timeout": 5,
+        "allow_reconnect": True,
+    }
+    if settings.creds:
+        options["user_credentials"] = settings.creds
+    if settings.user:
+        options["user"] = settings.user
+        options["password"] = settings.password or ""
+    if settings.token:
+        options["token"] = settings.token
+    try:
+        return await nats.connect(**options)
+    except (OSError, nats.errors.NoServersError, nats.errors.Error, asyncio.TimeoutError) as exc:
+        raise DeadliftError(
+            f"cannot connect to NATS at {settings.nats_url}: {exc or type(exc).__name__}; "
+            "start one with `deadlift server` or set --server / DEADLIFT_NATS_URL"
+        ) from None
+
+
+async def ensure_streams(
+    js: JetStreamContext, settings: Settings, event_subjects: list[str]
+) -> None:
+    """Create or extend Deadlift's streams so every subject it uses is captured durably."""
+    common = {
+        "retention": RetentionPolicy.LIMITS,
+        "storage": StorageType.FILE,
+        "max_age": settings.stream_max_age_s,
+        "duplicate_window": settings.duplicate_window_s,
+    }
+    await _ensure_stream(js, StreamConfig(name=STEPS_STREAM, subjects=[f"{STEP_PREFIX}.>"], **common))
+    await _ensure_stream(js, StreamConfig(name=DLQ_STREAM, subjects=[f"{DLQ_PREFIX}.>"], **common))
+    if event_subjects:
+        await _ensure_stream(js, StreamConfig(name=EVENTS_STREAM, subjects=event_subjects, **common),
+                             merge=True)
+
+
+async def _ensure_stream(js: JetStreamContext, config: StreamConfig, *, merge: bool = False) -> None:
+    assert config.name and config.subjects is not None
+    try:
+        info = await js.stream_info(config.name)
+    except nats.js.errors.NotFoundError:
+        try:
+            await js.add_stream(config.evolve(subjects=minimal_subjects(config.subjects)))
+        except nats.js.errors.APIError as exc:
+            raise _stream_conflict(config, exc) from None
+        return
+    current = list(info.config.subjects or [])
+    wanted = minimal_subjects([*current, *config.subjects]) if merge else list(config.subjects)
+    if sorted(wanted) != sorted(current):
+        try:
+            await js.update_stream(info.config.evolve(subjects=wanted))
+        except nats.js.errors.APIError as exc:
+            raise _stream_conflict(config, exc) from None
+
+
+def _stream_conflict(config: StreamConfig, exc: Exception) -> ConfigError:
+    return ConfigError(
+        f"cannot capture subjects {', '.join(config.subjects or [])} in stream {config.name}: "
+        f"{exc}; another stream may already capture one of them"
+    )
+
+
+async def ensure_consumer(
+    js: JetStreamContext, settings: Settings, workflow: Workflow, step: Step
+) -> StepBinding:
+    """Create or update the durable pull consumer a step's workers share."""
+    name = consumer_name(workflow.org, workflow.name, step.name)
+    entry = step in workflow.entry_steps()
+    if entry:
+        stream = EVENTS_STREAM
+        filters = minimal_subjects(workflow.trigger)
+    else:
+        stream = STEPS_STREAM
+        filters = [step_subject(workflow.org, workflow.name, step.name)]
+    config = consumer_config(name, filters, step, settings)
+    try:
+        await js.add_consumer(stream, config)
+    except nats.js.errors.APIError as exc:
+        raise ConfigError(
+            f"workflow {workflow.key} step {step.name!r}: cannot create consumer {name}: {exc}"
+        ) from None
+    return StepBinding(stream=stream, consumer=name)
+
+
+def consumer_config(name: str, filters: list[str], step: Step, settings: Settings) -> ConsumerConfig:
+    """The consumer configuration for a step (durable, explicit ack, bounded deliveries)."""
+    return ConsumerConfig(
+        name=name,
+        durable_name=name,
+        description=f"deadlift step {name}",
+        deliver_policy=DeliverPolicy.NEW,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=settings.ack_wait_s,
+        max_deliver=step.retry.max_attempts,
+        max_ack_pending=max(1000, settings.concurrency * 64),
+        filter_subject=filters[0] if len(filters) == 1 else None,
+        filter_subjects=filters if len(filters) > 1 else None,
+    )
+
+
+async def delete_consumer(js: JetStreamContext, binding: StepBinding) -> None:
+    """Remove a step's consumer (ignoring one already gone)."""
+    try:
+        await js.delete_consumer(binding.stream, binding.consumer)
+    except nats.js.errors.NotFoundError:
+        pass
+
+
+def check_size(nc: Client, subject: str, headers: Mapping[str, str], body: bytes) -> None:
+    """Refuse a message the server would reject: nats-py closes the whole connection then.
+
+    Raises:
+        PayloadTooLargeError: naming the subject, the size and the limit.
+    """
+    limit = nc.max_payload
+    size = len(body) + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 12
+    if limit and size > limit:
+        raise PayloadTooLargeError(
+            f"message for {subject} is {size} bytes, over the server's max_payload of {limit}; "
+            "send a reference (e.g. an object store key) instead of the data"
+        )
+
+
+async def publish(
+    js: JetStreamContext,
+    nc: Client,
+    subject: str,
+    body: bytes,
+    headers: dict[str, str],
+    *,
+    timeout: float = 5.0,
+) -> PubAck:
+    """Publish durably (awaiting the PubAck), refusing oversized messages first."""
+    check_size(nc, subject, headers, body)
+    try:
+        return await js.publish(subject, body, headers=headers, timeout=timeout)
+    except nats.js.errors.NoStreamResponseError:
+        raise DeadliftError(
+            f"no stream captures {subject}; apply a workflow that triggers on or publishes to it"
+        ) from None
+
+
+async def dead_letters(js: JetStreamContext, limit: int = 1000) -> list[dict[str, Any]]:
+    """Read dead-lettered events (newest ``limit``) without consuming them."""
+    try:
+        info = await js.stream_info(DLQ_STREAM)
+    except nats.js.errors.NotFoundError:
+        return []
+    state = info.state
+    found: list[dict[str, Any]] = []
+    first = max(state.first_seq, state.last_seq - limit + 1)
+    for seq in range(first, state.last_seq + 1):
+        try:
+            msg = await js.get_msg(DLQ_STREAM, seq)
+        except nats.js.errors.NotFoundError:
+            continue
+        h = msg.headers or {}
+        found.append({
+            "seq": seq,
+            "org": h.get("Deadlift-Org", ""),
+            "workflow": h.get("Deadlift-Workflow", ""),
+            "step": h.get("Deadlift-Step", ""),
+            "subject": h.get("Deadlift-Subject", ""),
+            "attempts": h.get("Deadlift-Attempts", ""),
+            "kind": h.get("Deadlift-Error-Kind", ""),
+            "error": h.get("Deadlift-Error", ""),
+            "module": h.get("Deadlift-Module", ""),
+            "time": h.get("Deadlift-Time", ""),
+            "size": len(msg.data or b""),
+        })
+    return found

@@ -1,0 +1,352 @@
+"""The ``deadlift`` command line. Signal handlers live here, never in the library."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from deadlift import bus, events
+from deadlift.control import apply_files, push_module_file
+from deadlift.errors import ConfigError, DeadliftError
+from deadlift.registry import Registry, dump_json
+from deadlift.settings import Settings
+from deadlift.workflow import mermaid
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+T = TypeVar("T")
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine, turning Deadlift errors into a clear message and exit code."""
+    try:
+        return asyncio.run(coro)
+    except ConfigError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        sys.exit(2)
+    except DeadliftError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        sys.exit(1)
+
+
+def settings_of(ctx: click.Context) -> Settings:
+    """The settings built from global flags and the environment."""
+    settings: Settings = ctx.obj["settings"]
+    return settings
+
+
+def with_registry(
+    func: Callable[..., Awaitable[T]],
+) -> Callable[..., Coroutine[Any, Any, T]]:
+    """Give an async command a connected client and the registry; close it afterwards."""
+
+    @functools.wraps(func)
+    async def wrapper(settings: Settings, *args: Any, **kwargs: Any) -> T:
+        nc = await bus.connect(settings, name="deadlift-cli")
+        try:
+            registry = await Registry.open(nc.jetstream())
+            return await func(settings, nc, registry, *args, **kwargs)
+        finally:
+            await nc.drain()
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--server", "-s", envvar="DEADLIFT_NATS_URL", default="nats://127.0.0.1:4222",
+              show_default=True, help="NATS URL(s), comma-separated [env DEADLIFT_NATS_URL]")
+@click.option("--creds", envvar="DEADLIFT_CREDS", type=click.Path(dir_okay=False),
+              help="NATS credentials file [env DEADLIFT_CREDS]")
+@click.option("--user", envvar="DEADLIFT_USER", help="NATS user [env DEADLIFT_USER]")
+@click.option("--password", envvar="DEADLIFT_PASSWORD", help="NATS password [env DEADLIFT_PASSWORD]")
+@click.option("--log-level", envvar="DEADLIFT_LOG_LEVEL", default="INFO", show_default=True)
+@click.pass_context
+def main(
+    ctx: click.Context,
+    server: str,
+    creds: str | None,
+    user: str | None,
+    password: str | None,
+    log_level: str,
+) -> None:
+    """Deadlift: integrations as Wasm modules, run by workers on NATS JetStream."""
+    try:
+        settings = Settings(nats_url=server, creds=creds, user=user, password=password,
+                            log_level=log_level.upper())
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    ctx.obj = {"settings": settings}
+
+
+# -- server -------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--port", "-p", default=4222, show_default=True, help="client port")
+@click.option("--store-dir", type=click.Path(file_okay=False), default=".deadlift/nats",
+              show_default=True, help="JetStream store directory")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+              help="extra nats-server config file")
+def server(port: int, store_dir: str, config_file: str | None) -> None:
+    """Run the bundled nats-server with JetStream until Ctrl-C."""
+    from deadlift.server import EmbeddedServer
+
+    embedded = EmbeddedServer(port=port, store_dir=store_dir, config_file=config_file)
+    try:
+        embedded.start()
+    except DeadliftError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        sys.exit(1)
+    console.print(f"nats-server with JetStream on [bold]{embedded.url}[/bold], store {store_dir}")
+    console.print("Ctrl-C to stop")
+    stop = {"now": False}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        while not stop["now"] and embedded.process and embedded.process.poll() is None:
+            time.sleep(0.2)
+    finally:
+        embedded.stop()
+
+
+# -- modules ------------------------------------------------------------------
+
+
+@main.group()
+def module() -> None:
+    """Push and list Wasm modules."""
+
+
+@module.command("push")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--name", "-n", help="module name (default: the file name)")
+@click.option("--version", "-v", "version", help="version (default: next integer)")
+@click.option("--codec", type=click.Choice(["json", "msgpack", "raw"]), default="json",
+              show_default=True, help="how event data is passed to the module")
+@click.option("--timeout-ms", type=click.IntRange(min=1), help="default per-call timeout")
+@click.option("--max-memory-pages", type=click.IntRange(1, 65536),
+              help="default memory limit in 64 KiB pages")
+@click.pass_context
+def module_push(ctx: click.Context, file: str, **options: Any) -> None:
+    """Validate FILE.wasm with Extism and store it in the registry."""
+
+    @with_registry
+    async def push(settings: Settings, nc: Any, registry: Registry) -> None:
+        meta, changed = await push_module_file(registry, file, **options)
+        verb = "pushed" if changed else "unchanged"
+        console.print(
+            f"{verb} [bold]{meta.ref}[/bold] sha256:{meta.sha256[:12]} {meta.size} bytes, "
+            f"exports {', '.join(meta.exports)}"
+            + (f", imports {', '.join(meta.host_imports)}" if meta.host_imports else "")
+        )
+
+    run_async(push(settings_of(ctx)))
+
+
+@module.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.pass_context
+def module_ls(ctx: click.Context, as_json: bool) -> None:
+    """List registered modules and versions."""
+
+    @with_registry
+    async def ls(settings: Settings, nc: Any, registry: Registry) -> None:
+        metas = await registry.modules()
+        if as_json:
+            click.echo(dump_json([m.model_dump() for m in metas]))
+            return
+        table = Table("module", "version", "sha256", "codec", "size", "exports", "host imports")
+        for m in metas:
+            table.add_row(m.name, m.version, m.sha256[:12], m.codec, str(m.size),
+                          ", ".join(m.exports), ", ".join(m.host_imports))
+        console.print(table)
+
+    run_async(ls(settings_of(ctx)))
+
+
+# -- workflows ----------------------------------------------------------------
+
+
+@main.group()
+def workflow() -> None:
+    """Apply, list and draw workflows."""
+
+
+@workflow.command("apply")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.pass_context
+def workflow_apply(ctx: click.Context, files: tuple[str, ...]) -> None:
+    """Validate workflow FILES against the registry and store them (all or nothing)."""
+
+    @with_registry
+    async def apply(settings: Settings, nc: Any, registry: Registry) -> None:
+        applied = await apply_files(nc.jetstream(), registry, settings, files)
+        for w in applied:
+            steps = ", ".join(f"{s.name}={s.module}" for s in w.steps)
+            console.print(f"applied [bold]{w.key}[/bold] (trigger {', '.join(w.trigger)}): {steps}")
+
+    run_async(apply(settings_of(ctx)))
+
+
+@workflow.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.pass_context
+def workflow_ls(ctx: click.Context, as_json: bool) -> None:
+    """List applied workflows."""
+
+    @with_registry
+    async def ls(settings: Settings, nc: Any, registry: Registry) -> None:
+        found = await registry.workflows()
+        if as_json:
+            click.echo(dump_json([w.model_dump() for w in found]))
+            return
+        table = Table("org", "workflow", "trigger", "steps")
+        for w in found:
+            table.add_row(w.org, w.name, ", ".join(w.trigger),
+                          " → ".join(f"{s.name}({s.module})" for s in w.steps))
+        console.print(table)
+
+    run_async(ls(settings_of(ctx)))
+
+
+@workflow.command("graph")
+@click.argument("name")
+@click.option("--format", "fmt", type=click.Choice(["mermaid"]), default="mermaid", show_default=True)
+@click.pass_context
+def workflow_graph(ctx: click.Context, name: str, fmt: str) -> None:
+    """Print workflow NAME (ORG.NAME or NAME) as a Mermaid flowchart."""
+
+    @with_registry
+    async def graph(settings: Settings, nc: Any, registry: Registry) -> None:
+        click.echo(mermaid(await registry.workflow(name)))
+
+    run_async(graph(settings_of(ctx)))
+
+
+# -- worker -------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--workflow", "-w", "workflows", multiple=True,
+              help="run only this workflow (ORG.NAME or NAME); repeatable")
+@click.option("--concurrency", "-c", type=click.IntRange(min=1), help="events in flight per step")
+@click.option("--host-functions", "packs", multiple=True, envvar="DEADLIFT_HOST_FUNCTIONS",
+              help="Python module offering host functions (pkg.module); repeatable")
+@click.pass_context
+def worker(ctx: click.Context, workflows: tuple[str, ...], concurrency: int | None,
+           packs: tuple[str, ...]) -> None:
+    """Run workflow steps until SIGTERM/SIGINT, then finish in-flight events and drain."""
+    from deadlift.commands import run_worker
+
+    run_async(run_worker(settings_of(ctx), workflows=workflows, concurrency=concurrency,
+                         packs=packs))
+
+
+# -- events -------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("subject")
+@click.argument("data")
+@click.option("--id", "event_id", help="event id (default: random); resending an id is deduplicated")
+@click.option("--type", "event_type", default="deadlift.publish", show_default=True)
+@click.pass_context
+def publish(ctx: click.Context, subject: str, data: str, event_id: str | None, event_type: str) -> None:
+    """Publish JSON DATA as a Deadlift event on SUBJECT (durably)."""
+    try:
+        value = json.loads(data)
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="DATA") from None
+
+    async def send(settings: Settings) -> None:
+        nc = await bus.connect(settings, name="deadlift-publish")
+        try:
+            event = events.new_event(value, source="deadlift://cli", type=event_type, id=event_id)
+            headers, body = events.encode(event)
+            headers[events.MSG_ID] = event.id
+            ack = await bus.publish(nc.jetstream(), nc, subject, body, headers)
+            note = " (duplicate, dropped)" if ack.duplicate else ""
+            console.print(f"published {event.id} to {subject}: stream {ack.stream} seq {ack.seq}{note}")
+        finally:
+            await nc.drain()
+
+    run_async(send(settings_of(ctx)))
+
+
+@main.command()
+@click.argument("subject")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
+@click.option("--count", "-n", type=click.IntRange(min=1), help="stop after N events")
+@click.pass_context
+def tail(ctx: click.Context, subject: str, as_json: bool, count: int | None) -> None:
+    """Print decoded events on SUBJECT as they arrive (wildcards allowed)."""
+    from deadlift.commands import tail_subject
+
+    run_async(tail_subject(settings_of(ctx), subject, as_json=as_json, count=count))
+
+
+# -- dead letters ---------------------------------------------------------------
+
+
+@main.group()
+def dlq() -> None:
+    """Inspect dead-lettered events."""
+
+
+@dlq.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.pass_context
+def dlq_ls(ctx: click.Context, as_json: bool) -> None:
+    """List dead-lettered events with the step and the error."""
+    from deadlift.commands import list_dead_letters
+
+    run_async(list_dead_letters(settings_of(ctx), as_json=as_json))
+
+
+# -- demo and dev -----------------------------------------------------------------
+
+
+@main.command()
+@click.option("--quiet", "-q", is_flag=True, help="print only the outcome")
+def demo(quiet: bool) -> None:
+    """Run the Acme/Stripe story on a throwaway server; exit 0 when its checks pass."""
+    from deadlift.demo import run_demo
+
+    ok = run_async(run_demo(verbose=not quiet))
+    sys.exit(0 if ok else 1)
+
+
+@main.command()
+@click.option("--port", "-p", default=4222, show_default=True, help="NATS client port")
+@click.option("--store-dir", type=click.Path(file_okay=False), default=".deadlift/nats",
+              show_default=True)
+def dev(port: int, store_dir: str) -> None:
+    """Server + every module in workers/ + every workflow in config/ + a worker, until Ctrl-C."""
+    from deadlift.demo import run_dev
+
+    run_async(run_dev(port=port, store_dir=store_dir))
+
+
+if __name__ == "__main__":
+    main()

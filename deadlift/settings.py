@@ -1,0 +1,32 @@
+"""Settings in one place: environment variables prefixed ``DEADLIFT_``, validated once."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Runtime settings; every field can be set as ``DEADLIFT_<FIELD>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="DEADLIFT_", extra="ignore", frozen=True)
+
+    nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server URL(s), comma-separated")
+    creds: str | None = Field(None, description="NATS credentials file (.creds)")
+    user: str | None = Field(None, description="NATS user name")
+    password: str | None = Field(None, description="NATS password")
+    token: str | None = Field(None, description="NATS token")
+
+    default_timeout_ms: int = Field(1000, gt=0, description="per-call module timeout")
+    default_max_pages: int = Field(256, gt=0, description="module memory limit, 64 KiB pages")
+    max_output_bytes: int = Field(512 * 1024, gt=0, description="largest module output accepted")
+    concurrency: int = Field(8, gt=0, description="events in flight per step per worker")
+    fetch_batch: int = Field(64, gt=0, description="messages pulled per fetch")
+    ack_wait_s: float = Field(30.0, gt=0, description="JetStream ack wait per delivery")
+    duplicate_window_s: float = Field(
+        120.0, gt=0, description="JetStream de-duplication window for Nats-Msg-Id"
+    )
+    stream_max_age_s: float = Field(
+        7 * 24 * 3600.0, gt=0, description="how long events are kept in Deadlift's streams"
+    )
+    log_level: str = Field("INFO", description="Python logging level")

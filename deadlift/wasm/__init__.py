@@ -1,0 +1,1 @@
+"""The Extism host: module inspection, codecs, instance pools, host functions, plugin logs."""

@@ -1,0 +1,189 @@
+"""The Extism host: compiled modules cached by sha256, one instance per in-flight call.
+
+Facts this design rests on (measured, see DESIGN.md): a ``Plugin`` shared by two
+concurrent calls returns the *other* call's output, so every call takes an
+instance from a pool and returns it only if the call succeeded; nothing is
+limited unless the manifest says so, so every instance gets a timeout and a
+memory cap; an instance keeps its heap and globals after a failure, so a failed
+instance is dropped, and pools are keyed by org so no state crosses orgs.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import extism
+from extism.extism import CompiledPlugin
+
+from deadlift.errors import ModuleError, StepError
+from deadlift.wasm import logs
+from deadlift.wasm.hostfns import HostCall, extism_functions
+from deadlift.wasm.inspect import inspect_wasm
+
+
+@dataclass(frozen=True, slots=True)
+class PluginSpec:
+    """Everything that makes two instances interchangeable (the pool key)."""
+
+    sha256: str
+    org: str
+    timeout_ms: int
+    max_pages: int
+    host_functions: tuple[str, ...] = ()
+    config: tuple[tuple[str, str], ...] = ()
+    max_output_bytes: int = 512 * 1024
+
+
+class _Pool:
+    def __init__(self, compiled: CompiledPlugin, spec: PluginSpec) -> None:
+        self.compiled = compiled
+        self.spec = spec
+        self.idle: list[extism.Plugin] = []
+        self.created = 0
+
+
+class ModuleHost:
+    """Runs module functions; thread-safe, blocking (call it from an executor)."""
+
+    def __init__(self, *, max_idle_per_spec: int = 64) -> None:
+        self._binaries: dict[str, bytes] = {}
+        self._pools: dict[PluginSpec, _Pool] = {}
+        self._lock = threading.Lock()
+        self._max_idle = max_idle_per_spec
+        logs.install()
+
+    def add_binary(self, sha256: str, wasm: bytes) -> None:
+        """Make a module binary available under its sha256."""
+        with self._lock:
+            self._binaries[sha256] = wasm
+
+    def has_binary(self, sha256: str) -> bool:
+        """Whether the binary is loaded."""
+        return sha256 in self._binaries
+
+    def pool_sizes(self) -> Mapping[PluginSpec, tuple[int, int]]:
+        """(idle, created) instance counts per spec."""
+        with self._lock:
+            return {k: (len(p.idle), p.created) for k, p in self._pools.items()}
+
+    def prepare(self, spec: PluginSpec) -> None:
+        """Compile the module for ``spec`` now (so link errors surface before any event)."""
+        self._pool(spec)
+
+    def call(self, spec: PluginSpec, function: str, data: bytes, context: HostCall) -> bytes:
+        """Call ``function`` with ``data``; return its raw output.
+
+        Raises:
+            StepError: with ``kind`` timeout, oom, trap, error, host_function,
+                missing_export or output_too_large.
+        """
+        pool = self._pool(spec)
+        plugin = self._take(pool, context)
+        ok = False
+        try:
+            if not plugin.function_exists(function):
+                raise StepError(
+                    f"module {spec.sha256[:12]} has no exported function {function!r}",
+                    kind="missing_export",
+                    retryable=False,
+                )
+            try:
+                output = plugin.call(function, data, parse=bytes, host_context=context)
+            except extism.Error as exc:
+                raise _step_error(exc, context) from None
+            if context.failure is not None:
+                raise StepError(str(context.failure), kind="host_function")
+            if len(output) > spec.max_output_bytes:
+                raise StepError(
+                    f"module output is {len(output)} bytes, over the limit of "
+                    f"{spec.max_output_bytes} (DEADLIFT_MAX_OUTPUT_BYTES)",
+                    kind="output_too_large",
+                    retryable=False,
+                )
+            ok = True
+            return output
+        finally:
+            logs.flush()
+            self._give_back(pool, plugin, ok)
+
+    def _pool(self, spec: PluginSpec) -> _Pool:
+        with self._lock:
+            pool = self._pools.get(spec)
+            if pool is not None:
+                return pool
+            wasm = self._binaries.get(spec.sha256)
+        if wasm is None:
+            raise ModuleError(f"module binary {spec.sha256} is not loaded")
+        compiled = compile_module(wasm, spec)
+        with self._lock:
+            return self._pools.setdefault(spec, _Pool(compiled, spec))
+
+    def _take(self, pool: _Pool, context: HostCall) -> extism.Plugin:
+        with self._lock:
+            if pool.idle:
+                plugin = pool.idle.pop()
+            else:
+                plugin = None
+                pool.created += 1
+        if plugin is None:
+            plugin = extism.Plugin(pool.compiled, functions=None)
+        logs.bind(plugin, context)
+        return plugin
+
+    def _give_back(self, pool: _Pool, plugin: extism.Plugin, ok: bool) -> None:
+        # A failed instance may hold a corrupt heap or half-set globals: drop it.
+        if ok:
+            with self._lock:
+                if len(pool.idle) < self._max_idle:
+                    pool.idle.append(plugin)
+                    return
+        logs.unbind(plugin)
+
+
+def manifest(wasm: bytes, spec: PluginSpec) -> dict[str, Any]:
+    """The Extism manifest for a spec: limits always set."""
+    return {
+        "wasm": [{"data": wasm}],
+        "timeout_ms": spec.timeout_ms,
+        "memory": {"max_pages": spec.max_pages},
+        "config": dict(spec.config),
+        "allowed_hosts": [],
+    }
+
+
+def compile_module(wasm: bytes, spec: PluginSpec) -> CompiledPlugin:
+    """Compile and link a module with exactly the granted host functions.
+
+    Raises:
+        ModuleError: Extism cannot load or link it (e.g. an import not granted).
+    """
+    info = inspect_wasm(wasm)
+    wasi = any(i.module.startswith("wasi") for i in info.imports)
+    try:
+        return CompiledPlugin(manifest(wasm, spec), wasi, extism_functions(spec.host_functions))
+    except extism.Error as exc:
+        raise ModuleError(f"Extism cannot load module {spec.sha256[:12]}: {exc}") from None
+
+
+def check_loadable(wasm: bytes, host_functions: tuple[str, ...]) -> None:
+    """Raise ModuleError unless Extism can load ``wasm`` with those host functions linked."""
+    spec = PluginSpec(sha256="0" * 64, org="-", timeout_ms=1000, max_pages=256,
+                      host_functions=host_functions)
+    extism.Plugin(compile_module(wasm, spec), functions=None)
+
+
+def _step_error(exc: extism.Error, context: HostCall) -> StepError:
+    message = str(exc)
+    if context.failure is not None:
+        return StepError(str(context.failure), kind="host_function")
+    if message == "timeout":
+        return StepError("module call timed out (timeout_ms)", kind="timeout")
+    if message == "oom" or "out of memory" in message or "memory" in message and "limit" in message:
+        return StepError("module ran out of memory (max_memory_pages)", kind="oom", retryable=False)
+    if "error while executing" in message or "wasm trap" in message or "unreachable" in message:
+        first = message.splitlines()[0]
+        return StepError(f"module trapped: {first}", kind="trap")
+    return StepError(f"module returned an error: {message}", kind="error")

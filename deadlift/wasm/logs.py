@@ -1,0 +1,75 @@
+"""Plugin logs into Python logging, with org/workflow/step context.
+
+libextism buffers log lines process-wide (``set_log_custom`` may be set once);
+each line names the plugin instance by uuid, which we map back to the call it
+was serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from typing import Any
+
+import extism
+
+logger = logging.getLogger("deadlift.module")
+
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_LEVEL = re.compile(r"\b(TRACE|DEBUG|INFO|WARN|ERROR)\b")
+_LEVELS = {"TRACE": 5, "DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARN": logging.WARNING,
+           "ERROR": logging.ERROR}
+
+_lock = threading.Lock()
+_bound: dict[str, Any] = {}
+_custom: Any = None
+
+
+def install(level: str = "info") -> None:
+    """Route libextism's log lines to the ``deadlift.module`` logger (idempotent)."""
+    global _custom
+    with _lock:
+        if _custom is None:
+            _custom = extism.set_log_custom(_emit, level)
+
+
+def bind(plugin: extism.Plugin, context: Any) -> None:
+    """Attribute the plugin's next log lines to ``context`` (a HostCall)."""
+    with _lock:
+        _bound[str(plugin.id)] = context
+
+
+def unbind(plugin: extism.Plugin) -> None:
+    """Forget a plugin that is being dropped."""
+    with _lock:
+        _bound.pop(str(plugin.id), None)
+
+
+def flush() -> None:
+    """Deliver buffered lines now (called after each module call)."""
+    custom = _custom
+    if custom is not None:
+        custom.drain()
+
+
+def _emit(line: str) -> None:
+    match = _UUID.search(line)
+    with _lock:
+        context = _bound.get(match.group(0)) if match else None
+    level_match = _LEVEL.search(line)
+    level = _LEVELS[level_match.group(1)] if level_match else logging.INFO
+    text = line.rstrip()
+    if context is None:
+        logger.log(level, "%s", text)
+        return
+    logger.log(
+        level,
+        "[%s/%s/%s] %s",
+        context.org,
+        context.workflow,
+        context.step,
+        text,
+        extra={"org": context.org, "workflow": context.workflow, "step": context.step,
+               "run": context.run},
+    )

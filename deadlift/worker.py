@@ -1,0 +1,520 @@
+"""The worker: runs workflow steps from durable consumers, any number of processes at once.
+
+Per step: pull a batch → decode the event → call the module (in a thread: Extism
+releases the GIL) → publish the output to the next steps and publish subjects
+with a deterministic ``Nats-Msg-Id`` → await the PubAcks → ack. A crash anywhere
+before the ack redelivers the event; the re-published output is dropped by the
+stream's duplicate window, so each output is stored once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.api import KeyValueConfig, StorageType
+
+from deadlift import bus, events
+from deadlift.builtins import BUILTINS, STATE_SERVICE, state_bucket
+from deadlift.errors import DeadliftError, EventDecodeError, EventEncodeError, StepError
+from deadlift.registry import Registry
+from deadlift.settings import Settings
+from deadlift.wasm.codecs import from_module, to_module
+from deadlift.wasm.host import ModuleHost, PluginSpec
+from deadlift.wasm.hostfns import HostCall, HostFunction
+from deadlift.workflow import Step, Workflow, step_subject
+
+log = logging.getLogger("deadlift.worker")
+
+FETCH_TIMEOUT_S = 1.0  # also bounds how long shutdown waits for a fetch to return
+
+
+@dataclass(frozen=True, slots=True)
+class StepReport:
+    """What happened to one event at one step (passed to observers)."""
+
+    org: str
+    workflow: str
+    step: str
+    module: str
+    run: str
+    event_id: str
+    outcome: str  # ok | filtered | retry | dead
+    latency_ms: float
+    attempt: int
+    output: Any = None
+    targets: tuple[str, ...] = ()
+    error: str | None = None
+    error_kind: str | None = None
+
+
+Observer = Callable[[StepReport], None]
+
+
+class Worker:
+    """Runs the steps of the workflows it can see, until :meth:`shutdown`.
+
+    Args:
+        nc: a connected NATS client (the caller owns and closes it).
+        settings: defaults for limits, batches and streams.
+        workflows: ``org.name`` or ``name`` of workflows to run; empty means all.
+        host_functions: host functions this worker offers, by name (built-ins are added).
+        observers: called with a :class:`StepReport` after each event at each step.
+    """
+
+    def __init__(
+        self,
+        nc: Client,
+        *,
+        settings: Settings | None = None,
+        workflows: Sequence[str] = (),
+        host_functions: Mapping[str, HostFunction] | None = None,
+        observers: Sequence[Observer] = (),
+        concurrency: int | None = None,
+        threads: int = 4,
+    ) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.settings = settings or Settings()
+        self.selection = tuple(workflows)
+        self.functions = {**BUILTINS, **(host_functions or {})}
+        self.observers = list(observers)
+        self.concurrency = concurrency or self.settings.concurrency
+        self.host = ModuleHost()
+        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="deadlift-wasm")
+        self.registry: Registry | None = None
+        self._runners: dict[tuple[str, str], StepRunner] = {}
+        self._state: dict[str, Any] = {}
+        self._watch_task: asyncio.Task[None] | None = None
+        self._closed = asyncio.Event()
+        self._shutting_down = False
+        self._lock = asyncio.Lock()
+
+    async def __aenter__(self) -> Worker:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.shutdown()
+
+    @property
+    def steps(self) -> list[str]:
+        """``org.workflow.step`` of every step running now."""
+        return sorted(f"{k[0]}.{k[1]}" for k in self._runners)
+
+    async def start(self) -> None:
+        """Load the workflows, start their steps, and follow registry changes."""
+        self.registry = await Registry.open(self.js)
+        for workflow in await self.registry.workflows():
+            await self._reconcile(workflow.key, workflow)
+        self._watch_task = asyncio.create_task(self._watch(), name="deadlift-registry-watch")
+
+    async def run(self) -> None:
+        """Start, then wait until :meth:`shutdown` completes."""
+        await self.start()
+        await self._closed.wait()
+
+    async def run_until_shutdown(self) -> None:
+        """Wait (after :meth:`start`) until :meth:`shutdown` completes."""
+        await self._closed.wait()
+
+    async def shutdown(self) -> None:
+        """Stop pulling, finish in-flight events, and release resources (idempotent)."""
+        if self._shutting_down:
+            await self._closed.wait()
+            return
+        self._shutting_down = True
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch_task
+        async with self._lock:
+            runners = list(self._runners.values())
+            self._runners.clear()
+        await asyncio.gather(*(r.stop() for r in runners), return_exceptions=True)
+        self.executor.shutdown(wait=True)
+        self._closed.set()
+
+    def _selected(self, workflow: Workflow) -> bool:
+        return not self.selection or bool({workflow.key, workflow.name} & set(self.selection))
+
+    async def _watch(self) -> None:
+        assert self.registry is not None
+        while not self._shutting_down:
+            try:
+                async for key, workflow in self.registry.watch_workflows():
+                    await self._reconcile(key, workflow)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # keep watching through reconnects
+                log.warning("registry watch interrupted (%s); resuming", exc)
+                await asyncio.sleep(1.0)
+
+    async def _reconcile(self, key: str, workflow: Workflow | None) -> None:
+        """Make the running steps of workflow ``key`` match ``workflow`` (None: removed)."""
+        async with self._lock:
+            if self._shutting_down:
+                return
+            wanted: dict[tuple[str, str], Step] = {}
+            if workflow is not None and self._selected(workflow):
+                wanted = {(key, s.name): s for s in workflow.steps}
+            stale = [
+                k for k, r in self._runners.items()
+                if k[0] == key and (k not in wanted or r.signature != _signature(workflow, r.step))
+            ]
+            for k in stale:
+                await self._runners.pop(k).stop()
+            if workflow is None or not wanted:
+                return
+            try:
+                await bus.ensure_streams(self.js, self.settings, workflow.event_subjects())
+            except DeadliftError as exc:
+                log.error("workflow %s not started: %s", key, exc)
+                return
+            for k, step in wanted.items():
+                if k not in self._runners:
+                    runner = await self._start_step(workflow, step)
+                    if runner is not None:
+                        self._runners[k] = runner
+
+    async def _start_step(self, workflow: Workflow, step: Step) -> StepRunner | None:
+        where = f"workflow {workflow.key} step {step.name!r}"
+        missing = sorted(set(step.host_functions) - set(self.functions))
+        if missing:
+            log.error(
+                "%s not started: it grants host functions %s that this worker does not offer; "
+                "start the worker with --host-functions PACKAGE.MODULE",
+                where, ", ".join(missing),
+            )
+            return None
+        if not step.module_sha256:
+            log.error("%s not started: module not resolved; apply it with `deadlift workflow apply`", where)
+            return None
+        try:
+            assert self.registry is not None
+            if not self.host.has_binary(step.module_sha256):
+                wasm = await self.registry.binary(step.module_sha256)
+                self.host.add_binary(step.module_sha256, wasm)
+            spec = PluginSpec(
+                sha256=step.module_sha256,
+                org=workflow.org,
+                timeout_ms=step.timeout_ms or self.settings.default_timeout_ms,
+                max_pages=step.max_memory_pages or self.settings.default_max_pages,
+                host_functions=tuple(sorted(step.host_functions)),
+                config=tuple(sorted(step.config.items())),
+                max_output_bytes=self.settings.max_output_bytes,
+            )
+            await asyncio.get_running_loop().run_in_executor(self.executor, self.host.prepare, spec)
+            binding = await bus.ensure_consumer(self.js, self.settings, workflow, step)
+            services = await self._services(workflow.org, step)
+        except DeadliftError as exc:
+            log.error("%s not started: %s", where, exc)
+            return None
+        runner = StepRunner(self, workflow, step, spec, binding, services)
+        await runner.start()
+        log.info("started %s (module %s, %s)", where, step.module, binding.consumer)
+        return runner
+
+    async def _services(self, org: str, step: Step) -> dict[str, Any]:
+        if not any(name.startswith("kv_") for name in step.host_functions):
+            return {}
+        if org not in self._state:
+            bucket = state_bucket(org)
+            try:
+                self._state[org] = await self.js.key_value(bucket)
+            except nats.js.errors.BucketNotFoundError:
+                self._state[org] = await self.js.create_key_value(
+                    config=KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE)
+                )
+        return {STATE_SERVICE: self._state[org]}
+
+    def report(self, report: StepReport) -> None:
+        """Pass a report to every observer; an observer's error never stops a step."""
+        for observer in self.observers:
+            try:
+                observer(report)
+            except Exception:
+                log.exception("observer failed")
+
+
+def _signature(workflow: Workflow | None, step: Step) -> Any:
+    """What must stay equal for a running step to keep running unchanged."""
+    if workflow is None:
+        return None
+    try:
+        current = workflow.step(step.name)
+    except KeyError:
+        return None
+    entry = current in workflow.entry_steps()
+    return (current, tuple(workflow.trigger) if entry else ())
+
+
+class StepRunner:
+    """Pulls one step's events from its consumer and runs them, bounded in flight."""
+
+    def __init__(
+        self,
+        worker: Worker,
+        workflow: Workflow,
+        step: Step,
+        spec: PluginSpec,
+        binding: bus.StepBinding,
+        services: dict[str, Any],
+    ) -> None:
+        self.worker = worker
+        self.workflow = workflow
+        self.step = step
+        self.spec = spec
+        self.binding = binding
+        self.services = services
+        self.signature = _signature(workflow, step)
+        self.concurrency = step.concurrency or worker.concurrency
+        self.granted = {n: worker.functions[n] for n in step.host_functions}
+        self.source = f"deadlift://{workflow.org}/{workflow.name}/{step.name}"
+        self.type = f"deadlift.{workflow.org}.{workflow.name}.{step.name}"
+        self.targets = [
+            *(step_subject(workflow.org, workflow.name, n) for n in step.next),
+            *step.publish,
+        ]
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._room = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self._sub: Any = None
+
+    async def start(self) -> None:
+        """Bind to the durable consumer and start pulling."""
+        self._sub = await self.worker.js.pull_subscribe_bind(
+            durable=self.binding.consumer, stream=self.binding.stream
+        )
+        self._task = asyncio.create_task(self._loop(), name=f"deadlift-step-{self.binding.consumer}")
+
+    async def stop(self) -> None:
+        """Stop pulling and wait for in-flight events to finish (acked or nak'd)."""
+        self._stopping = True
+        self._room.set()
+        if self._task is not None:
+            await self._task
+        if self._inflight:
+            await asyncio.gather(*self._inflight, return_exceptions=True)
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+
+    async def _loop(self) -> None:
+        batch = self.worker.settings.fetch_batch
+        while not self._stopping:
+            room = self.concurrency - len(self._inflight)
+            if room <= 0:
+                self._room.clear()
+                await self._room.wait()
+                continue
+            try:
+                msgs = await self._sub.fetch(min(batch, room), timeout=FETCH_TIMEOUT_S)
+            except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                continue
+            except nats.errors.ConnectionClosedError:
+                return
+            except Exception as exc:  # reconnecting, no responders…: retry shortly
+                log.warning("fetch for %s failed: %s", self.binding.consumer, exc)
+                await asyncio.sleep(0.5)
+                continue
+            for msg in msgs:
+                task = asyncio.create_task(self._handle(msg))
+                self._inflight.add(task)
+                task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self._room.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("step %s crashed on an event", self.binding.consumer, exc_info=task.exception())
+
+    async def _handle(self, msg: Msg) -> None:
+        started = time.perf_counter()
+        meta = msg.metadata
+        attempt = meta.num_delivered or 1
+        seq = meta.sequence.stream if meta.sequence else 0
+        try:
+            event = events.decode(
+                msg.headers,
+                msg.data,
+                fallback_id=events.derive_id(meta.stream or "", str(seq)),
+                fallback_source=f"nats:{msg.subject}",
+            )
+        except EventDecodeError as exc:
+            await self._fail(msg, None, attempt, started, StepError(str(exc), kind="decode", retryable=False))
+            return
+        if attempt > self.step.retry.max_attempts:
+            error = StepError(
+                f"delivered {attempt} times without completing (worker crashes or ack timeouts)",
+                kind="exhausted",
+                retryable=False,
+            )
+            await self._fail(msg, event, attempt, started, error)
+            return
+        try:
+            output = await self._call(event)
+            if output is None:
+                await msg.ack()
+                self._report(event, "filtered", started, attempt)
+                return
+            targets = await self._publish(event, output)
+        except StepError as exc:
+            await self._fail(msg, event, attempt, started, exc)
+            return
+        except (DeadliftError, nats.errors.Error, asyncio.TimeoutError) as exc:
+            # NATS trouble while publishing: try again later, the output is deduplicated.
+            await self._fail(msg, event, attempt, started, StepError(f"publish failed: {exc}", kind="publish"))
+            return
+        await msg.ack()
+        self._report(event, "ok", started, attempt, output=output, targets=targets)
+
+    async def _call(self, event: events.Event) -> Any:
+        codec = self.step.codec or "json"
+        try:
+            data = to_module(event.data, codec)
+        except EventEncodeError as exc:
+            raise StepError(str(exc), kind="encode", retryable=False) from None
+        context = HostCall(
+            org=self.workflow.org,
+            workflow=self.workflow.name,
+            step=self.step.name,
+            run=event.run,
+            event_id=event.id,
+            granted=self.granted,
+            loop=asyncio.get_running_loop(),
+            services=self.services,
+        )
+        loop = asyncio.get_running_loop()
+        raw = await loop.run_in_executor(
+            self.worker.executor, self.worker.host.call, self.spec, self.step.function, data, context
+        )
+        return from_module(raw, codec)
+
+    async def _publish(self, event: events.Event, output: Any) -> tuple[str, ...]:
+        out = events.Event(
+            data=output,
+            id=events.derive_id(event.source, event.id, self.workflow.key, self.step.name),
+            source=self.source,
+            type=self.type,
+            time=events.now_rfc3339(),
+            extensions={
+                events.RUN: event.run,
+                events.ORG: self.workflow.org,
+                events.WORKFLOW: self.workflow.name,
+                events.STEP: self.step.name,
+            },
+            traceparent=event.traceparent,
+        )
+        try:
+            headers, body = events.encode(out)
+        except EventEncodeError as exc:
+            raise StepError(str(exc), kind="encode", retryable=False) from None
+        js, nc = self.worker.js, self.worker.nc
+        acks = []
+        for subject in self.targets:
+            message_headers = {**headers, events.MSG_ID: f"{out.id}:{subject}"}
+            try:
+                bus.check_size(nc, subject, message_headers, body)
+            except DeadliftError as exc:
+                raise StepError(str(exc), kind="output_too_large", retryable=False) from None
+            acks.append(await js.publish_async(subject, body, headers=message_headers))
+        for ack in acks:
+            await asyncio.wait_for(ack, timeout=10.0)
+        return tuple(self.targets)
+
+    async def _fail(
+        self,
+        msg: Msg,
+        event: events.Event | None,
+        attempt: int,
+        started: float,
+        error: StepError,
+    ) -> None:
+        retry = self.step.retry
+        if error.retryable and attempt < retry.max_attempts:
+            await msg.nak(delay=retry.delay(attempt))
+            self._report(event, "retry", started, attempt, error=error)
+            return
+        try:
+            await self._dead_letter(msg, attempt, error)
+        except Exception as exc:  # never lose it: let it come back
+            log.error("dead-lettering failed for %s (%s); will retry", self.binding.consumer, exc)
+            await msg.nak(delay=1.0)
+            return
+        await msg.term()
+        log.warning(
+            "event %s dead-lettered at %s after %d attempt(s): [%s] %s",
+            event.id if event else "?", self.binding.consumer, attempt, error.kind, error,
+        )
+        self._report(event, "dead", started, attempt, error=error)
+
+    async def _dead_letter(self, msg: Msg, attempt: int, error: StepError) -> None:
+        meta = msg.metadata
+        seq = meta.sequence.stream if meta.sequence else 0
+        headers = dict(msg.headers or {})
+        headers.pop(events.MSG_ID, None)
+        headers.update({
+            "Deadlift-Org": self.workflow.org,
+            "Deadlift-Workflow": self.workflow.name,
+            "Deadlift-Step": self.step.name,
+            "Deadlift-Module": self.spec.sha256,
+            "Deadlift-Subject": msg.subject,
+            "Deadlift-Stream": meta.stream or "",
+            "Deadlift-Stream-Seq": str(seq),
+            "Deadlift-Attempts": str(attempt),
+            "Deadlift-Error-Kind": error.kind,
+            "Deadlift-Error": " ".join(str(error).split())[:1000],
+            "Deadlift-Time": events.now_rfc3339(),
+            events.MSG_ID: f"dlq:{meta.stream}:{seq}:{self.step.name}",
+        })
+        subject = f"{bus.DLQ_PREFIX}.{self.workflow.org}.{self.workflow.name}.{self.step.name}"
+        await bus.publish(self.worker.js, self.worker.nc, subject, msg.data, headers)
+
+    def _report(
+        self,
+        event: events.Event | None,
+        outcome: str,
+        started: float,
+        attempt: int,
+        *,
+        output: Any = None,
+        targets: tuple[str, ...] = (),
+        error: StepError | None = None,
+    ) -> None:
+        if not self.worker.observers:
+            return
+        self.worker.report(
+            StepReport(
+                org=self.workflow.org,
+                workflow=self.workflow.name,
+                step=self.step.name,
+                module=self.step.module,
+                run=event.run if event else "",
+                event_id=event.id if event else "",
+                outcome=outcome,
+                latency_ms=(time.perf_counter() - started) * 1000,
+                attempt=attempt,
+                output=output,
+                targets=targets,
+                error=str(error) if error else None,
+                error_kind=error.kind if error else None,
+            )
+        )

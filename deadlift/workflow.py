@@ -1,0 +1,296 @@
+"""Workflow manifests: YAML → validated models, and the subjects they imply."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from deadlift.errors import ConfigError
+
+NAME_PATTERN = r"^[a-z][a-z0-9_]*(-[a-z0-9_]+)*$"
+_NAME = re.compile(NAME_PATTERN)
+MODULE_REF = re.compile(r"^(sha256:[0-9a-f]{64}|[a-z][a-z0-9_]*(-[a-z0-9_]+)*(@[A-Za-z0-9._-]+)?)$")
+STEP_PREFIX = "deadlift.step"
+RESERVED_PREFIXES = ("deadlift.step.", "deadlift.dlq.", "$")
+
+Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
+
+
+def check_subject(subject: str, *, wildcards: bool) -> str:
+    """Validate a NATS subject; return it unchanged or raise ValueError saying why."""
+    if not subject or subject != subject.strip() or any(c.isspace() for c in subject):
+        raise ValueError(f"invalid subject {subject!r}: empty or contains whitespace")
+    tokens = subject.split(".")
+    if any(t == "" for t in tokens):
+        raise ValueError(f"invalid subject {subject!r}: empty token (leading, trailing or '..')")
+    for i, token in enumerate(tokens):
+        if token in ("*", ">") or ("*" in token or ">" in token):
+            if not wildcards:
+                raise ValueError(f"invalid subject {subject!r}: wildcards are not allowed here")
+            if token not in ("*", ">") or (token == ">" and i != len(tokens) - 1):
+                raise ValueError(f"invalid subject {subject!r}: misplaced wildcard")
+    if subject.startswith(RESERVED_PREFIXES):
+        raise ValueError(f"subject {subject!r} is reserved for Deadlift or NATS internals")
+    return subject
+
+
+def subject_covers(pattern: str, subject: str) -> bool:
+    """Whether ``pattern`` (may hold wildcards) matches every subject ``subject`` matches."""
+    p, s = pattern.split("."), subject.split(".")
+    for i, token in enumerate(p):
+        if token == ">":
+            return len(s) > i
+        if i >= len(s):
+            return False
+        if token != "*" and token != s[i]:
+            return False
+        if token != "*" and s[i] in ("*", ">"):
+            return False
+    return len(p) == len(s)
+
+
+def minimal_subjects(subjects: Iterable[str]) -> list[str]:
+    """Drop subjects covered by another one (JetStream refuses overlapping stream subjects)."""
+    unique = sorted(set(subjects))
+    return [
+        s for s in unique if not any(o != s and subject_covers(o, s) for o in unique)
+    ]
+
+
+class Retry(BaseModel):
+    """How often a failing step is tried, and how long to wait between attempts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_attempts: int = Field(3, ge=1, le=100)
+    backoff: list[Annotated[float, Field(ge=0, le=3600)]] = Field(default_factory=lambda: [1.0])
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        if not self.backoff:
+            return 0.0
+        return self.backoff[min(attempt, len(self.backoff)) - 1]
+
+
+class Step(BaseModel):
+    """One step: a function of a module, and where its output goes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Name
+    module: str
+    function: str = Field("_main", min_length=1, max_length=255)
+    next: list[Name] = Field(default_factory=list)
+    publish: list[str] = Field(default_factory=list)
+    host_functions: list[str] = Field(default_factory=list)
+    timeout_ms: int | None = Field(None, gt=0, le=3_600_000)
+    max_memory_pages: int | None = Field(None, gt=0, le=65536)
+    concurrency: int | None = Field(None, gt=0, le=1024)
+    retry: Retry = Field(default_factory=Retry)
+    config: dict[str, str] = Field(default_factory=dict)
+    # Filled in by `workflow apply`: the exact binary this step runs.
+    module_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    codec: str | None = None
+
+    @field_validator("module")
+    @classmethod
+    def _module_ref(cls, value: str) -> str:
+        if not MODULE_REF.match(value):
+            raise ValueError(
+                f"invalid module reference {value!r}: use NAME, NAME@VERSION or sha256:<64 hex>"
+            )
+        return value
+
+    @field_validator("publish")
+    @classmethod
+    def _publish_subjects(cls, value: list[str]) -> list[str]:
+        return [check_subject(s, wildcards=False) for s in value]
+
+
+class Workflow(BaseModel):
+    """A named graph of steps, started by messages on its trigger subjects."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Name
+    org: Name
+    description: str = ""
+    trigger: list[str] = Field(min_length=1)
+    steps: list[Step] = Field(min_length=1)
+
+    @field_validator("trigger", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("trigger")
+    @classmethod
+    def _trigger_subjects(cls, value: list[str]) -> list[str]:
+        return [check_subject(s, wildcards=True) for s in value]
+
+    @property
+    def key(self) -> str:
+        """``org.name``: unique across the registry."""
+        return f"{self.org}.{self.name}"
+
+    def step(self, name: str) -> Step:
+        """The step called ``name``."""
+        for step in self.steps:
+            if step.name == name:
+                return step
+        raise KeyError(name)
+
+    def entry_steps(self) -> list[Step]:
+        """Steps that receive the trigger: those no other step lists in ``next``."""
+        targets = {n for s in self.steps for n in s.next}
+        return [s for s in self.steps if s.name not in targets]
+
+    def event_subjects(self) -> list[str]:
+        """Trigger and publish subjects: captured by the events stream."""
+        return [*self.trigger, *(s for step in self.steps for s in step.publish)]
+
+
+def step_subject(org: str, workflow: str, step: str) -> str:
+    """The subject a step's input events are published on."""
+    return f"{STEP_PREFIX}.{org}.{workflow}.{step}"
+
+
+def consumer_name(org: str, workflow: str, step: str) -> str:
+    """The durable consumer every worker running this step shares.
+
+    Names never hold ``--`` (see NAME_PATTERN), so the join is unambiguous.
+    """
+    return f"{org}--{workflow}--{step}"
+
+
+def parse_workflow(text: str, *, source: str = "<workflow>") -> Workflow:
+    """Parse and validate a workflow manifest.
+
+    Raises:
+        ConfigError: naming ``source``, the step and the field at fault.
+    """
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: a workflow must be a YAML mapping with name, org, trigger, steps")
+    try:
+        workflow = Workflow.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(source, raw, exc)) from None
+    _check_graph(workflow, source)
+    return workflow
+
+
+def load_workflow(path: str | Path) -> Workflow:
+    """Read and validate a workflow file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read workflow file: {exc.strerror}") from exc
+    return parse_workflow(text, source=str(path))
+
+
+def _describe(source: str, raw: dict[str, Any], exc: ValidationError) -> str:
+    lines = [f"{source}: invalid workflow"]
+    for error in exc.errors():
+        loc = list(error["loc"])
+        where = _location(raw, loc)
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown field (check the spelling; see the README for the workflow fields)"
+        elif error["type"] == "missing":
+            message = "required field is missing"
+        lines.append(f"  {where}: {message}")
+    return "\n".join(lines)
+
+
+def _location(raw: dict[str, Any], loc: list[Any]) -> str:
+    parts: list[str] = []
+    node: Any = raw
+    for i, item in enumerate(loc):
+        if isinstance(item, int):
+            label = f"[{item}]"
+            if i > 0 and loc[i - 1] == "steps" and isinstance(node, list) and item < len(node):
+                name = node[item].get("name") if isinstance(node[item], dict) else None
+                label = f"[{item}] ({name})" if name else label
+            parts.append(label)
+        else:
+            parts.append(("." if parts else "") + str(item))
+        try:
+            node = node[item]
+        except (KeyError, IndexError, TypeError):
+            node = None
+    where = "".join(parts)
+    return where.replace("steps[", "step [", 1) if where.startswith("steps[") else where
+
+
+def _check_graph(workflow: Workflow, source: str) -> None:
+    names = [s.name for s in workflow.steps]
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ConfigError(f"{source}: step {name!r} is defined twice; step names must be unique")
+        seen.add(name)
+    for step in workflow.steps:
+        for target in step.next:
+            if target not in seen:
+                raise ConfigError(
+                    f"{source}: step {step.name!r}: next: unknown step {target!r} "
+                    f"(steps are: {', '.join(names)})"
+                )
+            if target == step.name:
+                raise ConfigError(f"{source}: step {step.name!r}: next: a step cannot feed itself")
+    cycle = _find_cycle(workflow)
+    if cycle:
+        raise ConfigError(
+            f"{source}: steps form a cycle: {' -> '.join(cycle)}; a workflow must be acyclic"
+        )
+
+
+def _find_cycle(workflow: Workflow) -> list[str] | None:
+    graph = {s.name: s.next for s in workflow.steps}
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for target in graph[node]:
+            if state.get(target) == 1:
+                return [*path[path.index(target) :], target]
+            if target not in state and (found := visit(target)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for name in graph:
+        if name not in state and (found := visit(name)):
+            return found
+    return None
+
+
+def mermaid(workflow: Workflow) -> str:
+    """The workflow as a Mermaid flowchart."""
+    lines = ["flowchart LR"]
+    for i, trigger in enumerate(workflow.trigger):
+        lines.append(f'  t{i}(["{trigger}"])')
+        for step in workflow.entry_steps():
+            lines.append(f"  t{i} --> {step.name}")
+    for step in workflow.steps:
+        lines.append(f'  {step.name}["{step.name}<br/>{step.module}:{step.function}"]')
+        for target in step.next:
+            lines.append(f"  {step.name} --> {target}")
+        for j, subject in enumerate(step.publish):
+            node = f"{step.name}_p{j}"
+            lines.append(f'  {node}[/"{subject}"/]')
+            lines.append(f"  {step.name} -.-> {node}")
+    return "\n".join(lines)
