@@ -54,7 +54,8 @@ async def connect(settings: Settings, *, name: str = "deadlift") -> Client:
         log.error("NATS error: %s", exc)
 
     async def disconnected_cb() -> None:
-        log.warning("disconnected from NATS; reconnecting")
+        if not (client.is_closed or client.is_draining):
+            log.warning("disconnected from NATS; reconnecting")
 
     async def reconnected_cb() -> None:
         log.info("reconnected to NATS")
@@ -77,8 +78,10 @@ async def connect(settings: Settings, *, name: str = "deadlift") -> Client:
         options["password"] = settings.password or ""
     if settings.token:
         options["token"] = settings.token
+    client = Client()
     try:
-        return await nats.connect(**options)
+        await client.connect(**options)
+        return client
     except (OSError, nats.errors.NoServersError, nats.errors.Error, asyncio.TimeoutError) as exc:
         raise DeadliftError(
             f"cannot connect to NATS at {settings.nats_url}: {exc or type(exc).__name__}; "

@@ -22,6 +22,7 @@ from deadlift.worker import Worker
 
 log = logging.getLogger("deadlift.cli")
 console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
 
 
 def load_packs(packs: tuple[str, ...] | list[str]) -> dict[str, HostFunction]:
@@ -72,7 +73,8 @@ async def run_worker(
     finally:
         await worker.shutdown()
         await nc.drain()
-    log.info("worker stopped")
+    stats = " ".join(f"{k}={worker.stats[k]}" for k in ("ok", "filtered", "retry", "dead"))
+    log.info("worker stopped: %s", stats)
 
 
 def describe(subject: str, event: events.Event) -> dict[str, Any]:
@@ -117,6 +119,8 @@ async def tail_subject(
             done.set()
 
     await nc.subscribe(subject, cb=on_msg)
+    await nc.flush()
+    err_console.print(f"tailing {subject} (Ctrl-C to stop)")
     try:
         await done.wait()
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -34,6 +35,8 @@ STEP = "deadliftstep"
 
 _REQUIRED = ("specversion", "id", "source", "type")
 _KNOWN = frozenset({*_REQUIRED, "time", "subject", "datacontenttype", "dataschema"})
+# CloudEvents extension names: lowercase ASCII letters and digits (also a valid header token).
+_EXTENSION_NAME = re.compile(r"[a-z0-9]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,9 +80,17 @@ def now_rfc3339() -> str:
 
 
 def derive_id(*parts: str) -> str:
-    """A stable 32-hex-digit id from its parts (same parts, same id)."""
-    digest = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=16).hexdigest()
-    return digest
+    """A stable 32-hex-digit id from its parts (same parts, same id).
+
+    Each part is length-prefixed, so no choice of part contents makes two
+    different part lists hash the same input.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        raw = str(part).encode("utf-8", "surrogatepass")
+        digest.update(len(raw).to_bytes(8, "big"))
+        digest.update(raw)
+    return digest.hexdigest()
 
 
 def new_id() -> str:
@@ -131,7 +142,14 @@ def unpack(body: bytes) -> Any:
 
 
 def encode(event: Event) -> tuple[dict[str, str], bytes]:
-    """Encode an event as NATS headers and a body (binary content mode)."""
+    """Encode an event as NATS headers and a body (binary content mode).
+
+    Raises:
+        EventEncodeError: an attribute cannot travel as a NATS header unchanged
+            (not a string, empty where required, a line break, surrounding
+            whitespace), an extension name is not lowercase alphanumeric or
+            shadows a CloudEvents attribute, or the data is not msgpack-encodable.
+    """
     headers = {
         f"{PREFIX}specversion": SPECVERSION,
         f"{PREFIX}id": event.id,
@@ -140,16 +158,44 @@ def encode(event: Event) -> tuple[dict[str, str], bytes]:
         f"{PREFIX}time": event.time or now_rfc3339(),
         f"{PREFIX}datacontenttype": MSGPACK,
     }
+    for name in ("id", "source", "type"):
+        value = headers[f"{PREFIX}{name}"]
+        if not isinstance(value, str) or not value:
+            raise EventEncodeError(f"event attribute {name!r} must be a non-empty string")
     if event.subject:
         headers[f"{PREFIX}subject"] = event.subject
     for name, value in event.extensions.items():
+        if not isinstance(name, str) or not _EXTENSION_NAME.fullmatch(name):
+            raise EventEncodeError(
+                f"invalid extension attribute name {name!r}: "
+                "use lowercase ASCII letters and digits only"
+            )
+        if name in _KNOWN:
+            raise EventEncodeError(
+                f"extension attribute {name!r} would overwrite the CloudEvents attribute"
+            )
         headers[f"{PREFIX}{name}"] = value
     if event.traceparent:
         headers[TRACEPARENT] = event.traceparent
     for name, value in headers.items():
-        if "\r" in value or "\n" in value:
-            raise EventEncodeError(f"event attribute {name!r} contains a line break")
+        _check_header_value(name, value)
     return headers, pack(event.data)
+
+
+def _check_header_value(name: str, value: Any) -> None:
+    if not isinstance(value, str):
+        raise EventEncodeError(
+            f"event attribute {name!r} must be a string, not {type(value).__name__}"
+        )
+    if "\r" in value or "\n" in value:
+        raise EventEncodeError(f"event attribute {name!r} contains a line break")
+    if value != value.strip():
+        # NATS strips header values in transit: the receiver would see another value.
+        raise EventEncodeError(f"event attribute {name!r} has leading or trailing whitespace")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise EventEncodeError(f"event attribute {name!r} is not valid Unicode text: {exc}") from exc
 
 
 def decode(
@@ -228,7 +274,7 @@ def _decode_body(content_type: str, body: bytes) -> Any:
             return None
         try:
             return json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:
             raise EventDecodeError(
                 f"event body is not valid JSON although ce-datacontenttype is {content_type!r}: {exc}"
             ) from exc

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -100,6 +101,7 @@ class Worker:
         self._closed = asyncio.Event()
         self._shutting_down = False
         self._lock = asyncio.Lock()
+        self.stats: Counter[str] = Counter()
 
     async def __aenter__(self) -> Worker:
         await self.start()
@@ -499,6 +501,7 @@ class StepRunner:
         targets: tuple[str, ...] = (),
         error: StepError | None = None,
     ) -> None:
+        self.worker.stats[outcome] += 1
         if not self.worker.observers:
             return
         self.worker.report(

@@ -17,6 +17,8 @@ _NAME = re.compile(NAME_PATTERN)
 MODULE_REF = re.compile(r"^(sha256:[0-9a-f]{64}|[a-z][a-z0-9_]*(-[a-z0-9_]+)*(@[A-Za-z0-9._-]+)?)$")
 STEP_PREFIX = "deadlift.step"
 RESERVED_PREFIXES = ("deadlift.step.", "deadlift.dlq.", "$")
+# Subjects captured by Deadlift's own streams: no trigger may overlap them.
+_RESERVED_PATTERNS = ("deadlift.step.>", "deadlift.dlq.>")
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
 
@@ -34,9 +36,22 @@ def check_subject(subject: str, *, wildcards: bool) -> str:
                 raise ValueError(f"invalid subject {subject!r}: wildcards are not allowed here")
             if token not in ("*", ">") or (token == ">" and i != len(tokens) - 1):
                 raise ValueError(f"invalid subject {subject!r}: misplaced wildcard")
-    if subject.startswith(RESERVED_PREFIXES):
+    if subject.startswith(RESERVED_PREFIXES) or any(
+        subjects_overlap(subject, reserved) for reserved in _RESERVED_PATTERNS
+    ):
         raise ValueError(f"subject {subject!r} is reserved for Deadlift or NATS internals")
     return subject
+
+
+def subjects_overlap(a: str, b: str) -> bool:
+    """Whether some subject matches both ``a`` and ``b`` (either may hold wildcards)."""
+    x, y = a.split("."), b.split(".")
+    for s, t in zip(x, y, strict=False):
+        if s == ">" or t == ">":
+            return True
+        if s != t and "*" not in (s, t):
+            return False
+    return len(x) == len(y)
 
 
 def subject_covers(pattern: str, subject: str) -> bool:
@@ -45,11 +60,11 @@ def subject_covers(pattern: str, subject: str) -> bool:
     for i, token in enumerate(p):
         if token == ">":
             return len(s) > i
-        if i >= len(s):
+        if i >= len(s) or s[i] == ">":
+            # ``>`` matches one or more tokens: only ``>`` covers it.
             return False
         if token != "*" and token != s[i]:
-            return False
-        if token != "*" and s[i] in ("*", ">"):
+            # A literal covers only itself (not ``*``).
             return False
     return len(p) == len(s)
 
@@ -74,7 +89,7 @@ class Retry(BaseModel):
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
         if not self.backoff:
             return 0.0
-        return self.backoff[min(attempt, len(self.backoff)) - 1]
+        return self.backoff[min(max(attempt, 1), len(self.backoff)) - 1]
 
 
 class Step(BaseModel):
@@ -176,7 +191,8 @@ def parse_workflow(text: str, *, source: str = "<workflow>") -> Workflow:
     """
     try:
         raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
+        # ValueError: e.g. a date-like scalar that is no date (2024-13-01).
         raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: a workflow must be a YAML mapping with name, org, trigger, steps")
@@ -195,6 +211,8 @@ def load_workflow(path: str | Path) -> Workflow:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read workflow file: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: workflow file is not UTF-8 text: {exc}") from exc
     return parse_workflow(text, source=str(path))
 
 
@@ -253,6 +271,15 @@ def _check_graph(workflow: Workflow, source: str) -> None:
         raise ConfigError(
             f"{source}: steps form a cycle: {' -> '.join(cycle)}; a workflow must be acyclic"
         )
+    for step in workflow.steps:
+        for subject in step.publish:
+            for trigger in workflow.trigger:
+                if subject_covers(trigger, subject):
+                    raise ConfigError(
+                        f"{source}: step {step.name!r}: publish: {subject!r} matches the "
+                        f"workflow's own trigger {trigger!r}; every output would start "
+                        "the workflow again, forever"
+                    )
 
 
 def _find_cycle(workflow: Workflow) -> list[str] | None:
@@ -279,18 +306,28 @@ def _find_cycle(workflow: Workflow) -> list[str] | None:
 
 
 def mermaid(workflow: Workflow) -> str:
-    """The workflow as a Mermaid flowchart."""
+    """The workflow as a Mermaid flowchart.
+
+    Node ids are positional (``T0``, ``S0``, ``S0P0``) so no step name can clash
+    with another node or a Mermaid keyword such as ``end``; names go in labels.
+    """
+    ids = {step.name: f"S{i}" for i, step in enumerate(workflow.steps)}
     lines = ["flowchart LR"]
     for i, trigger in enumerate(workflow.trigger):
-        lines.append(f'  t{i}(["{trigger}"])')
+        lines.append(f'  T{i}(["{_label(trigger)}"])')
         for step in workflow.entry_steps():
-            lines.append(f"  t{i} --> {step.name}")
+            lines.append(f"  T{i} --> {ids[step.name]}")
     for step in workflow.steps:
-        lines.append(f'  {step.name}["{step.name}<br/>{step.module}:{step.function}"]')
+        node = ids[step.name]
+        label = _label(f"{step.name}<br/>{step.module}:{step.function}")
+        lines.append(f'  {node}["{label}"]')
         for target in step.next:
-            lines.append(f"  {step.name} --> {target}")
+            lines.append(f"  {node} --> {ids[target]}")
         for j, subject in enumerate(step.publish):
-            node = f"{step.name}_p{j}"
-            lines.append(f'  {node}[/"{subject}"/]')
-            lines.append(f"  {step.name} -.-> {node}")
+            lines.append(f'  {node}P{j}[/"{_label(subject)}"/]')
+            lines.append(f"  {node} -.-> {node}P{j}")
     return "\n".join(lines)
+
+
+def _label(text: str) -> str:
+    return text.replace('"', "#quot;")

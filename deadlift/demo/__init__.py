@@ -10,6 +10,7 @@ Acme's workflow aggregates the discounts per customer in its own state.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -45,7 +46,7 @@ CHARGES = [
 ]
 EXPECTED = {"alice": 2, "dave": 1}
 
-console = Console(highlight=False)
+console = Console(highlight=False, width=max(132, Console().width))
 
 
 def _require(path: Path, what: str) -> Path:
@@ -69,14 +70,13 @@ class Printer:
         outcome = f"[{colour.get(report.outcome, 'white')}]{report.outcome:<8}[/]"
         detail = ""
         if report.outcome == "ok":
-            detail = _short(report.output)
-            if report.targets:
-                detail += f" → {', '.join(report.targets)}"
+            detail = _short(report.output, 60)
         elif report.error:
-            detail = f"[{report.error_kind}] {report.error}"
+            detail = f"[{report.error_kind}] {_short(report.error, 60)}"
         console.print(
-            f"  {report.org:<7} {report.workflow}/{report.step:<14} {report.module:<22} "
-            f"{report.latency_ms:7.2f} ms {outcome} run {report.run[:8]} {detail}"
+            f"  {report.org:<6} {report.workflow + '/' + report.step:<26} "
+            f"{report.module:<21} {report.latency_ms:6.1f} ms {outcome} {report.run[:8]:<8} {detail}",
+            overflow="ellipsis", no_wrap=True, crop=True,
         )
 
     def count(self, org: str, step: str, outcomes: tuple[str, ...]) -> int:
@@ -85,7 +85,7 @@ class Printer:
 
 
 def _short(data: Any, limit: int = 90) -> str:
-    text = str(data)
+    text = json.dumps(data, default=str) if not isinstance(data, str) else data
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 

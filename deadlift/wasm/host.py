@@ -10,6 +10,7 @@ instance is dropped, and pools are keyed by org so no state crosses orgs.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from extism.extism import CompiledPlugin
 
 from deadlift.errors import ModuleError, StepError
 from deadlift.wasm import logs
-from deadlift.wasm.hostfns import HostCall, extism_functions
+from deadlift.wasm.hostfns import NAMESPACE, HostCall, extism_functions
 from deadlift.wasm.inspect import inspect_wasm
 
 
@@ -93,7 +94,7 @@ class ModuleHost:
             try:
                 output = plugin.call(function, data, parse=bytes, host_context=context)
             except extism.Error as exc:
-                raise _step_error(exc, context) from None
+                raise _step_error(exc, spec, context, logs.take_error(plugin)) from None
             if context.failure is not None:
                 raise StepError(str(context.failure), kind="host_function")
             if len(output) > spec.max_output_bytes:
@@ -123,13 +124,16 @@ class ModuleHost:
 
     def _take(self, pool: _Pool, context: HostCall) -> extism.Plugin:
         with self._lock:
-            if pool.idle:
-                plugin = pool.idle.pop()
-            else:
-                plugin = None
-                pool.created += 1
+            plugin = pool.idle.pop() if pool.idle else None
         if plugin is None:
-            plugin = extism.Plugin(pool.compiled, functions=None)
+            try:
+                plugin = extism.Plugin(pool.compiled, functions=None)
+            except extism.Error as exc:
+                raise StepError(
+                    f"cannot instantiate module {pool.spec.sha256[:12]}: {exc}", kind="error"
+                ) from None
+            with self._lock:
+                pool.created += 1
         logs.bind(plugin, context)
         return plugin
 
@@ -161,6 +165,14 @@ def compile_module(wasm: bytes, spec: PluginSpec) -> CompiledPlugin:
         ModuleError: Extism cannot load or link it (e.g. an import not granted).
     """
     info = inspect_wasm(wasm)
+    # CompiledPlugin does not link: an import nobody provides would only fail
+    # when the first instance is created, i.e. on the first event. Check now.
+    missing = sorted(set(info.host_imports(NAMESPACE)) - set(spec.host_functions))
+    if missing:
+        raise ModuleError(
+            f"module {spec.sha256[:12]} imports host function(s) {', '.join(missing)} "
+            f"from {NAMESPACE!r} that are not granted"
+        )
     wasi = any(i.module.startswith("wasi") for i in info.imports)
     try:
         return CompiledPlugin(manifest(wasm, spec), wasi, extism_functions(spec.host_functions))
@@ -170,20 +182,50 @@ def compile_module(wasm: bytes, spec: PluginSpec) -> CompiledPlugin:
 
 def check_loadable(wasm: bytes, host_functions: tuple[str, ...]) -> None:
     """Raise ModuleError unless Extism can load ``wasm`` with those host functions linked."""
-    spec = PluginSpec(sha256="0" * 64, org="-", timeout_ms=1000, max_pages=256,
-                      host_functions=host_functions)
-    extism.Plugin(compile_module(wasm, spec), functions=None)
+    spec = PluginSpec(
+        sha256="0" * 64, org="-", timeout_ms=1000, max_pages=256, host_functions=host_functions
+    )
+    compiled = compile_module(wasm, spec)
+    try:
+        extism.Plugin(compiled, functions=None)
+    except extism.Error as exc:
+        raise ModuleError(f"Extism cannot instantiate the module: {exc}") from None
 
 
-def _step_error(exc: extism.Error, context: HostCall) -> StepError:
+def _step_error(
+    exc: extism.Error, spec: PluginSpec, context: HostCall, logged: str | None
+) -> StepError:
     message = str(exc)
     if context.failure is not None:
         return StepError(str(context.failure), kind="host_function")
     if message == "timeout":
-        return StepError("module call timed out (timeout_ms)", kind="timeout")
-    if message == "oom" or "out of memory" in message or "memory" in message and "limit" in message:
-        return StepError("module ran out of memory (max_memory_pages)", kind="oom", retryable=False)
+        return StepError(f"module call timed out after {spec.timeout_ms} ms", kind="timeout")
+    if message == "oom" or "out of memory" in message or ("memory" in message and "limit" in message):
+        return StepError(
+            f"module ran out of memory (limit {spec.max_pages} pages of 64 KiB; "
+            "raise max_memory_pages if the module needs more)",
+            kind="oom",
+            retryable=False,
+        )
     if "error while executing" in message or "wasm trap" in message or "unreachable" in message:
-        first = message.splitlines()[0]
-        return StepError(f"module trapped: {first}", kind="trap")
+        return StepError(f"module trapped: {_trap_reason(message, logged)}", kind="trap")
     return StepError(f"module returned an error: {message}", kind="error")
+
+
+def _trap_reason(message: str, logged: str | None) -> str:
+    """The wasm trap's cause ("wasm `unreachable` instruction executed") and where it hit.
+
+    ``extism.Error`` only carries wasmtime's backtrace; the cause is in the error
+    chain that libextism logs for the plugin (``Caused by: wasm trap: ...``).
+    """
+    text = logged or message
+    cause = ""
+    if "Caused by:" in text:
+        after = text.split("Caused by:", 1)[1].split("Stack backtrace:", 1)[0]
+        lines = [line.strip() for line in after.splitlines() if line.strip()]
+        cause = lines[0].removeprefix("wasm trap: ") if lines else ""
+    frame = re.search(r"^\s*0:\s+(0x[0-9a-f]+) - (.+)$", message, re.M)
+    where = ""
+    if frame:
+        where = f"in {frame.group(2).strip().removeprefix('<unknown>!')} at {frame.group(1)}"
+    return " ".join(part for part in (cause or "wasm trap", where) if part)

@@ -18,12 +18,16 @@ logger = logging.getLogger("deadlift.module")
 
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _LEVEL = re.compile(r"\b(TRACE|DEBUG|INFO|WARN|ERROR)\b")
+# libextism's format: `<time>  INFO extism::pdk: <message> plugin="<uuid>"`
+_LINE = re.compile(r"^\S+\s+[A-Z]+\s+[\w:]+: (?P<message>.*?)(?: plugin=\"[0-9a-f-]+\")?\s*$", re.S)
 _LEVELS = {"TRACE": 5, "DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARN": logging.WARNING,
            "ERROR": logging.ERROR}
 
 _lock = threading.Lock()
 _bound: dict[str, Any] = {}
+_errors: dict[str, str] = {}  # plugin uuid -> the last call error libextism logged for it
 _custom: Any = None
+_CALL_ERROR = "encountered an error: "
 
 
 def install(level: str = "info") -> None:
@@ -44,6 +48,18 @@ def unbind(plugin: extism.Plugin) -> None:
     """Forget a plugin that is being dropped."""
     with _lock:
         _bound.pop(str(plugin.id), None)
+        _errors.pop(str(plugin.id), None)
+
+
+def take_error(plugin: extism.Plugin) -> str | None:
+    """The error libextism logged for the plugin's last failed call, if any.
+
+    It holds more than ``extism.Error`` does: for a trap, the cause
+    (``Caused by: wasm trap: ...``) after the wasm backtrace.
+    """
+    flush()
+    with _lock:
+        return _errors.pop(str(plugin.id), None)
 
 
 def flush() -> None:
@@ -55,11 +71,16 @@ def flush() -> None:
 
 def _emit(line: str) -> None:
     match = _UUID.search(line)
-    with _lock:
-        context = _bound.get(match.group(0)) if match else None
     level_match = _LEVEL.search(line)
     level = _LEVELS[level_match.group(1)] if level_match else logging.INFO
-    text = line.rstrip()
+    parsed = _LINE.match(line)
+    text = parsed.group("message") if parsed else line.rstrip()
+    # With RUST_BACKTRACE set, libextism appends the host's Rust stack: noise to module authors.
+    text = text.split("\nStack backtrace:", 1)[0].rstrip()
+    with _lock:
+        context = _bound.get(match.group(0)) if match else None
+        if context is not None and _CALL_ERROR in text:
+            _errors[match.group(0)] = text.split(_CALL_ERROR, 1)[1]
     if context is None:
         logger.log(level, "%s", text)
         return

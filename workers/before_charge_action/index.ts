@@ -14,7 +14,7 @@
 // otherwise it outputs JSON null (ending the run).
 import {
   JSON, fail, fieldNumber, fieldString, hostRequest, hostResponse, inputString,
-  lastError, logInfo, num, output, outputNull, parseHostResponse, parseObject, quote,
+  lastError, logInfo, output, outputNull, parseHostResponse, parseObject, quote,
 } from "../lib/deadlift";
 
 @external("extism:host/user", "past_purchases")

@@ -1,0 +1,128 @@
+"""Whole processes: the CLI against a real server, and several workers sharing a step."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nats.aio.client import Client
+
+from deadlift.settings import Settings
+from tests.conftest import ROOT, eventually, module_path, publish, stored
+
+pytestmark = pytest.mark.slow
+
+
+def deadlift(settings: Settings, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run the CLI against the test server."""
+    return subprocess.run(
+        [sys.executable, "-m", "deadlift.cli", "--server", settings.nats_url, *args],
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+    )
+
+
+def start_worker(settings: Settings, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "deadlift.cli", "--server", settings.nats_url, "worker", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def stop(process: subprocess.Popen[str]) -> str:
+    """SIGTERM, wait for a clean exit, return stderr."""
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 0, err
+    return err
+
+
+async def test_cli_push_apply_publish_and_inspect(nc: Client, settings: Settings, tmp_path: Path) -> None:
+    for name in ("add_ten", "multiply_by_five"):
+        result = deadlift(settings, "module", "push", str(module_path(name)))
+        assert result.returncode == 0, result.stderr
+        assert f"pushed {name}@1" in result.stdout
+    again = deadlift(settings, "module", "push", str(module_path("add_ten")))
+    assert "unchanged add_ten@1" in again.stdout
+
+    listed = json.loads(deadlift(settings, "module", "ls", "--json").stdout)
+    assert {m["name"]: m["exports"] for m in listed}["add_ten"] == ["_main", "add_ten"]
+
+    flow = ROOT / "config" / "workflows" / "calculator.yaml"
+    applied = deadlift(settings, "workflow", "apply", str(flow))
+    assert applied.returncode == 0, applied.stderr
+    assert "acme.calculator" in applied.stdout
+    assert json.loads(deadlift(settings, "workflow", "ls", "--json").stdout)[0]["name"] == "calculator"
+    graph = deadlift(settings, "workflow", "graph", "calculator").stdout
+    assert graph.startswith("flowchart LR") and "add --> multiply" in graph
+
+    worker = start_worker(settings, "--workflow", "calculator")
+    tail = subprocess.Popen(
+        [sys.executable, "-m", "deadlift.cli", "--server", settings.nats_url,
+         "tail", "calc.out", "--json", "--count", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )
+    try:
+        assert "tailing calc.out" in tail.stderr.readline()  # type: ignore[union-attr]
+        await eventually(lambda: _pulling(nc, "acme--calculator--add"), message="worker pulling")
+        sent = deadlift(settings, "publish", "calc.in", '{"value": 4}')
+        assert sent.returncode == 0, sent.stderr
+        out, _ = tail.communicate(timeout=30)
+        assert json.loads(out)["data"] == {"value": 70}
+    finally:
+        tail.kill()
+        stop(worker)
+
+
+async def test_cli_errors_name_the_file_step_and_field(nc: Client, settings: Settings, tmp_path: Path) -> None:
+    assert deadlift(settings, "module", "push", str(module_path("add_ten"))).returncode == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\norg: acme\ntrigger: x.in\nsteps:\n  - {name: s, module: add_ten, function: nope}\n")
+    result = deadlift(settings, "workflow", "apply", str(bad))
+    assert result.returncode == 2
+    assert "bad.yaml" in result.stderr and "'s'" in result.stderr and "nope" in result.stderr
+    assert "add_ten" in result.stderr  # lists what it does export
+
+    not_wasm = tmp_path / "junk.wasm"
+    not_wasm.write_bytes(b"hello")
+    result = deadlift(settings, "module", "push", str(not_wasm))
+    assert result.returncode == 1 and "junk.wasm" in result.stderr and "WebAssembly" in result.stderr
+
+    result = deadlift(settings, "publish", "nowhere.at.all", '{"a": 1}')
+    assert result.returncode == 1 and "no stream captures nowhere.at.all" in result.stderr
+
+
+async def test_two_worker_processes_share_a_step_without_duplicates(nc: Client, settings: Settings, push: Any, apply: Any) -> None:
+    await push("add_ten")
+    await push("multiply_by_five")
+    await apply((ROOT / "config" / "workflows" / "calculator.yaml").read_text())
+    workers = [start_worker(settings, "--concurrency", "4") for _ in range(2)]
+    total = 300
+    try:
+        for n in range(total):
+            await publish(nc, "calc.in", {"value": n})
+        out = await eventually(lambda: _all(nc, total), timeout=60, message=f"{total} outputs")
+    finally:
+        logs = [stop(w) for w in workers]
+    values = sorted(e.data["value"] for e in out)
+    assert values == sorted((n + 10) * 5 for n in range(total))  # each exactly once
+    oks = [int(re.search(r"ok=(\d+)", log).group(1)) for log in logs]  # type: ignore[union-attr]
+    assert sum(oks) == 2 * total  # two steps per event, across both processes
+    assert all(ok > 0 for ok in oks), oks  # both processes did work
+
+
+async def _pulling(nc: Client, consumer: str) -> bool:
+    info = await nc.jetstream().consumer_info("DEADLIFT_EVENTS", consumer)
+    return bool(info.num_waiting)
+
+
+async def _all(nc: Client, count: int) -> Any:
+    found = await stored(nc, "calc.out")
+    return found if len(found) >= count else None
