@@ -105,7 +105,9 @@ async def kv_incr(call: HostCall, request: Any) -> Any:
         try:
             value = int(entry.value or b"0") + by
         except ValueError:
-            raise HostFunctionError(f"kv_incr: key {request['key']!r} does not hold an integer") from None
+            raise HostFunctionError(
+                f"kv_incr: key {request['key']!r} does not hold an integer"
+            ) from None
         try:
             await kv.update(key, str(value).encode(), last=entry.revision)
             return {"value": value}

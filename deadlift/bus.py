@@ -5,7 +5,7 @@ The bus moves bytes and headers; :mod:`deadlift.events` knows how to encode them
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,7 +28,14 @@ from nats.js.api import (
 
 from deadlift.errors import ConfigError, DeadliftError, PayloadTooLargeError
 from deadlift.settings import Settings
-from deadlift.workflow import STEP_PREFIX, Step, Workflow, consumer_name, minimal_subjects, step_subject
+from deadlift.workflow import (
+    STEP_PREFIX,
+    Step,
+    Workflow,
+    consumer_name,
+    minimal_subjects,
+    step_subject,
+)
 
 log = logging.getLogger("deadlift.bus")
 
@@ -82,7 +89,7 @@ async def connect(settings: Settings, *, name: str = "deadlift") -> Client:
     try:
         await client.connect(**options)
         return client
-    except (OSError, nats.errors.NoServersError, nats.errors.Error, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError, nats.errors.NoServersError, nats.errors.Error) as exc:
         raise DeadliftError(
             f"cannot connect to NATS at {settings.nats_url}: {exc or type(exc).__name__}; "
             "start one with `deadlift server` or set --server / DEADLIFT_NATS_URL"
@@ -93,20 +100,26 @@ async def ensure_streams(
     js: JetStreamContext, settings: Settings, event_subjects: list[str]
 ) -> None:
     """Create or extend Deadlift's streams so every subject it uses is captured durably."""
-    common = {
-        "retention": RetentionPolicy.LIMITS,
-        "storage": StorageType.FILE,
-        "max_age": settings.stream_max_age_s,
-        "duplicate_window": settings.duplicate_window_s,
-    }
-    await _ensure_stream(js, StreamConfig(name=STEPS_STREAM, subjects=[f"{STEP_PREFIX}.>"], **common))
-    await _ensure_stream(js, StreamConfig(name=DLQ_STREAM, subjects=[f"{DLQ_PREFIX}.>"], **common))
+
+    def config(name: str, subjects: list[str]) -> StreamConfig:
+        return StreamConfig(
+            name=name,
+            subjects=subjects,
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=settings.stream_max_age_s,
+            duplicate_window=settings.duplicate_window_s,
+        )
+
+    await _ensure_stream(js, config(STEPS_STREAM, [f"{STEP_PREFIX}.>"]))
+    await _ensure_stream(js, config(DLQ_STREAM, [f"{DLQ_PREFIX}.>"]))
     if event_subjects:
-        await _ensure_stream(js, StreamConfig(name=EVENTS_STREAM, subjects=event_subjects, **common),
-                             merge=True)
+        await _ensure_stream(js, config(EVENTS_STREAM, event_subjects), merge=True)
 
 
-async def _ensure_stream(js: JetStreamContext, config: StreamConfig, *, merge: bool = False) -> None:
+async def _ensure_stream(
+    js: JetStreamContext, config: StreamConfig, *, merge: bool = False
+) -> None:
     assert config.name and config.subjects is not None
     try:
         info = await js.stream_info(config.name)
@@ -154,7 +167,9 @@ async def ensure_consumer(
     return StepBinding(stream=stream, consumer=name)
 
 
-def consumer_config(name: str, filters: list[str], step: Step, settings: Settings) -> ConsumerConfig:
+def consumer_config(
+    name: str, filters: list[str], step: Step, settings: Settings
+) -> ConsumerConfig:
     """The consumer configuration for a step (durable, explicit ack, bounded deliveries)."""
     return ConsumerConfig(
         name=name,
@@ -172,10 +187,8 @@ def consumer_config(name: str, filters: list[str], step: Step, settings: Setting
 
 async def delete_consumer(js: JetStreamContext, binding: StepBinding) -> None:
     """Remove a step's consumer (ignoring one already gone)."""
-    try:
+    with contextlib.suppress(nats.js.errors.NotFoundError):
         await js.delete_consumer(binding.stream, binding.consumer)
-    except nats.js.errors.NotFoundError:
-        pass
 
 
 def check_size(nc: Client, subject: str, headers: Mapping[str, str], body: bytes) -> None:
@@ -227,17 +240,19 @@ async def dead_letters(js: JetStreamContext, limit: int = 1000) -> list[dict[str
         except nats.js.errors.NotFoundError:
             continue
         h = msg.headers or {}
-        found.append({
-            "seq": seq,
-            "org": h.get("Deadlift-Org", ""),
-            "workflow": h.get("Deadlift-Workflow", ""),
-            "step": h.get("Deadlift-Step", ""),
-            "subject": h.get("Deadlift-Subject", ""),
-            "attempts": h.get("Deadlift-Attempts", ""),
-            "kind": h.get("Deadlift-Error-Kind", ""),
-            "error": h.get("Deadlift-Error", ""),
-            "module": h.get("Deadlift-Module", ""),
-            "time": h.get("Deadlift-Time", ""),
-            "size": len(msg.data or b""),
-        })
+        found.append(
+            {
+                "seq": seq,
+                "org": h.get("Deadlift-Org", ""),
+                "workflow": h.get("Deadlift-Workflow", ""),
+                "step": h.get("Deadlift-Step", ""),
+                "subject": h.get("Deadlift-Subject", ""),
+                "attempts": h.get("Deadlift-Attempts", ""),
+                "kind": h.get("Deadlift-Error-Kind", ""),
+                "error": h.get("Deadlift-Error", ""),
+                "module": h.get("Deadlift-Module", ""),
+                "time": h.get("Deadlift-Time", ""),
+                "size": len(msg.data or b""),
+            }
+        )
     return found

@@ -10,7 +10,6 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -65,12 +64,24 @@ def with_registry(
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--server", "-s", envvar="DEADLIFT_NATS_URL", default="nats://127.0.0.1:4222",
-              show_default=True, help="NATS URL(s), comma-separated [env DEADLIFT_NATS_URL]")
-@click.option("--creds", envvar="DEADLIFT_CREDS", type=click.Path(dir_okay=False),
-              help="NATS credentials file [env DEADLIFT_CREDS]")
+@click.option(
+    "--server",
+    "-s",
+    envvar="DEADLIFT_NATS_URL",
+    default="nats://127.0.0.1:4222",
+    show_default=True,
+    help="NATS URL(s), comma-separated [env DEADLIFT_NATS_URL]",
+)
+@click.option(
+    "--creds",
+    envvar="DEADLIFT_CREDS",
+    type=click.Path(dir_okay=False),
+    help="NATS credentials file [env DEADLIFT_CREDS]",
+)
 @click.option("--user", envvar="DEADLIFT_USER", help="NATS user [env DEADLIFT_USER]")
-@click.option("--password", envvar="DEADLIFT_PASSWORD", help="NATS password [env DEADLIFT_PASSWORD]")
+@click.option(
+    "--password", envvar="DEADLIFT_PASSWORD", help="NATS password [env DEADLIFT_PASSWORD]"
+)
 @click.option("--log-level", envvar="DEADLIFT_LOG_LEVEL", default="INFO", show_default=True)
 @click.pass_context
 def main(
@@ -83,8 +94,9 @@ def main(
 ) -> None:
     """Deadlift: integrations as Wasm modules, run by workers on NATS JetStream."""
     try:
-        settings = Settings(nats_url=server, creds=creds, user=user, password=password,
-                            log_level=log_level.upper())
+        settings = Settings(
+            nats_url=server, creds=creds, user=user, password=password, log_level=log_level.upper()
+        )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     logging.basicConfig(
@@ -100,10 +112,19 @@ def main(
 
 @main.command()
 @click.option("--port", "-p", default=4222, show_default=True, help="client port")
-@click.option("--store-dir", type=click.Path(file_okay=False), default=".deadlift/nats",
-              show_default=True, help="JetStream store directory")
-@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
-              help="extra nats-server config file")
+@click.option(
+    "--store-dir",
+    type=click.Path(file_okay=False),
+    default=".deadlift/nats",
+    show_default=True,
+    help="JetStream store directory",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="extra nats-server config file",
+)
 def server(port: int, store_dir: str, config_file: str | None) -> None:
     """Run the bundled nats-server with JetStream until Ctrl-C."""
     from deadlift.server import EmbeddedServer
@@ -142,11 +163,17 @@ def module() -> None:
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--name", "-n", help="module name (default: the file name)")
 @click.option("--version", "-v", "version", help="version (default: next integer)")
-@click.option("--codec", type=click.Choice(["json", "msgpack", "raw"]), default="json",
-              show_default=True, help="how event data is passed to the module")
+@click.option(
+    "--codec",
+    type=click.Choice(["json", "msgpack", "raw"]),
+    default="json",
+    show_default=True,
+    help="how event data is passed to the module",
+)
 @click.option("--timeout-ms", type=click.IntRange(min=1), help="default per-call timeout")
-@click.option("--max-memory-pages", type=click.IntRange(1, 65536),
-              help="default memory limit in 64 KiB pages")
+@click.option(
+    "--max-memory-pages", type=click.IntRange(1, 65536), help="default memory limit in 64 KiB pages"
+)
 @click.pass_context
 def module_push(ctx: click.Context, file: str, **options: Any) -> None:
     """Validate FILE.wasm with Extism and store it in the registry."""
@@ -178,8 +205,15 @@ def module_ls(ctx: click.Context, as_json: bool) -> None:
             return
         table = Table("module", "version", "sha256", "codec", "size", "exports", "host imports")
         for m in metas:
-            table.add_row(m.name, m.version, m.sha256[:12], m.codec, str(m.size),
-                          ", ".join(m.exports), ", ".join(m.host_imports))
+            table.add_row(
+                m.name,
+                m.version,
+                m.sha256[:12],
+                m.codec,
+                str(m.size),
+                ", ".join(m.exports),
+                ", ".join(m.host_imports),
+            )
         console.print(table)
 
     run_async(ls(settings_of(ctx)))
@@ -223,8 +257,12 @@ def workflow_ls(ctx: click.Context, as_json: bool) -> None:
             return
         table = Table("org", "workflow", "trigger", "steps")
         for w in found:
-            table.add_row(w.org, w.name, ", ".join(w.trigger),
-                          " → ".join(f"{s.name}({s.module})" for s in w.steps))
+            table.add_row(
+                w.org,
+                w.name,
+                ", ".join(w.trigger),
+                " → ".join(f"{s.name}({s.module})" for s in w.steps),
+            )
         console.print(table)
 
     run_async(ls(settings_of(ctx)))
@@ -232,7 +270,9 @@ def workflow_ls(ctx: click.Context, as_json: bool) -> None:
 
 @workflow.command("graph")
 @click.argument("name")
-@click.option("--format", "fmt", type=click.Choice(["mermaid"]), default="mermaid", show_default=True)
+@click.option(
+    "--format", "fmt", type=click.Choice(["mermaid"]), default="mermaid", show_default=True
+)
 @click.pass_context
 def workflow_graph(ctx: click.Context, name: str, fmt: str) -> None:
     """Print workflow NAME (ORG.NAME or NAME) as a Mermaid flowchart."""
@@ -248,19 +288,31 @@ def workflow_graph(ctx: click.Context, name: str, fmt: str) -> None:
 
 
 @main.command()
-@click.option("--workflow", "-w", "workflows", multiple=True,
-              help="run only this workflow (ORG.NAME or NAME); repeatable")
+@click.option(
+    "--workflow",
+    "-w",
+    "workflows",
+    multiple=True,
+    help="run only this workflow (ORG.NAME or NAME); repeatable",
+)
 @click.option("--concurrency", "-c", type=click.IntRange(min=1), help="events in flight per step")
-@click.option("--host-functions", "packs", multiple=True, envvar="DEADLIFT_HOST_FUNCTIONS",
-              help="Python module offering host functions (pkg.module); repeatable")
+@click.option(
+    "--host-functions",
+    "packs",
+    multiple=True,
+    envvar="DEADLIFT_HOST_FUNCTIONS",
+    help="Python module offering host functions (pkg.module); repeatable",
+)
 @click.pass_context
-def worker(ctx: click.Context, workflows: tuple[str, ...], concurrency: int | None,
-           packs: tuple[str, ...]) -> None:
+def worker(
+    ctx: click.Context, workflows: tuple[str, ...], concurrency: int | None, packs: tuple[str, ...]
+) -> None:
     """Run workflow steps until SIGTERM/SIGINT, then finish in-flight events and drain."""
     from deadlift.commands import run_worker
 
-    run_async(run_worker(settings_of(ctx), workflows=workflows, concurrency=concurrency,
-                         packs=packs))
+    run_async(
+        run_worker(settings_of(ctx), workflows=workflows, concurrency=concurrency, packs=packs)
+    )
 
 
 # -- events -------------------------------------------------------------------
@@ -269,10 +321,14 @@ def worker(ctx: click.Context, workflows: tuple[str, ...], concurrency: int | No
 @main.command()
 @click.argument("subject")
 @click.argument("data")
-@click.option("--id", "event_id", help="event id (default: random); resending an id is deduplicated")
+@click.option(
+    "--id", "event_id", help="event id (default: random); resending an id is deduplicated"
+)
 @click.option("--type", "event_type", default="deadlift.publish", show_default=True)
 @click.pass_context
-def publish(ctx: click.Context, subject: str, data: str, event_id: str | None, event_type: str) -> None:
+def publish(
+    ctx: click.Context, subject: str, data: str, event_id: str | None, event_type: str
+) -> None:
     """Publish JSON DATA as a Deadlift event on SUBJECT (durably)."""
     try:
         value = json.loads(data)
@@ -287,7 +343,9 @@ def publish(ctx: click.Context, subject: str, data: str, event_id: str | None, e
             headers[events.MSG_ID] = event.id
             ack = await bus.publish(nc.jetstream(), nc, subject, body, headers)
             note = " (duplicate, dropped)" if ack.duplicate else ""
-            console.print(f"published {event.id} to {subject}: stream {ack.stream} seq {ack.seq}{note}")
+            console.print(
+                f"published {event.id} to {subject}: stream {ack.stream} seq {ack.seq}{note}"
+            )
         finally:
             await nc.drain()
 
@@ -339,8 +397,9 @@ def demo(quiet: bool) -> None:
 
 @main.command()
 @click.option("--port", "-p", default=4222, show_default=True, help="NATS client port")
-@click.option("--store-dir", type=click.Path(file_okay=False), default=".deadlift/nats",
-              show_default=True)
+@click.option(
+    "--store-dir", type=click.Path(file_okay=False), default=".deadlift/nats", show_default=True
+)
 def dev(port: int, store_dir: str) -> None:
     """Server + every module in workers/ + every workflow in config/ + a worker, until Ctrl-C."""
     from deadlift.demo import run_dev

@@ -63,12 +63,21 @@ async def run_worker(
     """The ``deadlift worker`` command."""
     functions = load_packs(packs)
     nc = await bus.connect(settings, name="deadlift-worker")
-    worker = Worker(nc, settings=settings, workflows=workflows, host_functions=functions,
-                    concurrency=concurrency)
+    worker = Worker(
+        nc,
+        settings=settings,
+        workflows=workflows,
+        host_functions=functions,
+        concurrency=concurrency,
+    )
     on_stop_signals(lambda: asyncio.ensure_future(worker.shutdown()))
     try:
         await worker.start()
-        log.info("worker running %d step(s): %s", len(worker.steps), ", ".join(worker.steps) or "none yet")
+        log.info(
+            "worker running %d step(s): %s",
+            len(worker.steps),
+            ", ".join(worker.steps) or "none yet",
+        )
         await worker.run_until_shutdown()
     finally:
         await worker.shutdown()
@@ -112,8 +121,10 @@ async def tail_subject(
         if as_json:
             print(json.dumps(record, default=str), flush=True)
         else:
-            console.print(f"[bold]{msg.subject}[/bold] {event.type} {event.id[:12]} "
-                          f"run {event.run[:12]}: {json.dumps(record['data'], default=str)}")
+            console.print(
+                f"[bold]{msg.subject}[/bold] {event.type} {event.id[:12]} "
+                f"run {event.run[:12]}: {json.dumps(record['data'], default=str)}"
+            )
         seen += 1
         if count is not None and seen >= count:
             done.set()
@@ -139,6 +150,14 @@ async def list_dead_letters(settings: Settings, *, as_json: bool) -> None:
         return
     table = Table("seq", "org", "workflow", "step", "attempts", "kind", "error", "time")
     for d in letters:
-        table.add_row(str(d["seq"]), d["org"], d["workflow"], d["step"], d["attempts"],
-                      d["kind"], d["error"], d["time"])
+        table.add_row(
+            str(d["seq"]),
+            d["org"],
+            d["workflow"],
+            d["step"],
+            d["attempts"],
+            d["kind"],
+            d["error"],
+            d["time"],
+        )
     console.print(table)

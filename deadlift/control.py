@@ -47,7 +47,7 @@ async def apply_workflows(
     settings: Settings,
     workflows: Iterable[tuple[Workflow, str]],
 ) -> list[Workflow]:
-    """Validate every workflow against the registry, then create streams and consumers and store them.
+    """Validate workflows against the registry, then create streams, consumers, and store them.
 
     Nothing is stored unless every workflow is valid.
     """

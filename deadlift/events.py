@@ -138,7 +138,9 @@ def unpack(body: bytes) -> Any:
     try:
         return msgpack.unpackb(body, raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises many unrelated types for bad input
-        raise EventDecodeError(f"event body is not valid msgpack ({len(body)} bytes): {exc}") from exc
+        raise EventDecodeError(
+            f"event body is not valid msgpack ({len(body)} bytes): {exc}"
+        ) from exc
 
 
 def encode(event: Event) -> tuple[dict[str, str], bytes]:
@@ -195,7 +197,9 @@ def _check_header_value(name: str, value: Any) -> None:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise EventEncodeError(f"event attribute {name!r} is not valid Unicode text: {exc}") from exc
+        raise EventEncodeError(
+            f"event attribute {name!r} is not valid Unicode text: {exc}"
+        ) from exc
 
 
 def decode(
@@ -276,7 +280,8 @@ def _decode_body(content_type: str, body: bytes) -> Any:
             return json.loads(body)
         except (ValueError, RecursionError) as exc:
             raise EventDecodeError(
-                f"event body is not valid JSON although ce-datacontenttype is {content_type!r}: {exc}"
+                f"event body is not valid JSON although ce-datacontenttype is "
+                f"{content_type!r}: {exc}"
             ) from exc
     return bytes(body)
 

@@ -22,7 +22,7 @@ from deadlift.errors import ConfigError, ModuleError, NotFoundError
 from deadlift.wasm.codecs import CODECS
 from deadlift.wasm.host import check_loadable
 from deadlift.wasm.hostfns import NAMESPACE
-from deadlift.wasm.inspect import inspect_wasm
+from deadlift.wasm.inspect import WasmInfo, inspect_wasm
 from deadlift.workflow import NAME_PATTERN, Workflow
 
 BINARIES = "deadlift_modules"
@@ -98,25 +98,8 @@ class Registry:
             ModuleError: not Wasm, too large, or Extism cannot load it.
             ConfigError: bad name, version or codec, or the version is taken.
         """
-        if not re.match(NAME_PATTERN, name):
-            raise ConfigError(f"module name {name!r}: use lowercase letters, digits, _ and -")
-        if codec not in CODECS:
-            raise ConfigError(f"codec {codec!r}: use one of {', '.join(CODECS)}")
-        if version is not None and not re.match(VERSION_PATTERN, version):
-            raise ConfigError(f"version {version!r}: use letters, digits, '.', '_' and '-'")
-        if len(wasm) > MAX_MODULE_BYTES:
-            raise ModuleError(
-                f"{source}: {len(wasm)} bytes is over the {MAX_MODULE_BYTES}-byte module limit"
-            )
-        try:
-            info = inspect_wasm(wasm)
-        except ModuleError as exc:
-            raise ModuleError(f"{source}: {exc}") from None
+        info = _validate(wasm, name=name, version=version, codec=codec, source=source)
         host_imports = info.host_imports(NAMESPACE)
-        try:
-            check_loadable(wasm, tuple(host_imports))
-        except ModuleError as exc:
-            raise ModuleError(f"{source}: {exc}") from None
         sha = hashlib.sha256(wasm).hexdigest()
         existing = await self.versions(name)
         if version is None:
@@ -282,6 +265,25 @@ class Registry:
                     yield entry.key, Workflow.model_validate_json(entry.value)
         finally:
             await watcher.stop()
+
+
+def _validate(wasm: bytes, *, name: str, version: str | None, codec: str, source: str) -> WasmInfo:
+    if not re.match(NAME_PATTERN, name):
+        raise ConfigError(f"module name {name!r}: use lowercase letters, digits, _ and -")
+    if codec not in CODECS:
+        raise ConfigError(f"codec {codec!r}: use one of {', '.join(CODECS)}")
+    if version is not None and not re.match(VERSION_PATTERN, version):
+        raise ConfigError(f"version {version!r}: use letters, digits, '.', '_' and '-'")
+    if len(wasm) > MAX_MODULE_BYTES:
+        raise ModuleError(
+            f"{source}: {len(wasm)} bytes is over the {MAX_MODULE_BYTES}-byte module limit"
+        )
+    try:
+        info = inspect_wasm(wasm)
+        check_loadable(wasm, tuple(info.host_imports(NAMESPACE)))
+    except ModuleError as exc:
+        raise ModuleError(f"{source}: {exc}") from None
+    return info
 
 
 async def _kv(js: JetStreamContext, bucket: str, *, history: int) -> Any:

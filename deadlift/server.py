@@ -80,8 +80,16 @@ class EmbeddedServer:
         """Start the server and wait until JetStream is ready."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
         args = [
-            nats_server_binary(), "-js", "-sd", str(self.store_dir),
-            "-a", self.host, "-p", str(self.port), "-m", str(self.monitor_port),
+            nats_server_binary(),
+            "-js",
+            "-sd",
+            str(self.store_dir),
+            "-a",
+            self.host,
+            "-p",
+            str(self.port),
+            "-m",
+            str(self.monitor_port),
         ]
         if self.config_file:
             args += ["-c", str(self.config_file)]
@@ -100,10 +108,12 @@ class EmbeddedServer:
                     f"nats-server exited with code {self.process.returncode} at start "
                     f"(port {self.port} taken, or a bad config?)"
                 )
-            with contextlib.suppress(OSError, urllib.error.URLError, ValueError):
-                with urllib.request.urlopen(url, timeout=1) as response:
-                    if json.loads(response.read()).get("status") == "ok":
-                        return
+            with (
+                contextlib.suppress(OSError, urllib.error.URLError, ValueError),
+                urllib.request.urlopen(url, timeout=1) as response,
+            ):
+                if json.loads(response.read()).get("status") == "ok":
+                    return
             time.sleep(0.05)
         self.stop()
         raise DeadliftError(f"nats-server did not become ready within {timeout:.0f} s")

@@ -11,7 +11,9 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="DEADLIFT_", extra="ignore", frozen=True)
 
-    nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server URL(s), comma-separated")
+    nats_url: str = Field(
+        "nats://127.0.0.1:4222", description="NATS server URL(s), comma-separated"
+    )
     creds: str | None = Field(None, description="NATS credentials file (.creds)")
     user: str | None = Field(None, description="NATS user name")
     password: str | None = Field(None, description="NATS password")

@@ -177,7 +177,8 @@ class Worker:
             if workflow is not None and self._selected(workflow):
                 wanted = {(key, s.name): s for s in workflow.steps}
             stale = [
-                k for k, r in self._runners.items()
+                k
+                for k, r in self._runners.items()
                 if k[0] == key and (k not in wanted or r.signature != _signature(workflow, r.step))
             ]
             for k in stale:
@@ -202,11 +203,15 @@ class Worker:
             log.error(
                 "%s not started: it grants host functions %s that this worker does not offer; "
                 "start the worker with --host-functions PACKAGE.MODULE",
-                where, ", ".join(missing),
+                where,
+                ", ".join(missing),
             )
             return None
         if not step.module_sha256:
-            log.error("%s not started: module not resolved; apply it with `deadlift workflow apply`", where)
+            log.error(
+                "%s not started: module not resolved; apply it with `deadlift workflow apply`",
+                where,
+            )
             return None
         try:
             assert self.registry is not None
@@ -305,7 +310,9 @@ class StepRunner:
         self._sub = await self.worker.js.pull_subscribe_bind(
             durable=self.binding.consumer, stream=self.binding.stream
         )
-        self._task = asyncio.create_task(self._loop(), name=f"deadlift-step-{self.binding.consumer}")
+        self._task = asyncio.create_task(
+            self._loop(), name=f"deadlift-step-{self.binding.consumer}"
+        )
 
     async def stop(self) -> None:
         """Stop pulling and wait for in-flight events to finish (acked or nak'd)."""
@@ -329,7 +336,7 @@ class StepRunner:
                 continue
             try:
                 msgs = await self._sub.fetch(min(batch, room), timeout=FETCH_TIMEOUT_S)
-            except (nats.errors.TimeoutError, asyncio.TimeoutError):
+            except (TimeoutError, nats.errors.TimeoutError):
                 continue
             except nats.errors.ConnectionClosedError:
                 return
@@ -346,7 +353,9 @@ class StepRunner:
         self._inflight.discard(task)
         self._room.set()
         if not task.cancelled() and task.exception() is not None:
-            log.error("step %s crashed on an event", self.binding.consumer, exc_info=task.exception())
+            log.error(
+                "step %s crashed on an event", self.binding.consumer, exc_info=task.exception()
+            )
 
     async def _handle(self, msg: Msg) -> None:
         started = time.perf_counter()
@@ -361,7 +370,9 @@ class StepRunner:
                 fallback_source=f"nats:{msg.subject}",
             )
         except EventDecodeError as exc:
-            await self._fail(msg, None, attempt, started, StepError(str(exc), kind="decode", retryable=False))
+            await self._fail(
+                msg, None, attempt, started, StepError(str(exc), kind="decode", retryable=False)
+            )
             return
         if attempt > self.step.retry.max_attempts:
             error = StepError(
@@ -381,9 +392,11 @@ class StepRunner:
         except StepError as exc:
             await self._fail(msg, event, attempt, started, exc)
             return
-        except (DeadliftError, nats.errors.Error, asyncio.TimeoutError) as exc:
+        except (TimeoutError, DeadliftError, nats.errors.Error) as exc:
             # NATS trouble while publishing: try again later, the output is deduplicated.
-            await self._fail(msg, event, attempt, started, StepError(f"publish failed: {exc}", kind="publish"))
+            await self._fail(
+                msg, event, attempt, started, StepError(f"publish failed: {exc}", kind="publish")
+            )
             return
         await msg.ack()
         self._report(event, "ok", started, attempt, output=output, targets=targets)
@@ -406,7 +419,12 @@ class StepRunner:
         )
         loop = asyncio.get_running_loop()
         raw = await loop.run_in_executor(
-            self.worker.executor, self.worker.host.call, self.spec, self.step.function, data, context
+            self.worker.executor,
+            self.worker.host.call,
+            self.spec,
+            self.step.function,
+            data,
+            context,
         )
         return from_module(raw, codec)
 
@@ -464,7 +482,11 @@ class StepRunner:
         await msg.term()
         log.warning(
             "event %s dead-lettered at %s after %d attempt(s): [%s] %s",
-            event.id if event else "?", self.binding.consumer, attempt, error.kind, error,
+            event.id if event else "?",
+            self.binding.consumer,
+            attempt,
+            error.kind,
+            error,
         )
         self._report(event, "dead", started, attempt, error=error)
 
@@ -473,20 +495,22 @@ class StepRunner:
         seq = meta.sequence.stream if meta.sequence else 0
         headers = dict(msg.headers or {})
         headers.pop(events.MSG_ID, None)
-        headers.update({
-            "Deadlift-Org": self.workflow.org,
-            "Deadlift-Workflow": self.workflow.name,
-            "Deadlift-Step": self.step.name,
-            "Deadlift-Module": self.spec.sha256,
-            "Deadlift-Subject": msg.subject,
-            "Deadlift-Stream": meta.stream or "",
-            "Deadlift-Stream-Seq": str(seq),
-            "Deadlift-Attempts": str(attempt),
-            "Deadlift-Error-Kind": error.kind,
-            "Deadlift-Error": " ".join(str(error).split())[:1000],
-            "Deadlift-Time": events.now_rfc3339(),
-            events.MSG_ID: f"dlq:{meta.stream}:{seq}:{self.step.name}",
-        })
+        headers.update(
+            {
+                "Deadlift-Org": self.workflow.org,
+                "Deadlift-Workflow": self.workflow.name,
+                "Deadlift-Step": self.step.name,
+                "Deadlift-Module": self.spec.sha256,
+                "Deadlift-Subject": msg.subject,
+                "Deadlift-Stream": meta.stream or "",
+                "Deadlift-Stream-Seq": str(seq),
+                "Deadlift-Attempts": str(attempt),
+                "Deadlift-Error-Kind": error.kind,
+                "Deadlift-Error": " ".join(str(error).split())[:1000],
+                "Deadlift-Time": events.now_rfc3339(),
+                events.MSG_ID: f"dlq:{meta.stream}:{seq}:{self.step.name}",
+            }
+        )
         subject = f"{bus.DLQ_PREFIX}.{self.workflow.org}.{self.workflow.name}.{self.step.name}"
         await bus.publish(self.worker.js, self.worker.nc, subject, msg.data, headers)
 

@@ -72,9 +72,7 @@ def subject_covers(pattern: str, subject: str) -> bool:
 def minimal_subjects(subjects: Iterable[str]) -> list[str]:
     """Drop subjects covered by another one (JetStream refuses overlapping stream subjects)."""
     unique = sorted(set(subjects))
-    return [
-        s for s in unique if not any(o != s and subject_covers(o, s) for o in unique)
-    ]
+    return [s for s in unique if not any(o != s and subject_covers(o, s) for o in unique)]
 
 
 class Retry(BaseModel):
@@ -195,7 +193,9 @@ def parse_workflow(text: str, *, source: str = "<workflow>") -> Workflow:
         # ValueError: e.g. a date-like scalar that is no date (2024-13-01).
         raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: a workflow must be a YAML mapping with name, org, trigger, steps")
+        raise ConfigError(
+            f"{source}: a workflow must be a YAML mapping with name, org, trigger, steps"
+        )
     try:
         workflow = Workflow.model_validate(raw)
     except ValidationError as exc:
@@ -255,7 +255,9 @@ def _check_graph(workflow: Workflow, source: str) -> None:
     seen: set[str] = set()
     for name in names:
         if name in seen:
-            raise ConfigError(f"{source}: step {name!r} is defined twice; step names must be unique")
+            raise ConfigError(
+                f"{source}: step {name!r}: name: defined twice; step names must be unique"
+            )
         seen.add(name)
     for step in workflow.steps:
         for target in step.next:

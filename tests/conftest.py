@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -47,10 +48,8 @@ async def nc(settings: Settings) -> AsyncIterator[Client]:
     client = await bus.connect(settings, name="deadlift-test")
     js = client.jetstream()
     for name in await js.streams_info():
-        try:
+        with contextlib.suppress(nats.js.errors.NotFoundError):
             await js.delete_stream(name.config.name)
-        except nats.js.errors.NotFoundError:
-            pass
     yield client
     await client.drain()
 
@@ -78,7 +77,9 @@ def apply(nc: Client, registry: Registry, settings: Settings) -> Callable[..., A
 
     async def apply_(text: str) -> Workflow:
         workflow = parse_workflow(text, source="test.yaml")
-        [applied] = await apply_workflows(nc.jetstream(), registry, settings, [(workflow, "test.yaml")])
+        [applied] = await apply_workflows(
+            nc.jetstream(), registry, settings, [(workflow, "test.yaml")]
+        )
         return applied
 
     return apply_

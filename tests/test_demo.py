@@ -24,7 +24,10 @@ async def test_demo_story_runs_and_checks_itself() -> None:
 def test_demo_command_exits_zero_and_prints_the_outcome() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "deadlift.cli", "demo"],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "demo passed" in result.stdout

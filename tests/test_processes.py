@@ -20,18 +20,26 @@ from tests.conftest import ROOT, eventually, module_path, publish, stored
 pytestmark = pytest.mark.slow
 
 
-def deadlift(settings: Settings, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def deadlift(
+    settings: Settings, *args: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     """Run the CLI against the test server."""
     return subprocess.run(
         [sys.executable, "-m", "deadlift.cli", "--server", settings.nats_url, *args],
-        capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
     )
 
 
 def start_worker(settings: Settings, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "deadlift.cli", "--server", settings.nats_url, "worker", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
 
@@ -44,7 +52,9 @@ def stop(process: subprocess.Popen[str]) -> str:
     return err
 
 
-async def test_cli_push_apply_publish_and_inspect(nc: Client, settings: Settings, tmp_path: Path) -> None:
+async def test_cli_push_apply_publish_and_inspect(
+    nc: Client, settings: Settings, tmp_path: Path
+) -> None:
     for name in ("add_ten", "multiply_by_five"):
         result = deadlift(settings, "module", "push", str(module_path(name)))
         assert result.returncode == 0, result.stderr
@@ -59,15 +69,30 @@ async def test_cli_push_apply_publish_and_inspect(nc: Client, settings: Settings
     applied = deadlift(settings, "workflow", "apply", str(flow))
     assert applied.returncode == 0, applied.stderr
     assert "acme.calculator" in applied.stdout
-    assert json.loads(deadlift(settings, "workflow", "ls", "--json").stdout)[0]["name"] == "calculator"
+    assert (
+        json.loads(deadlift(settings, "workflow", "ls", "--json").stdout)[0]["name"] == "calculator"
+    )
     graph = deadlift(settings, "workflow", "graph", "calculator").stdout
     assert graph.startswith("flowchart LR") and "add --> multiply" in graph
 
     worker = start_worker(settings, "--workflow", "calculator")
     tail = subprocess.Popen(
-        [sys.executable, "-m", "deadlift.cli", "--server", settings.nats_url,
-         "tail", "calc.out", "--json", "--count", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "deadlift.cli",
+            "--server",
+            settings.nats_url,
+            "tail",
+            "calc.out",
+            "--json",
+            "--count",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
     )
     try:
         assert "tailing calc.out" in tail.stderr.readline()  # type: ignore[union-attr]
@@ -81,10 +106,15 @@ async def test_cli_push_apply_publish_and_inspect(nc: Client, settings: Settings
         stop(worker)
 
 
-async def test_cli_errors_name_the_file_step_and_field(nc: Client, settings: Settings, tmp_path: Path) -> None:
+async def test_cli_errors_name_the_file_step_and_field(
+    nc: Client, settings: Settings, tmp_path: Path
+) -> None:
     assert deadlift(settings, "module", "push", str(module_path("add_ten"))).returncode == 0
     bad = tmp_path / "bad.yaml"
-    bad.write_text("name: x\norg: acme\ntrigger: x.in\nsteps:\n  - {name: s, module: add_ten, function: nope}\n")
+    bad.write_text(
+        "name: x\norg: acme\ntrigger: x.in\n"
+        "steps:\n  - {name: s, module: add_ten, function: nope}\n"
+    )
     result = deadlift(settings, "workflow", "apply", str(bad))
     assert result.returncode == 2
     assert "bad.yaml" in result.stderr and "'s'" in result.stderr and "nope" in result.stderr
@@ -93,13 +123,17 @@ async def test_cli_errors_name_the_file_step_and_field(nc: Client, settings: Set
     not_wasm = tmp_path / "junk.wasm"
     not_wasm.write_bytes(b"hello")
     result = deadlift(settings, "module", "push", str(not_wasm))
-    assert result.returncode == 1 and "junk.wasm" in result.stderr and "WebAssembly" in result.stderr
+    assert (
+        result.returncode == 1 and "junk.wasm" in result.stderr and "WebAssembly" in result.stderr
+    )
 
     result = deadlift(settings, "publish", "nowhere.at.all", '{"a": 1}')
     assert result.returncode == 1 and "no stream captures nowhere.at.all" in result.stderr
 
 
-async def test_two_worker_processes_share_a_step_without_duplicates(nc: Client, settings: Settings, push: Any, apply: Any) -> None:
+async def test_two_worker_processes_share_a_step_without_duplicates(
+    nc: Client, settings: Settings, push: Any, apply: Any
+) -> None:
     await push("add_ten")
     await push("multiply_by_five")
     await apply((ROOT / "config" / "workflows" / "calculator.yaml").read_text())

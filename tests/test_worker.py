@@ -33,7 +33,9 @@ async def push_all(push: Any, *names: str) -> None:
         await push(name)
 
 
-async def test_three_step_chain_publishes_the_composed_result(nc: Client, settings: Settings, push: Any, apply: Any) -> None:
+async def test_three_step_chain_publishes_the_composed_result(
+    nc: Client, settings: Settings, push: Any, apply: Any
+) -> None:
     await push_all(push, "add_ten", "multiply_by_five")
     await apply("""
 name: chain
@@ -55,7 +57,9 @@ steps:
     assert result.extensions[events.STEP] == "again"
 
 
-async def test_filter_ends_the_run_for_empty_and_null_output(nc: Client, settings: Settings, push: Any, apply: Any) -> None:
+async def test_filter_ends_the_run_for_empty_and_null_output(
+    nc: Client, settings: Settings, push: Any, apply: Any
+) -> None:
     await push_all(push, "filter_even", "multiply_by_five")
     await apply("""
 name: evens
@@ -77,7 +81,9 @@ steps:
     assert len(filtered) == 3 and all(r.step == "keep-even" for r in filtered)
 
 
-async def test_json_null_output_is_a_filter(nc: Client, settings: Settings, push: Any, apply: Any) -> None:
+async def test_json_null_output_is_a_filter(
+    nc: Client, settings: Settings, push: Any, apply: Any
+) -> None:
     await push("filter_even")
     await apply("""
 name: odds
@@ -98,7 +104,9 @@ async def _values(nc: Client, subject: str, count: int) -> list[Any] | None:
     return found if len(found) >= count else None
 
 
-async def test_fan_out_to_two_next_steps(nc: Client, settings: Settings, push: Any, apply: Any) -> None:
+async def test_fan_out_to_two_next_steps(
+    nc: Client, settings: Settings, push: Any, apply: Any
+) -> None:
     await push_all(push, "add_ten", "multiply_by_five")
     await apply("""
 name: fan
@@ -118,7 +126,9 @@ steps:
     assert left[0].run == right[0].run
 
 
-async def test_publish_subject_reaches_another_subscriber(nc: Client, settings: Settings, push: Any, apply: Any) -> None:
+async def test_publish_subject_reaches_another_subscriber(
+    nc: Client, settings: Settings, push: Any, apply: Any
+) -> None:
     await push_all(push, "add_ten", "multiply_by_five")
     await apply(CALCULATOR)
     received: list[events.Event] = []
@@ -135,7 +145,9 @@ async def test_publish_subject_reaches_another_subscriber(nc: Client, settings: 
     assert received[0].extensions[events.ORG] == "acme"
 
 
-async def test_headerless_foreign_trigger_is_accepted(nc: Client, settings: Settings, push: Any, apply: Any) -> None:
+async def test_headerless_foreign_trigger_is_accepted(
+    nc: Client, settings: Settings, push: Any, apply: Any
+) -> None:
     await push_all(push, "add_ten", "multiply_by_five")
     await apply(CALCULATOR)
     async with Worker(nc, settings=settings):
@@ -145,7 +157,9 @@ async def test_headerless_foreign_trigger_is_accepted(nc: Client, settings: Sett
     assert out[0].run  # a run id is derived from the stream sequence
 
 
-async def test_redelivered_input_does_not_duplicate_outputs(nc: Client, settings: Settings, push: Any, apply: Any) -> None:
+async def test_redelivered_input_does_not_duplicate_outputs(
+    nc: Client, settings: Settings, push: Any, apply: Any
+) -> None:
     await push_all(push, "add_ten", "multiply_by_five")
     await apply(CALCULATOR)
     async with Worker(nc, settings=settings):
@@ -159,7 +173,9 @@ async def test_redelivered_input_does_not_duplicate_outputs(nc: Client, settings
     assert [e.data for e in await stored(nc, "calc.out")] == [{"value": 55}]
 
 
-async def test_failing_step_is_retried_then_dead_lettered(nc: Client, settings: Settings, push: Any, apply: Any) -> None:
+async def test_failing_step_is_retried_then_dead_lettered(
+    nc: Client, settings: Settings, push: Any, apply: Any
+) -> None:
     await push("hostile")
     await apply("""
 name: flaky
@@ -183,7 +199,9 @@ steps:
     assert letter["kind"] == "error" and "asked to fail" in letter["error"]
 
 
-async def test_endless_loop_times_out_and_other_steps_keep_flowing(nc: Client, settings: Settings, push: Any, apply: Any) -> None:
+async def test_endless_loop_times_out_and_other_steps_keep_flowing(
+    nc: Client, settings: Settings, push: Any, apply: Any
+) -> None:
     await push_all(push, "hostile", "add_ten", "multiply_by_five")
     await apply("""
 name: spinner
@@ -204,13 +222,18 @@ steps:
     assert dead[0].error_kind == "timeout"
 
 
-async def test_malformed_event_is_dead_lettered_not_fatal(nc: Client, settings: Settings, push: Any, apply: Any) -> None:
+async def test_malformed_event_is_dead_lettered_not_fatal(
+    nc: Client, settings: Settings, push: Any, apply: Any
+) -> None:
     await push_all(push, "add_ten", "multiply_by_five")
     await apply(CALCULATOR)
     js = nc.jetstream()
     async with Worker(nc, settings=settings):
-        await js.publish("calc.in", b"\xc1", headers={"ce-specversion": "1.0", "ce-id": "x",
-                                                      "ce-source": "s", "ce-type": "t"})
+        await js.publish(
+            "calc.in",
+            b"\xc1",
+            headers={"ce-specversion": "1.0", "ce-id": "x", "ce-source": "s", "ce-type": "t"},
+        )
         await js.publish("calc.in", b"{}", headers={"ce-specversion": "1.0"})
         await publish(nc, "calc.in", {"value": 0})
         await eventually(lambda: stored(nc, "calc.out"))
@@ -224,7 +247,9 @@ async def _letters(nc: Client, count: int) -> list[dict[str, Any]] | None:
     return found if len(found) >= count else None
 
 
-async def test_step_needing_an_absent_host_function_is_not_started(nc: Client, settings: Settings, push: Any, apply: Any) -> None:
+async def test_step_needing_an_absent_host_function_is_not_started(
+    nc: Client, settings: Settings, push: Any, apply: Any
+) -> None:
     await push("before_charge_action")
     await apply("""
 name: charges
@@ -240,7 +265,9 @@ steps:
         assert worker.steps == []
 
 
-async def test_shutdown_finishes_in_flight_events(nc: Client, settings: Settings, push: Any, apply: Any) -> None:
+async def test_shutdown_finishes_in_flight_events(
+    nc: Client, settings: Settings, push: Any, apply: Any
+) -> None:
     await push_all(push, "add_ten", "multiply_by_five")
     await apply(CALCULATOR)
     worker = Worker(nc, settings=settings)

@@ -75,13 +75,18 @@ class Printer:
             detail = f"[{report.error_kind}] {_short(report.error, 60)}"
         console.print(
             f"  {report.org:<6} {report.workflow + '/' + report.step:<26} "
-            f"{report.module:<21} {report.latency_ms:6.1f} ms {outcome} {report.run[:8]:<8} {detail}",
-            overflow="ellipsis", no_wrap=True, crop=True,
+            f"{report.module:<21} {report.latency_ms:6.1f} ms {outcome} "
+            f"{report.run[:8]:<8} {detail}",
+            overflow="ellipsis",
+            no_wrap=True,
+            crop=True,
         )
 
     def count(self, org: str, step: str, outcomes: tuple[str, ...]) -> int:
         """How many reports of that step had one of those outcomes."""
-        return sum(1 for r in self.reports if r.org == org and r.step == step and r.outcome in outcomes)
+        return sum(
+            1 for r in self.reports if r.org == org and r.step == step and r.outcome in outcomes
+        )
 
 
 def _short(data: Any, limit: int = 90) -> str:
@@ -109,34 +114,54 @@ async def run_demo(*, verbose: bool = True, timeout: float = 30.0) -> bool:
         try:
             registry = await Registry.open(js)
             for name in STORY_MODULES:
-                meta, _ = await push_module_file(registry, _require(MODULES / f"{name}.wasm", "module"))
+                meta, _ = await push_module_file(
+                    registry, _require(MODULES / f"{name}.wasm", "module")
+                )
                 console.print(f"  pushed module {meta.ref} (sha256:{meta.sha256[:12]})")
             paths = [_require(WORKFLOWS / f, "workflow") for f in STORY_WORKFLOWS]
             for w in await apply_files(js, registry, settings, paths):
                 console.print(f"  applied workflow {w.key}: trigger {', '.join(w.trigger)}")
             printer = Printer(verbose=verbose)
-            stripe_worker = Worker(nc, settings=settings, workflows=["stripe.acme-charges"],
-                                   host_functions={"past_purchases": stripe.past_purchases,
-                                                   "send_email": stripe.send_email},
-                                   observers=[printer])
-            acme_worker = Worker(nc, settings=settings, workflows=["acme.loyalty"],
-                                 observers=[printer])
+            stripe_worker = Worker(
+                nc,
+                settings=settings,
+                workflows=["stripe.acme-charges"],
+                host_functions={
+                    "past_purchases": stripe.past_purchases,
+                    "send_email": stripe.send_email,
+                },
+                observers=[printer],
+            )
+            acme_worker = Worker(
+                nc, settings=settings, workflows=["acme.loyalty"], observers=[printer]
+            )
             async with stripe_worker, acme_worker:
                 console.print(f"\n[bold]Stripe receives {len(CHARGES)} charge requests[/bold]")
                 for charge_id, customer, category, amount in CHARGES:
-                    charge = {"charge_id": charge_id, "customer": customer,
-                              "email": f"{customer}@acme.example", "amount": amount,
-                              "category": category, "ts": int(time.time())}
-                    event = events.new_event(charge, source="https://stripe.example/charges",
-                                             type="com.stripe.charge.requested", id=charge_id)
+                    charge = {
+                        "charge_id": charge_id,
+                        "customer": customer,
+                        "email": f"{customer}@acme.example",
+                        "amount": amount,
+                        "category": category,
+                        "ts": int(time.time()),
+                    }
+                    event = events.new_event(
+                        charge,
+                        source="https://stripe.example/charges",
+                        type="com.stripe.charge.requested",
+                        id=charge_id,
+                    )
                     headers, body = events.encode(event)
                     headers[events.MSG_ID] = event.id
                     await bus.publish(js, nc, CHARGE_SUBJECT, body, headers)
                 total = sum(EXPECTED.values())
                 finished = await _wait_for(
-                    lambda: printer.count("stripe", "before-charge", ("ok", "filtered", "dead"))
-                    >= len(CHARGES)
-                    and printer.count("acme", "aggregate", ("ok", "dead")) >= total,
+                    lambda: (
+                        printer.count("stripe", "before-charge", ("ok", "filtered", "dead"))
+                        >= len(CHARGES)
+                        and printer.count("acme", "aggregate", ("ok", "dead")) >= total
+                    ),
                     timeout,
                 )
             counts = await _read_counts(js)
@@ -174,8 +199,10 @@ def _verdict(finished: bool, counts: dict[str, int], printer: Printer) -> bool:
     checks = {
         "every event processed in time": finished,
         "no step failed": outcomes["dead"] == 0,
-        "one email per discount": Counter(e["to"].split("@")[0] for e in emails) == Counter(EXPECTED),
-        "Acme's counts match": {k: v for k, v in counts.items() if not k.startswith("_")} == EXPECTED,
+        "one email per discount": Counter(e["to"].split("@")[0] for e in emails)
+        == Counter(EXPECTED),
+        "Acme's counts match": {k: v for k, v in counts.items() if not k.startswith("_")}
+        == EXPECTED,
         "Acme's total matches": counts.get("_total") == sum(EXPECTED.values()),
     }
     for name, ok in checks.items():
@@ -200,10 +227,15 @@ async def run_dev(*, port: int = 4222, store_dir: str = ".deadlift/nats") -> Non
                 console.print(f"module {meta.ref} {'pushed' if changed else 'unchanged'}")
             for w in await apply_files(js, registry, settings, sorted(WORKFLOWS.glob("*.yaml"))):
                 console.print(f"workflow {w.key} applied (trigger {', '.join(w.trigger)})")
-            worker = Worker(nc, settings=settings,
-                            host_functions={"past_purchases": stripe.past_purchases,
-                                            "send_email": stripe.send_email},
-                            observers=[Printer()])
+            worker = Worker(
+                nc,
+                settings=settings,
+                host_functions={
+                    "past_purchases": stripe.past_purchases,
+                    "send_email": stripe.send_email,
+                },
+                observers=[Printer()],
+            )
             on_stop_signals(lambda: asyncio.ensure_future(worker.shutdown()))
             await worker.start()
             console.print(

@@ -23,7 +23,9 @@ def to_module(data: Any, codec: str) -> bytes:
             # A foreign producer's non-JSON body: hand it over as-is.
             return bytes(data)
         try:
-            return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
+            # allow_nan=False: NaN/Infinity are not JSON, and strict module parsers reject them.
+            text = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+            return text.encode()
         except (TypeError, ValueError) as exc:
             raise EventEncodeError(f"event data cannot be encoded as JSON for the module: {exc}") from exc
     if codec == "msgpack":
@@ -45,6 +47,10 @@ def from_module(output: bytes, codec: str) -> Any:
     Raises:
         StepError: the output does not decode (kind ``decode``, not retryable).
     """
+    if codec not in CODECS:
+        raise StepError(
+            f"unknown codec {codec!r}; use one of {', '.join(CODECS)}", kind="decode", retryable=False
+        )
     if not output:
         return None
     if codec == "raw":

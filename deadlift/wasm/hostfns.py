@@ -79,16 +79,26 @@ class HostCall:
 
     def run_async(self, awaitable: Awaitable[Any], timeout: float = 30.0) -> Any:
         """Run a coroutine on the worker's loop from the module's thread and wait for it."""
-        if self.loop is None:
-            raise HostFunctionError("no event loop to run an async host function on")
         try:
             on_loop = asyncio.get_running_loop() is self.loop
         except RuntimeError:
             on_loop = False
-        if on_loop:  # waiting here would deadlock the loop
-            raise HostFunctionError("async host functions need the module call to run off-loop")
+        problem = None
+        if self.loop is None or self.loop.is_closed():
+            problem = "no event loop to run an async host function on"
+        elif on_loop:  # waiting here would deadlock the loop
+            problem = "async host functions need the module call to run off-loop"
+        if problem is not None:
+            if inspect.iscoroutine(awaitable):
+                awaitable.close()  # else: "coroutine ... was never awaited"
+            raise HostFunctionError(problem)
+        assert self.loop is not None
         future = asyncio.run_coroutine_threadsafe(_as_coroutine(awaitable), self.loop)
-        return future.result(timeout)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            future.cancel()  # do not leave it running on the worker's loop
+            raise HostFunctionError(f"async host function did not finish in {timeout} s") from None
 
 
 async def _as_coroutine(awaitable: Awaitable[Any]) -> Any:
@@ -175,8 +185,8 @@ def load_pack(spec: str) -> dict[str, HostFunction]:
     """
     try:
         module = importlib.import_module(spec)
-    except ImportError as exc:
-        raise ConfigError(f"--host-functions {spec}: cannot import: {exc}") from exc
+    except Exception as exc:  # ImportError, but also any error raised while importing it
+        raise ConfigError(f"--host-functions {spec}: cannot import: {exc!r}") from exc
     found = {v.name: v for v in vars(module).values() if isinstance(v, HostFunction)}
     if not found:
         raise ConfigError(

@@ -16,7 +16,8 @@ import extism
 
 logger = logging.getLogger("deadlift.module")
 
-_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+# The plugin's uuid is in the trailer; a module's own message may hold other uuids.
+_PLUGIN = re.compile(r'plugin="([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})"')
 _LEVEL = re.compile(r"\b(TRACE|DEBUG|INFO|WARN|ERROR)\b")
 # libextism's format: `<time>  INFO extism::pdk: <message> plugin="<uuid>"`
 _LINE = re.compile(r"^\S+\s+[A-Z]+\s+[\w:]+: (?P<message>.*?)(?: plugin=\"[0-9a-f-]+\")?\s*$", re.S)
@@ -70,7 +71,8 @@ def flush() -> None:
 
 
 def _emit(line: str) -> None:
-    match = _UUID.search(line)
+    plugins = _PLUGIN.findall(line)
+    plugin = plugins[-1] if plugins else None
     level_match = _LEVEL.search(line)
     level = _LEVELS[level_match.group(1)] if level_match else logging.INFO
     parsed = _LINE.match(line)
@@ -78,9 +80,9 @@ def _emit(line: str) -> None:
     # With RUST_BACKTRACE set, libextism appends the host's Rust stack: noise to module authors.
     text = text.split("\nStack backtrace:", 1)[0].rstrip()
     with _lock:
-        context = _bound.get(match.group(0)) if match else None
-        if context is not None and _CALL_ERROR in text:
-            _errors[match.group(0)] = text.split(_CALL_ERROR, 1)[1]
+        context = _bound.get(plugin) if plugin else None
+        if plugin and context is not None and _CALL_ERROR in text:
+            _errors[plugin] = text.split(_CALL_ERROR, 1)[1]
     if context is None:
         logger.log(level, "%s", text)
         return
