@@ -73,7 +73,8 @@ async def test_cli_push_apply_publish_and_inspect(
         json.loads(deadlift(settings, "workflow", "ls", "--json").stdout)[0]["name"] == "calculator"
     )
     graph = deadlift(settings, "workflow", "graph", "calculator").stdout
-    assert graph.startswith("flowchart LR") and "add --> multiply" in graph
+    assert graph.startswith("flowchart LR") and "calc.in" in graph and "calc.out" in graph
+    assert "add_ten:add_ten" in graph and "multiply_by_five:multiply_by_five" in graph
 
     worker = start_worker(settings, "--workflow", "calculator")
     tail = subprocess.Popen(
