@@ -233,11 +233,13 @@ async def dead_letters(js: JetStreamContext, limit: int = 1000) -> list[dict[str
         return []
     state = info.state
     found: list[dict[str, Any]] = []
+    if not state.messages:
+        return found
     first = max(state.first_seq, state.last_seq - limit + 1)
     for seq in range(first, state.last_seq + 1):
         try:
             msg = await js.get_msg(DLQ_STREAM, seq)
-        except nats.js.errors.NotFoundError:
+        except nats.js.errors.APIError:  # deleted or purged meanwhile
             continue
         h = msg.headers or {}
         found.append(

@@ -37,8 +37,9 @@ def load_packs(packs: tuple[str, ...] | list[str]) -> dict[str, HostFunction]:
 
 
 def on_stop_signals(callback: Any) -> None:
-    """Call ``callback`` on the first SIGTERM/SIGINT; exit hard on the second."""
+    """Call ``callback`` on the first SIGTERM/SIGINT; cancel the command on the second."""
     loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
     state = {"seen": 0}
 
     def handle(signum: int) -> None:
@@ -46,8 +47,9 @@ def on_stop_signals(callback: Any) -> None:
         if state["seen"] == 1:
             log.info("%s: finishing in-flight events, then exiting", signal.Signals(signum).name)
             callback()
-        else:
-            raise SystemExit(130)
+        elif main_task is not None:
+            log.warning("second signal: cancelling in-flight work (it will be redelivered)")
+            main_task.cancel()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, handle, sig)

@@ -94,7 +94,11 @@ class EmbeddedServer:
         if self.config_file:
             args += ["-c", str(self.config_file)]
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
-        self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+        # Own session: a Ctrl-C meant for the parent must not kill the server
+        # before the workers have drained; the parent stops it explicitly.
+        self.process = subprocess.Popen(
+            args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self._wait_ready(timeout)
         return self
 

@@ -31,4 +31,7 @@ class Settings(BaseSettings):
     stream_max_age_s: float = Field(
         7 * 24 * 3600.0, gt=0, description="how long events are kept in Deadlift's streams"
     )
+    shutdown_timeout_s: float = Field(
+        20.0, gt=0, description="how long shutdown waits for in-flight events"
+    )
     log_level: str = Field("INFO", description="Python logging level")

@@ -149,8 +149,16 @@ class Worker:
         async with self._lock:
             runners = list(self._runners.values())
             self._runners.clear()
-        await asyncio.gather(*(r.stop() for r in runners), return_exceptions=True)
-        self.executor.shutdown(wait=True)
+        stopping = asyncio.gather(*(r.stop() for r in runners), return_exceptions=True)
+        try:
+            await asyncio.wait_for(stopping, self.settings.shutdown_timeout_s)
+        except TimeoutError:
+            # Unacked events are redelivered to another worker after ack_wait.
+            log.warning(
+                "in-flight events did not finish within %.0f s; leaving them for redelivery",
+                self.settings.shutdown_timeout_s,
+            )
+        self.executor.shutdown(wait=False, cancel_futures=True)
         self._closed.set()
 
     def _selected(self, workflow: Workflow) -> bool:

@@ -14,7 +14,9 @@ from deadlift.wasm.host import ModuleHost, PluginSpec
 from deadlift.wasm.hostfns import HostCall
 
 ECHO = (Path(__file__).resolve().parents[1] / "workers" / "dist" / "echo.wasm").read_bytes()
-SPEC = PluginSpec(sha256=hashlib.sha256(ECHO).hexdigest(), org="acme", timeout_ms=1000, max_pages=256)
+SPEC = PluginSpec(
+    sha256=hashlib.sha256(ECHO).hexdigest(), org="acme", timeout_ms=1000, max_pages=256
+)
 NESTED = {
     "name": "Zoë 🚀 — 東京",
     "items": [1, -2.5, True, None, {"deep": ["a", {"deeper": []}]}],

@@ -27,7 +27,9 @@ def to_module(data: Any, codec: str) -> bytes:
             text = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
             return text.encode()
         except (TypeError, ValueError) as exc:
-            raise EventEncodeError(f"event data cannot be encoded as JSON for the module: {exc}") from exc
+            raise EventEncodeError(
+                f"event data cannot be encoded as JSON for the module: {exc}"
+            ) from exc
     if codec == "msgpack":
         return pack(data)
     if codec == "raw":
@@ -49,7 +51,9 @@ def from_module(output: bytes, codec: str) -> Any:
     """
     if codec not in CODECS:
         raise StepError(
-            f"unknown codec {codec!r}; use one of {', '.join(CODECS)}", kind="decode", retryable=False
+            f"unknown codec {codec!r}; use one of {', '.join(CODECS)}",
+            kind="decode",
+            retryable=False,
         )
     if not output:
         return None

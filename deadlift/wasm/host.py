@@ -200,7 +200,11 @@ def _step_error(
         return StepError(str(context.failure), kind="host_function")
     if message == "timeout":
         return StepError(f"module call timed out after {spec.timeout_ms} ms", kind="timeout")
-    if message == "oom" or "out of memory" in message or ("memory" in message and "limit" in message):
+    if (
+        message == "oom"
+        or "out of memory" in message
+        or ("memory" in message and "limit" in message)
+    ):
         return StepError(
             f"module ran out of memory (limit {spec.max_pages} pages of 64 KiB; "
             "raise max_memory_pages if the module needs more)",

@@ -47,9 +47,7 @@ class HostFunction:
         return self.impl(call, request)
 
 
-def host_function(
-    func: HostImpl | None = None, *, name: str | None = None
-) -> Any:
+def host_function(func: HostImpl | None = None, *, name: str | None = None) -> Any:
     """Declare a host function (``@host_function`` or ``@host_function(name="x")``).
 
     The function may be sync or ``async``; async ones run on the worker's event loop.

@@ -21,8 +21,13 @@ _PLUGIN = re.compile(r'plugin="([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-
 _LEVEL = re.compile(r"\b(TRACE|DEBUG|INFO|WARN|ERROR)\b")
 # libextism's format: `<time>  INFO extism::pdk: <message> plugin="<uuid>"`
 _LINE = re.compile(r"^\S+\s+[A-Z]+\s+[\w:]+: (?P<message>.*?)(?: plugin=\"[0-9a-f-]+\")?\s*$", re.S)
-_LEVELS = {"TRACE": 5, "DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARN": logging.WARNING,
-           "ERROR": logging.ERROR}
+_LEVELS = {
+    "TRACE": 5,
+    "DEBUG": logging.DEBUG,
+    "INFO": logging.INFO,
+    "WARN": logging.WARNING,
+    "ERROR": logging.ERROR,
+}
 
 _lock = threading.Lock()
 _bound: dict[str, Any] = {}
@@ -93,6 +98,10 @@ def _emit(line: str) -> None:
         context.workflow,
         context.step,
         text,
-        extra={"org": context.org, "workflow": context.workflow, "step": context.step,
-               "run": context.run},
+        extra={
+            "org": context.org,
+            "workflow": context.workflow,
+            "step": context.step,
+            "run": context.run,
+        },
     )
