@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import nats
 import pytest
 from nats.aio.client import Client
 
+from deadlift.server import free_port
 from deadlift.settings import Settings
 from tests.conftest import ROOT, eventually, module_path, publish, stored
 
@@ -161,3 +165,62 @@ async def _pulling(nc: Client, consumer: str) -> bool:
 async def _all(nc: Client, count: int) -> Any:
     found = await stored(nc, "calc.out")
     return found if len(found) >= count else None
+
+
+async def test_worker_loads_a_host_function_pack_by_module_path(
+    nc: Client, settings: Settings, push: Any, apply: Any
+) -> None:
+    await push("before_charge_action")
+    await push("discount_notice")
+    await apply((ROOT / "config" / "workflows" / "stripe-charges.yaml").read_text())
+    worker = start_worker(settings, "--host-functions", "deadlift.demo.stripe")
+    try:
+        charge = {
+            "charge_id": "ch_9",
+            "customer": "alice",
+            "email": "alice@acme.example",
+            "amount": 4.5,
+            "category": "coffee",
+            "ts": int(time.time()),
+        }
+        await publish(nc, "stripe.charges.acme", charge)
+        out = await eventually(lambda: stored(nc, "stripe.out.acme.discounts"), timeout=30)
+    finally:
+        stop(worker)
+    assert out[0].data["customer"] == "alice" and out[0].data["discount_percent"] == 10
+
+
+def test_server_command_serves_jetstream_until_sigterm(tmp_path: Path) -> None:
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "deadlift.cli",
+            "server",
+            "--port",
+            str(port),
+            "--store-dir",
+            str(tmp_path / "store"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert f"127.0.0.1:{port}" in process.stdout.readline()  # type: ignore[union-attr]
+
+        async def account() -> Any:
+            client = await nats.connect(f"nats://127.0.0.1:{port}")
+            try:
+                return await client.jetstream().account_info()
+            finally:
+                await client.close()
+
+        assert asyncio.run(account()).limits is not None
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=30)
+    assert process.returncode == 0
+    assert (tmp_path / "store" / "jetstream").is_dir()
