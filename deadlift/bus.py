@@ -51,6 +51,7 @@ class StepBinding:
 
     stream: str
     consumer: str
+    ack_wait: float = 30.0
 
 
 async def connect(settings: Settings, *, name: str = "deadlift") -> Client:
@@ -145,32 +146,42 @@ def _stream_conflict(config: StreamConfig, exc: Exception) -> ConfigError:
     )
 
 
-async def ensure_consumer(
+async def ensure_consumers(
     js: JetStreamContext, settings: Settings, workflow: Workflow, step: Step
-) -> StepBinding:
-    """Create or update the durable pull consumer a step's workers share."""
+) -> list[StepBinding]:
+    """Create or update the durable pull consumers a step's workers share.
+
+    Every step reads its own input subject (``deadlift.step.<org>.<workflow>.<step>``,
+    fed by the steps before it and by ``dlq replay``); entry steps also read the
+    workflow's trigger subjects.
+    """
     name = consumer_name(workflow.org, workflow.name, step.name)
-    entry = step in workflow.entry_steps()
-    if entry:
-        stream = EVENTS_STREAM
-        filters = minimal_subjects(workflow.trigger)
-    else:
-        stream = STEPS_STREAM
-        filters = [step_subject(workflow.org, workflow.name, step.name)]
-    config = consumer_config(name, filters, step, settings)
-    try:
-        await js.add_consumer(stream, config)
-    except nats.js.errors.APIError as exc:
-        raise ConfigError(
-            f"workflow {workflow.key} step {step.name!r}: cannot create consumer {name}: {exc}"
-        ) from None
-    return StepBinding(stream=stream, consumer=name)
+    wanted = [(STEPS_STREAM, name, [step_subject(workflow.org, workflow.name, step.name)])]
+    if step in workflow.entry_steps():
+        wanted.append((EVENTS_STREAM, f"{name}--trigger", minimal_subjects(workflow.trigger)))
+    bindings = []
+    for stream, consumer, filters in wanted:
+        try:
+            info = await js.add_consumer(stream, consumer_config(consumer, filters, step, settings))
+        except nats.js.errors.APIError as exc:
+            raise ConfigError(
+                f"workflow {workflow.key} step {step.name!r}: cannot create consumer "
+                f"{consumer}: {exc}"
+            ) from None
+        ack_wait = info.config.ack_wait or settings.ack_wait_s
+        bindings.append(StepBinding(stream=stream, consumer=consumer, ack_wait=ack_wait))
+    return bindings
 
 
 def consumer_config(
     name: str, filters: list[str], step: Step, settings: Settings
 ) -> ConsumerConfig:
-    """The consumer configuration for a step (durable, explicit ack, bounded deliveries)."""
+    """The consumer configuration for a step (durable, explicit ack, bounded deliveries).
+
+    ``max_deliver`` is one more than the step's attempts: a delivery past the
+    last attempt (after a worker crashed during it) reaches a worker, which
+    dead-letters it instead of the server silently giving up.
+    """
     return ConsumerConfig(
         name=name,
         durable_name=name,
@@ -178,7 +189,7 @@ def consumer_config(
         deliver_policy=DeliverPolicy.NEW,
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=settings.ack_wait_s,
-        max_deliver=step.retry.max_attempts,
+        max_deliver=step.retry.max_attempts + 1,
         max_ack_pending=max(1000, settings.concurrency * 64),
         filter_subject=filters[0] if len(filters) == 1 else None,
         filter_subjects=filters if len(filters) > 1 else None,
@@ -223,38 +234,3 @@ async def publish(
         raise DeadliftError(
             f"no stream captures {subject}; apply a workflow that triggers on or publishes to it"
         ) from None
-
-
-async def dead_letters(js: JetStreamContext, limit: int = 1000) -> list[dict[str, Any]]:
-    """Read dead-lettered events (newest ``limit``) without consuming them."""
-    try:
-        info = await js.stream_info(DLQ_STREAM)
-    except nats.js.errors.NotFoundError:
-        return []
-    state = info.state
-    found: list[dict[str, Any]] = []
-    if not state.messages:
-        return found
-    first = max(state.first_seq, state.last_seq - limit + 1)
-    for seq in range(first, state.last_seq + 1):
-        try:
-            msg = await js.get_msg(DLQ_STREAM, seq)
-        except nats.js.errors.APIError:  # deleted or purged meanwhile
-            continue
-        h = msg.headers or {}
-        found.append(
-            {
-                "seq": seq,
-                "org": h.get("Deadlift-Org", ""),
-                "workflow": h.get("Deadlift-Workflow", ""),
-                "step": h.get("Deadlift-Step", ""),
-                "subject": h.get("Deadlift-Subject", ""),
-                "attempts": h.get("Deadlift-Attempts", ""),
-                "kind": h.get("Deadlift-Error-Kind", ""),
-                "error": h.get("Deadlift-Error", ""),
-                "module": h.get("Deadlift-Module", ""),
-                "time": h.get("Deadlift-Time", ""),
-                "size": len(msg.data or b""),
-            }
-        )
-    return found

@@ -369,17 +369,67 @@ def tail(ctx: click.Context, subject: str, as_json: bool, count: int | None) -> 
 
 @main.group()
 def dlq() -> None:
-    """Inspect dead-lettered events."""
+    """Inspect, replay and purge dead-lettered events."""
+
+
+def _dlq_scope(func: Callable[..., Any]) -> Callable[..., Any]:
+    func = click.option("--step", help="only this step")(func)
+    return click.option("--workflow", "-w", help="only this workflow (ORG.NAME or NAME)")(func)
 
 
 @dlq.command("ls")
+@_dlq_scope
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.pass_context
-def dlq_ls(ctx: click.Context, as_json: bool) -> None:
-    """List dead-lettered events with the step and the error."""
-    from deadlift.commands import list_dead_letters
+def dlq_ls(ctx: click.Context, workflow: str | None, step: str | None, as_json: bool) -> None:
+    """List dead-lettered events with the step, attempts and the error."""
+    from deadlift.commands import dlq_command
 
-    run_async(list_dead_letters(settings_of(ctx), as_json=as_json))
+    run_async(dlq_command(settings_of(ctx), "ls", workflow=workflow, step=step, as_json=as_json))
+
+
+@dlq.command("show")
+@click.argument("letter_id", type=int)
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.pass_context
+def dlq_show(ctx: click.Context, letter_id: int, as_json: bool) -> None:
+    """Show one dead letter: where it failed, why, its headers and data."""
+    from deadlift.commands import dlq_command
+
+    run_async(dlq_command(settings_of(ctx), "show", ids=(letter_id,), as_json=as_json))
+
+
+@dlq.command("replay")
+@click.argument("letter_ids", type=int, nargs=-1)
+@click.option("--all", "replay_all", is_flag=True, help="replay every dead letter")
+@_dlq_scope
+@click.pass_context
+def dlq_replay(
+    ctx: click.Context,
+    letter_ids: tuple[int, ...],
+    replay_all: bool,
+    workflow: str | None,
+    step: str | None,
+) -> None:
+    """Re-inject dead letters into their step's input (runs the step's current module)."""
+    from deadlift.commands import dlq_command
+
+    if not (letter_ids or replay_all or workflow):
+        raise click.UsageError("name dead letter ids, --all, or --workflow W [--step S]")
+    run_async(dlq_command(settings_of(ctx), "replay", ids=letter_ids, workflow=workflow, step=step))
+
+
+@dlq.command("purge")
+@_dlq_scope
+@click.option("--yes", is_flag=True, help="do not ask for confirmation")
+@click.pass_context
+def dlq_purge(ctx: click.Context, workflow: str | None, step: str | None, yes: bool) -> None:
+    """Delete dead letters (all, or of one workflow or step)."""
+    from deadlift.commands import dlq_command
+
+    if not yes:
+        click.confirm("Delete these dead letters for good?", abort=True)
+    run_async(dlq_command(settings_of(ctx), "purge", workflow=workflow, step=step))
 
 
 # -- demo and dev -----------------------------------------------------------------

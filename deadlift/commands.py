@@ -14,7 +14,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from deadlift import bus, events
+from deadlift import bus, dlq, events
 from deadlift.errors import DeadliftError, EventDecodeError
 from deadlift.settings import Settings
 from deadlift.wasm.hostfns import HostFunction, load_pack
@@ -140,26 +140,78 @@ async def tail_subject(
         await nc.drain()
 
 
-async def list_dead_letters(settings: Settings, *, as_json: bool) -> None:
-    """The ``deadlift dlq ls`` command."""
+def _scope(workflow: str | None) -> tuple[str | None, str | None]:
+    """``ORG.NAME`` or ``NAME`` → (org, name)."""
+    if workflow and "." in workflow:
+        org, name = workflow.split(".", 1)
+        return org, name
+    return None, workflow
+
+
+async def dlq_command(
+    settings: Settings,
+    action: str,
+    *,
+    ids: tuple[int, ...] = (),
+    workflow: str | None = None,
+    step: str | None = None,
+    as_json: bool = False,
+) -> None:
+    """The ``deadlift dlq ls|show|replay|purge`` commands."""
     nc = await bus.connect(settings, name="deadlift-dlq")
+    js = nc.jetstream()
+    org, name = _scope(workflow)
     try:
-        letters = await bus.dead_letters(nc.jetstream())
+        if action == "ls":
+            _print_letters(await dlq.letters(js, org=org, workflow=name, step=step), as_json)
+        elif action == "show":
+            _show_letter(await dlq.get(js, ids[0]), as_json)
+        elif action == "replay":
+            chosen = (
+                [await dlq.get(js, i) for i in ids]
+                if ids
+                else await dlq.letters(js, org=org, workflow=name, step=step)
+            )
+            for letter in chosen:
+                subject = await dlq.replay(js, nc, letter)
+                console.print(f"replayed dead letter {letter.id} into {subject}")
+            console.print(f"{len(chosen)} dead letter(s) replayed")
+        elif action == "purge":
+            count = await dlq.purge(js, org=org, workflow=name, step=step)
+            console.print(f"{count} dead letter(s) purged")
     finally:
         await nc.drain()
+
+
+def _print_letters(letters: list[dlq.DeadLetter], as_json: bool) -> None:
     if as_json:
-        print(json.dumps(letters, indent=2, default=str))
+        print(json.dumps([d.summary() for d in letters], indent=2, default=str))
         return
-    table = Table("seq", "org", "workflow", "step", "attempts", "kind", "error", "time")
+    table = Table("id", "org", "workflow", "step", "attempts", "kind", "error", "time")
     for d in letters:
         table.add_row(
-            str(d["seq"]),
-            d["org"],
-            d["workflow"],
-            d["step"],
-            d["attempts"],
-            d["kind"],
-            d["error"],
-            d["time"],
+            str(d.id), d.org, d.workflow, d.step, str(d.attempts), d.kind, d.error, d.time
         )
     console.print(table)
+    if not letters:
+        console.print("no dead letters")
+
+
+def _show_letter(letter: dlq.DeadLetter, as_json: bool) -> None:
+    try:
+        event = events.decode(
+            letter.original_headers(), letter.body, fallback_id="-", fallback_source="-"
+        )
+        data: Any = event.data.hex() if isinstance(event.data, bytes) else event.data
+    except EventDecodeError as exc:
+        data = f"<undecodable: {exc}> {letter.body[:200]!r}"
+    if as_json:
+        print(json.dumps({**letter.summary(), "data": data}, indent=2, default=str))
+        return
+    for key, value in letter.summary().items():
+        if key != "headers":
+            console.print(f"[bold]{key:>9}[/bold] {value}")
+    console.print("[bold]  headers[/bold]")
+    for key, value in letter.headers.items():
+        console.print(f"           {key}: {value}")
+    console.print(f"[bold]     data[/bold] {json.dumps(data, default=str)}")

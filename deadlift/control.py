@@ -60,7 +60,7 @@ async def apply_workflows(
     await bus.ensure_streams(js, settings, subjects)
     for workflow, _ in resolved:
         for step in workflow.steps:
-            await bus.ensure_consumer(js, settings, workflow, step)
+            await bus.ensure_consumers(js, settings, workflow, step)
         await registry.put_workflow(workflow)
     return [w for w, _ in resolved]
 

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
@@ -26,7 +26,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import KeyValueConfig, StorageType
 
-from deadlift import bus, events
+from deadlift import bus, dlq, events
 from deadlift.builtins import BUILTINS, STATE_SERVICE, state_bucket
 from deadlift.errors import DeadliftError, EventDecodeError, EventEncodeError, StepError
 from deadlift.registry import Registry
@@ -95,7 +95,7 @@ class Worker:
         self.host = ModuleHost()
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="deadlift-wasm")
         self.registry: Registry | None = None
-        self._runners: dict[tuple[str, str], StepRunner] = {}
+        self._runners: dict[tuple[str, str], list[StepRunner]] = {}
         self._state: dict[str, Any] = {}
         self._watch_task: asyncio.Task[None] | None = None
         self._closed = asyncio.Event()
@@ -147,7 +147,7 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch_task
         async with self._lock:
-            runners = list(self._runners.values())
+            runners = [r for group in self._runners.values() for r in group]
             self._runners.clear()
         stopping = asyncio.gather(*(r.stop() for r in runners), return_exceptions=True)
         try:
@@ -186,11 +186,12 @@ class Worker:
                 wanted = {(key, s.name): s for s in workflow.steps}
             stale = [
                 k
-                for k, r in self._runners.items()
-                if k[0] == key and (k not in wanted or r.signature != _signature(workflow, r.step))
+                for k, rs in self._runners.items()
+                if k[0] == key
+                and (k not in wanted or rs[0].signature != _signature(workflow, rs[0].step))
             ]
             for k in stale:
-                await self._runners.pop(k).stop()
+                await asyncio.gather(*(r.stop() for r in self._runners.pop(k)))
             if workflow is None or not wanted:
                 return
             try:
@@ -200,11 +201,11 @@ class Worker:
                 return
             for k, step in wanted.items():
                 if k not in self._runners:
-                    runner = await self._start_step(workflow, step)
-                    if runner is not None:
-                        self._runners[k] = runner
+                    runners = await self._start_step(workflow, step)
+                    if runners:
+                        self._runners[k] = runners
 
-    async def _start_step(self, workflow: Workflow, step: Step) -> StepRunner | None:
+    async def _start_step(self, workflow: Workflow, step: Step) -> list[StepRunner]:
         where = f"workflow {workflow.key} step {step.name!r}"
         missing = sorted(set(step.host_functions) - set(self.functions))
         if missing:
@@ -214,13 +215,13 @@ class Worker:
                 where,
                 ", ".join(missing),
             )
-            return None
+            return []
         if not step.module_sha256:
             log.error(
                 "%s not started: module not resolved; apply it with `deadlift workflow apply`",
                 where,
             )
-            return None
+            return []
         try:
             assert self.registry is not None
             if not self.host.has_binary(step.module_sha256):
@@ -236,15 +237,16 @@ class Worker:
                 max_output_bytes=self.settings.max_output_bytes,
             )
             await asyncio.get_running_loop().run_in_executor(self.executor, self.host.prepare, spec)
-            binding = await bus.ensure_consumer(self.js, self.settings, workflow, step)
+            bindings = await bus.ensure_consumers(self.js, self.settings, workflow, step)
             services = await self._services(workflow.org, step)
         except DeadliftError as exc:
             log.error("%s not started: %s", where, exc)
-            return None
-        runner = StepRunner(self, workflow, step, spec, binding, services)
-        await runner.start()
-        log.info("started %s (module %s, %s)", where, step.module, binding.consumer)
-        return runner
+            return []
+        runners = [StepRunner(self, workflow, step, spec, b, services) for b in bindings]
+        for runner in runners:
+            await runner.start()
+        log.info("started %s (module %s)", where, step.module)
+        return runners
 
     async def _services(self, org: str, step: Step) -> dict[str, Any]:
         if not any(name.startswith("kv_") for name in step.host_functions):
@@ -266,6 +268,18 @@ class Worker:
                 observer(report)
             except Exception:
                 log.exception("observer failed")
+
+
+async def _settle(action: Awaitable[Any], what: str) -> None:
+    """Ack/nak/term/in_progress without letting a lost connection crash the step.
+
+    If the server never hears it, the event is redelivered after ack_wait and
+    its outputs are deduplicated: nothing is lost.
+    """
+    try:
+        await action
+    except (nats.errors.Error, OSError, TimeoutError) as exc:
+        log.warning("%s failed (%s); the event will be redelivered", what, exc)
 
 
 def _signature(workflow: Workflow | None, step: Step) -> Any:
@@ -390,24 +404,37 @@ class StepRunner:
             )
             await self._fail(msg, event, attempt, started, error)
             return
+        heartbeat = self._keep_alive(msg)
         try:
             output = await self._call(event)
-            if output is None:
-                await msg.ack()
-                self._report(event, "filtered", started, attempt)
-                return
-            targets = await self._publish(event, output)
+            targets = () if output is None else await self._publish(event, output)
         except StepError as exc:
             await self._fail(msg, event, attempt, started, exc)
             return
         except (TimeoutError, DeadliftError, nats.errors.Error) as exc:
             # NATS trouble while publishing: try again later, the output is deduplicated.
-            await self._fail(
-                msg, event, attempt, started, StepError(f"publish failed: {exc}", kind="publish")
-            )
+            error = StepError(f"publish failed: {exc or type(exc).__name__}", kind="publish")
+            await self._fail(msg, event, attempt, started, error)
             return
-        await msg.ack()
-        self._report(event, "ok", started, attempt, output=output, targets=targets)
+        finally:
+            if heartbeat is not None:
+                heartbeat.cancel()
+        await _settle(msg.ack(), "ack")
+        outcome = "filtered" if output is None else "ok"
+        self._report(event, outcome, started, attempt, output=output, targets=targets)
+
+    def _keep_alive(self, msg: Msg) -> asyncio.Task[None] | None:
+        """Keep a call that may outlast ack_wait from being redelivered meanwhile."""
+        interval = self.binding.ack_wait / 2
+        if self.spec.timeout_ms / 1000 + 1.0 < interval:
+            return None  # the call will be done long before the server would redeliver
+
+        async def beat() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                await _settle(msg.in_progress(), "in_progress")
+
+        return asyncio.create_task(beat())
 
     async def _call(self, event: events.Event) -> Any:
         codec = self.step.codec or "json"
@@ -478,16 +505,32 @@ class StepRunner:
     ) -> None:
         retry = self.step.retry
         if error.retryable and attempt < retry.max_attempts:
-            await msg.nak(delay=retry.delay(attempt))
+            await _settle(msg.nak(delay=retry.delay(attempt)), "nak")
             self._report(event, "retry", started, attempt, error=error)
             return
+        meta = msg.metadata
         try:
-            await self._dead_letter(msg, attempt, error)
+            await dlq.record(
+                self.worker.js,
+                self.worker.nc,
+                org=self.workflow.org,
+                workflow=self.workflow.name,
+                step=self.step.name,
+                module=self.spec.sha256,
+                subject=msg.subject,
+                headers=msg.headers,
+                body=msg.data,
+                stream=meta.stream or "",
+                seq=meta.sequence.stream if meta.sequence else 0,
+                attempts=attempt,
+                kind=error.kind,
+                error=str(error),
+            )
         except Exception as exc:  # never lose it: let it come back
             log.error("dead-lettering failed for %s (%s); will retry", self.binding.consumer, exc)
-            await msg.nak(delay=1.0)
+            await _settle(msg.nak(delay=1.0), "nak")
             return
-        await msg.term()
+        await _settle(msg.term(), "term")
         log.warning(
             "event %s dead-lettered at %s after %d attempt(s): [%s] %s",
             event.id if event else "?",
@@ -497,30 +540,6 @@ class StepRunner:
             error,
         )
         self._report(event, "dead", started, attempt, error=error)
-
-    async def _dead_letter(self, msg: Msg, attempt: int, error: StepError) -> None:
-        meta = msg.metadata
-        seq = meta.sequence.stream if meta.sequence else 0
-        headers = dict(msg.headers or {})
-        headers.pop(events.MSG_ID, None)
-        headers.update(
-            {
-                "Deadlift-Org": self.workflow.org,
-                "Deadlift-Workflow": self.workflow.name,
-                "Deadlift-Step": self.step.name,
-                "Deadlift-Module": self.spec.sha256,
-                "Deadlift-Subject": msg.subject,
-                "Deadlift-Stream": meta.stream or "",
-                "Deadlift-Stream-Seq": str(seq),
-                "Deadlift-Attempts": str(attempt),
-                "Deadlift-Error-Kind": error.kind,
-                "Deadlift-Error": " ".join(str(error).split())[:1000],
-                "Deadlift-Time": events.now_rfc3339(),
-                events.MSG_ID: f"dlq:{meta.stream}:{seq}:{self.step.name}",
-            }
-        )
-        subject = f"{bus.DLQ_PREFIX}.{self.workflow.org}.{self.workflow.name}.{self.step.name}"
-        await bus.publish(self.worker.js, self.worker.nc, subject, msg.data, headers)
 
     def _report(
         self,

@@ -101,7 +101,9 @@ async def test_cli_push_apply_publish_and_inspect(
     )
     try:
         assert "tailing calc.out" in tail.stderr.readline()  # type: ignore[union-attr]
-        await eventually(lambda: _pulling(nc, "acme--calculator--add"), message="worker pulling")
+        await eventually(
+            lambda: _pulling(nc, "acme--calculator--add--trigger"), message="worker pulling"
+        )
         sent = deadlift(settings, "publish", "calc.in", '{"value": 4}')
         assert sent.returncode == 0, sent.stderr
         out, _ = tail.communicate(timeout=30)

@@ -7,7 +7,7 @@ from typing import Any
 
 from nats.aio.client import Client
 
-from deadlift import bus, events
+from deadlift import bus, dlq, events
 from deadlift.settings import Settings
 from deadlift.worker import StepReport, Worker
 from tests.conftest import eventually, publish, stored
@@ -192,11 +192,11 @@ steps:
         await publish(nc, "flaky.in", {"x": 1})
         await eventually(lambda: any(r.outcome == "dead" for r in reports), message="dead letter")
     assert [r.outcome for r in reports] == ["retry", "retry", "dead"]
-    letters = await bus.dead_letters(nc.jetstream())
+    letters = await dlq.letters(nc.jetstream())
     assert len(letters) == 1
     letter = letters[0]
-    assert (letter["workflow"], letter["step"], letter["attempts"]) == ("flaky", "fails", "3")
-    assert letter["kind"] == "error" and "asked to fail" in letter["error"]
+    assert (letter.workflow, letter.step, letter.attempts) == ("flaky", "fails", 3)
+    assert letter.kind == "error" and "asked to fail" in letter.error
 
 
 async def test_endless_loop_times_out_and_other_steps_keep_flowing(
@@ -238,12 +238,12 @@ async def test_malformed_event_is_dead_lettered_not_fatal(
         await publish(nc, "calc.in", {"value": 0})
         await eventually(lambda: stored(nc, "calc.out"))
         letters = await eventually(lambda: _letters(nc, 2), message="two dead letters")
-    assert {d["kind"] for d in letters} == {"decode"}
-    assert any("ce-id" in d["error"] for d in letters)
+    assert {d.kind for d in letters} == {"decode"}
+    assert any("ce-id" in d.error for d in letters)
 
 
-async def _letters(nc: Client, count: int) -> list[dict[str, Any]] | None:
-    found = await bus.dead_letters(nc.jetstream())
+async def _letters(nc: Client, count: int) -> list[dlq.DeadLetter] | None:
+    found = await dlq.letters(nc.jetstream())
     return found if len(found) >= count else None
 
 
@@ -277,5 +277,5 @@ async def test_shutdown_finishes_in_flight_events(
     await eventually(lambda: stored(nc, "calc.out"))
     await worker.shutdown()
     await worker.shutdown()  # idempotent
-    info = await nc.jetstream().consumer_info(bus.EVENTS_STREAM, "acme--calculator--add")
+    info = await nc.jetstream().consumer_info(bus.EVENTS_STREAM, "acme--calculator--add--trigger")
     assert info.num_ack_pending == 0

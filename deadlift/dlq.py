@@ -1,0 +1,203 @@
+"""Dead letters: events a step could not process, kept with why, and replayable.
+
+A dead letter is the original message (body and headers) on
+``deadlift.dlq.<org>.<workflow>.<step>`` in stream ``DEADLIFT_DLQ``, plus
+``Deadlift-*`` headers saying where it came from and what went wrong. Its id is
+its sequence number in that stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+
+from deadlift import bus, events
+from deadlift.errors import NotFoundError
+from deadlift.workflow import step_subject
+
+H_ORG = "Deadlift-Org"
+H_WORKFLOW = "Deadlift-Workflow"
+H_STEP = "Deadlift-Step"
+H_MODULE = "Deadlift-Module"
+H_SUBJECT = "Deadlift-Subject"
+H_STREAM = "Deadlift-Stream"
+H_SEQ = "Deadlift-Stream-Seq"
+H_ATTEMPTS = "Deadlift-Attempts"
+H_KIND = "Deadlift-Error-Kind"
+H_ERROR = "Deadlift-Error"
+H_TIME = "Deadlift-Time"
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """One dead-lettered event."""
+
+    id: int
+    org: str
+    workflow: str
+    step: str
+    subject: str
+    attempts: int
+    kind: str
+    error: str
+    module: str
+    time: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-friendly fields, without the body."""
+        data = asdict(self)
+        data.pop("body")
+        data["size"] = len(self.body)
+        data["headers"] = dict(self.headers)
+        return data
+
+    def original_headers(self) -> dict[str, str]:
+        """The headers the event arrived with."""
+        return {
+            k: v
+            for k, v in self.headers.items()
+            if not k.startswith("Deadlift-") and k != events.MSG_ID
+        }
+
+
+def subject_for(org: str, workflow: str, step: str) -> str:
+    """The dead-letter subject of a step."""
+    return f"{bus.DLQ_PREFIX}.{org}.{workflow}.{step}"
+
+
+async def record(
+    js: JetStreamContext,
+    nc: Client,
+    *,
+    org: str,
+    workflow: str,
+    step: str,
+    module: str,
+    subject: str,
+    headers: Mapping[str, str] | None,
+    body: bytes,
+    stream: str,
+    seq: int,
+    attempts: int,
+    kind: str,
+    error: str,
+) -> None:
+    """Store a dead letter durably (deduplicated per original message and step)."""
+    merged = {k: v for k, v in (headers or {}).items() if k != events.MSG_ID}
+    merged.update(
+        {
+            H_ORG: org,
+            H_WORKFLOW: workflow,
+            H_STEP: step,
+            H_MODULE: module,
+            H_SUBJECT: subject,
+            H_STREAM: stream,
+            H_SEQ: str(seq),
+            H_ATTEMPTS: str(attempts),
+            H_KIND: kind,
+            H_ERROR: " ".join(error.split())[:1000],
+            H_TIME: events.now_rfc3339(),
+            events.MSG_ID: f"dlq:{stream}:{seq}:{org}.{workflow}.{step}",
+        }
+    )
+    await bus.publish(js, nc, subject_for(org, workflow, step), body, merged)
+
+
+def _letter(seq: int, headers: Mapping[str, str] | None, body: bytes | None) -> DeadLetter:
+    h = dict(headers or {})
+    attempts = h.get(H_ATTEMPTS, "0")
+    return DeadLetter(
+        id=seq,
+        org=h.get(H_ORG, ""),
+        workflow=h.get(H_WORKFLOW, ""),
+        step=h.get(H_STEP, ""),
+        subject=h.get(H_SUBJECT, ""),
+        attempts=int(attempts) if attempts.isdigit() else 0,
+        kind=h.get(H_KIND, ""),
+        error=h.get(H_ERROR, ""),
+        module=h.get(H_MODULE, ""),
+        time=h.get(H_TIME, ""),
+        headers=h,
+        body=body or b"",
+    )
+
+
+async def letters(
+    js: JetStreamContext,
+    *,
+    org: str | None = None,
+    workflow: str | None = None,
+    step: str | None = None,
+    limit: int = 10_000,
+) -> list[DeadLetter]:
+    """Dead letters, oldest first, optionally of one org, workflow or step."""
+    filter_subject = subject_for(org or "*", workflow or "*", step or "*")
+    try:
+        info = await js.stream_info(bus.DLQ_STREAM)
+    except nats.js.errors.NotFoundError:
+        return []
+    found: list[DeadLetter] = []
+    seq = info.state.first_seq
+    while info.state.messages and seq <= info.state.last_seq and len(found) < limit:
+        try:
+            msg = await js.get_msg(bus.DLQ_STREAM, seq=seq, subject=filter_subject, next=True)
+        except nats.js.errors.NotFoundError:
+            break
+        if msg.seq is None:
+            break
+        found.append(_letter(msg.seq, msg.headers, msg.data))
+        seq = msg.seq + 1
+    return found
+
+
+async def get(js: JetStreamContext, letter_id: int) -> DeadLetter:
+    """One dead letter by id.
+
+    Raises:
+        NotFoundError: no such dead letter (maybe replayed or purged already).
+    """
+    try:
+        msg = await js.get_msg(bus.DLQ_STREAM, seq=letter_id)
+    except nats.js.errors.APIError:
+        raise NotFoundError(
+            f"no dead letter {letter_id}; `deadlift dlq ls` lists them (replayed ones are removed)"
+        ) from None
+    return _letter(letter_id, msg.headers, msg.data)
+
+
+async def replay(js: JetStreamContext, nc: Client, letter: DeadLetter) -> str:
+    """Re-inject a dead letter into its step's input, then remove it from the queue.
+
+    The step runs the module its workflow pins *now*, so replay after pushing a
+    fixed module version and re-applying the workflow. Returns the subject used.
+    """
+    subject = step_subject(letter.org, letter.workflow, letter.step)
+    headers = letter.original_headers()
+    headers[events.MSG_ID] = f"replay:{letter.id}:{letter.time}"
+    await bus.publish(js, nc, subject, letter.body, headers)
+    await js.delete_msg(bus.DLQ_STREAM, letter.id)
+    return subject
+
+
+async def purge(
+    js: JetStreamContext,
+    *,
+    org: str | None = None,
+    workflow: str | None = None,
+    step: str | None = None,
+) -> int:
+    """Delete dead letters (all, or of one org, workflow or step); return how many."""
+    chosen = await letters(js, org=org, workflow=workflow, step=step)
+    for letter in chosen:
+        try:
+            await js.delete_msg(bus.DLQ_STREAM, letter.id)
+        except nats.js.errors.APIError:
+            continue  # gone meanwhile
+    return len(chosen)
