@@ -132,9 +132,20 @@ async def _ensure_stream(
         return
     current = list(info.config.subjects or [])
     wanted = minimal_subjects([*current, *config.subjects]) if merge else list(config.subjects)
-    if sorted(wanted) != sorted(current):
+    changed = (
+        sorted(wanted) != sorted(current)
+        or info.config.duplicate_window != config.duplicate_window
+        or info.config.max_age != config.max_age
+    )
+    if changed:
         try:
-            await js.update_stream(info.config.evolve(subjects=wanted))
+            await js.update_stream(
+                info.config.evolve(
+                    subjects=wanted,
+                    duplicate_window=config.duplicate_window,
+                    max_age=config.max_age,
+                )
+            )
         except nats.js.errors.APIError as exc:
             raise _stream_conflict(config, exc) from None
 

@@ -11,7 +11,7 @@ from deadlift import bus
 from deadlift.errors import ConfigError, ModuleError
 from deadlift.registry import ModuleMeta, Registry
 from deadlift.settings import Settings
-from deadlift.workflow import Workflow, load_workflow
+from deadlift.workflow import Step, Workflow, load_workflow
 
 
 async def push_module_file(
@@ -56,6 +56,8 @@ async def apply_workflows(
     duplicates = {k for k in keys if keys.count(k) > 1}
     if duplicates:
         raise ConfigError(f"workflow {', '.join(sorted(duplicates))} is defined more than once")
+    for workflow, source in resolved:
+        check_redelivery_horizon(workflow, settings, source=source)
     subjects = [s for w, _ in resolved for s in w.event_subjects()]
     await bus.ensure_streams(js, settings, subjects)
     for workflow, _ in resolved:
@@ -63,6 +65,37 @@ async def apply_workflows(
             await bus.ensure_consumers(js, settings, workflow, step)
         await registry.put_workflow(workflow)
     return [w for w, _ in resolved]
+
+
+def redelivery_horizon(step: Step, settings: Settings) -> float:
+    """Longest time, in seconds, between a step's first publish of an output and a re-publish.
+
+    An output is published again only when its input is delivered again: after
+    a worker died (ack_wait later) or after a failed attempt (the backoff later).
+    Each of the ``max_attempts - 1`` gaps lasts at most the longer of the two,
+    plus one call.
+    """
+    timeout_s = (step.timeout_ms or settings.default_timeout_ms) / 1000
+    gaps = range(1, step.retry.max_attempts)
+    return sum(max(settings.ack_wait_s, step.retry.delay(i)) + timeout_s + 1.0 for i in gaps)
+
+
+def check_redelivery_horizon(workflow: Workflow, settings: Settings, *, source: str) -> None:
+    """Refuse a step whose retries could re-publish an output after the duplicate window.
+
+    Outputs are exactly-once only while a re-publish falls inside the streams'
+    duplicate window (``DEADLIFT_DUPLICATE_WINDOW_S``).
+    """
+    window = settings.duplicate_window_s
+    for step in workflow.steps:
+        horizon = redelivery_horizon(step, settings)
+        if horizon >= window:
+            raise ConfigError(
+                f"{source}: step {step.name!r}: retry: attempts could re-publish an output "
+                f"{horizon:.0f} s after the first try, beyond the {window:.0f} s duplicate "
+                "window, so an output could be stored twice; lower retry.max_attempts, "
+                "retry.backoff or timeout_ms, or raise DEADLIFT_DUPLICATE_WINDOW_S"
+            )
 
 
 async def apply_files(

@@ -120,6 +120,11 @@ class Worker:
         """``org.workflow.step`` of every step running now."""
         return sorted(f"{k[0]}.{k[1]}" for k in self._runners)
 
+    @property
+    def modules(self) -> dict[str, str]:
+        """``org.workflow.step`` → sha256 of the module it runs now."""
+        return {f"{k[0]}.{k[1]}": rs[0].spec.sha256 for k, rs in self._runners.items()}
+
     async def start(self) -> None:
         """Load the workflows, start their steps, and follow registry changes."""
         self.registry = await Registry.open(self.js)
