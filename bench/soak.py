@@ -121,7 +121,7 @@ steps:
 """,
 ]
 
-FAULT_KINDS = ("kill_worker", "term_worker", "restart_server", "hostile", "hostile")
+FAULT_KINDS = ("kill_worker", "term_worker", "restart_server", "hostile")
 HOSTILE_KINDS = ("bad_msgpack", "missing_id", "foreign_non_json", "not_a_number", "trap")
 WORKER_COMMAND = (sys.executable, "-m", "deadlift.cli")
 NATS_TROUBLE = (TimeoutError, OSError, nats.errors.Error, DeadliftError)
@@ -454,11 +454,19 @@ async def do_fault(soak: Soak, kind: str) -> None:
         await asyncio.to_thread(soak.server.restart, how, down)
         note("server_restart", f"{how} pid={old}, down {down:.1f} s, new pid={soak.server.pid}")
     else:
-        hostile_kind = HOSTILE_KINDS[len(soak.hostile) % len(HOSTILE_KINDS)]
+        await publish_hostile_burst(soak)
+
+
+async def publish_hostile_burst(soak: Soak) -> None:
+    """One hostile input of every kind, in a random order."""
+    kinds = list(HOSTILE_KINDS)
+    soak.rng.shuffle(kinds)
+    for kind in kinds:
         msg_id = f"{soak.run_id}-hostile-{len(soak.hostile)}"
-        item = await publish_hostile(soak.nc, hostile_kind, msg_id, soak.stats)
+        item = await publish_hostile(soak.nc, kind, msg_id, soak.stats)
         soak.hostile.append(item)
-        note("hostile", f"{hostile_kind} on {item.subject} (stream seq {item.seq})")
+    placed = ", ".join(f"{h.kind}@{h.subject}#{h.seq}" for h in soak.hostile[-len(kinds) :])
+    soak.faults.note("hostile", placed)
 
 
 # -- reading the results --------------------------------------------------------------------

@@ -84,7 +84,8 @@ async def run_worker(
     finally:
         await worker.shutdown()
         await nc.drain()
-    stats = " ".join(f"{k}={worker.stats[k]}" for k in ("ok", "filtered", "retry", "dead"))
+    names = ("ok", "filtered", "retry", "dead", "duplicate")
+    stats = " ".join(f"{k}={worker.stats[k]}" for k in names)
     log.info("worker stopped: %s", stats)
 
 

@@ -497,7 +497,9 @@ class StepRunner:
                 raise StepError(str(exc), kind="output_too_large", retryable=False) from None
             acks.append(await js.publish_async(subject, body, headers=message_headers))
         for ack in acks:
-            await asyncio.wait_for(ack, timeout=10.0)
+            result = await asyncio.wait_for(ack, timeout=10.0)
+            if result.duplicate:  # published before (a redelivery): stored once all the same
+                self.worker.stats["duplicate"] += 1
         return tuple(self.targets)
 
     async def _fail(

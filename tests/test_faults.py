@@ -227,3 +227,20 @@ steps:
     assert out[0].data == {"text": "héllo"}
     assert out[0].run == letter.headers["ce-id"]
     assert await dlq.letters(nc.jetstream()) == []  # replayed letters leave the queue
+
+
+async def test_apply_refuses_retries_that_outlast_the_duplicate_window(
+    push: Any, apply: Any
+) -> None:
+    from deadlift.errors import ConfigError
+
+    await push("add_ten")
+    with pytest.raises(ConfigError, match=r"step 'slow-retry': retry: .*duplicate window"):
+        await apply("""
+name: patient
+org: acme
+trigger: patient.in
+steps:
+  - {name: slow-retry, module: add_ten, function: add_ten,
+     retry: {max_attempts: 3, backoff: [60, 90]}}
+""")

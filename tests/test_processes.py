@@ -17,8 +17,10 @@ import nats
 import pytest
 from nats.aio.client import Client
 
+from deadlift import dlq
 from deadlift.server import free_port
 from deadlift.settings import Settings
+from deadlift.worker import Worker
 from tests.conftest import ROOT, eventually, module_path, publish, stored
 
 pytestmark = pytest.mark.slow
@@ -226,3 +228,41 @@ def test_server_command_serves_jetstream_until_sigterm(tmp_path: Path) -> None:
         process.communicate(timeout=30)
     assert process.returncode == 0
     assert (tmp_path / "store" / "jetstream").is_dir()
+
+
+async def test_cli_dead_letters_show_replay_and_purge(
+    nc: Client, settings: Settings, push: Any, apply: Any
+) -> None:
+    await push("add_ten")
+    await apply("""
+name: strict
+org: acme
+trigger: strict.in
+steps:
+  - {name: add, module: add_ten, function: add_ten, retry: {max_attempts: 1}}
+""")
+    async with Worker(nc, settings=settings):
+        for text in ("one", "two", "three"):
+            await publish(nc, "strict.in", {"text": text})
+        await eventually(lambda: _dead(nc, 3), message="three dead letters")
+    listed = json.loads(deadlift(settings, "dlq", "ls", "--json").stdout)
+    assert [(d["workflow"], d["step"], d["kind"]) for d in listed] == [
+        ("strict", "add", "error")
+    ] * 3
+    first = listed[0]["id"]
+    shown = json.loads(deadlift(settings, "dlq", "show", str(first), "--json").stdout)
+    assert shown["data"] == {"text": "one"} and "value" in shown["error"]
+
+    replayed = deadlift(settings, "dlq", "replay", str(first))
+    assert replayed.returncode == 0 and "deadlift.step.acme.strict.add" in replayed.stdout
+    async with Worker(nc, settings=settings):  # fails again: back in the queue, as a new letter
+        await eventually(lambda: _dead(nc, 3), message="replayed letter dead again")
+    purged = deadlift(settings, "dlq", "purge", "--workflow", "acme.strict", "--yes")
+    assert "3 dead letter(s) purged" in purged.stdout
+    assert json.loads(deadlift(settings, "dlq", "ls", "--json").stdout) == []
+    missing = deadlift(settings, "dlq", "show", "999")
+    assert missing.returncode == 1 and "no dead letter 999" in missing.stderr
+
+
+async def _dead(nc: Client, count: int) -> bool:
+    return len(await dlq.letters(nc.jetstream())) >= count
