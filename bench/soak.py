@@ -586,8 +586,8 @@ async def judge(soak: Soak) -> Verdict:
 # -- reporting ------------------------------------------------------------------------------
 
 
-def report_details(soak: Soak, verdict: Verdict, why_not_settled: str) -> None:
-    """Everything useful for a diagnosis, before the summary line."""
+def report_details(soak: Soak, verdict: Verdict, why_not_settled: str) -> int:
+    """Everything useful for a diagnosis, before the summary line; return worker troubles."""
     print("--- faults:", dict(sorted(soak.faults.counts.items())))
     print(
         f"--- publishing: {soak.stats.retries} publish retries, "
@@ -598,7 +598,7 @@ def report_details(soak: Soak, verdict: Verdict, why_not_settled: str) -> None:
     print("--- dead letters:", dict(Counter(f"{x.workflow}/{x.kind}" for x in verdict.letters)))
     if why_not_settled:
         print(f"!!! not settled within --timeout {soak.args.timeout:.0f} s: {why_not_settled}")
-    report_workers(soak.workers)
+    troubled = report_workers(soak.workers)
     by_value: dict[Any, list[Stored]] = {}
     for stored in verdict.outputs:
         by_value.setdefault(stored.value, []).append(stored)
@@ -615,24 +615,37 @@ def report_details(soak: Soak, verdict: Verdict, why_not_settled: str) -> None:
         print(f"!!! good event dead-lettered: {letter.step} [{letter.kind}] {letter.error}")
     for item in verdict.unlettered[:5]:
         print(f"!!! hostile input not dead-lettered: {item}")
+    return troubled
 
 
-def report_workers(workers: Workers) -> None:
-    oks = errors = 0
+def report_workers(workers: Workers) -> int:
+    """Print what the worker processes did; return how many misbehaved (kept for a look)."""
+    oks, troubled = 0, set()
     for worker, text in workers.logs():
         found = re.search(r"worker stopped: ok=(\d+)", text)
         oks += int(found.group(1)) if found else 0
         if "Traceback" in text or "crashed" in text:
-            errors += 1
-            print(f"!!! worker pid={worker.pid} logged a traceback: {worker.log_path}")
+            troubled.add(worker.pid)
+            print(f"!!! worker pid={worker.pid} logged a traceback ({last_error(text)})")
+            print(f"      {worker.log_path}")
     print(
         f"--- workers: {workers.started} started, {len(workers.crashes)} exited unasked, "
         f"ok step runs reported by cleanly stopped workers: {oks}"
     )
     for worker, rc in workers.crashes:
+        troubled.add(worker.pid)
         print(f"!!! worker pid={worker.pid} exited {rc} unasked: {worker.log_path}")
     for worker, rc in workers.unclean_sigterm_exits():
+        troubled.add(worker.pid)
         print(f"!!! worker pid={worker.pid} exited {rc} after {worker.how_stopped}")
+    return len(troubled)
+
+
+def last_error(text: str) -> str:
+    """The exception line that ends the last traceback in a log."""
+    lines = text[text.rindex("Traceback") :].splitlines() if "Traceback" in text else []
+    errors = [line for line in lines if line and not line.startswith((" ", "Traceback"))]
+    return errors[0] if errors else "no traceback"
 
 
 def summary_line(soak: Soak, verdict: Verdict) -> str:
@@ -657,7 +670,10 @@ async def setup(js: JetStreamContext, settings: Settings) -> None:
     await apply_workflows(js, registry, settings, loaded)
 
 
-async def run(args: argparse.Namespace, server: Server, workers: Workers, faults: FaultLog) -> bool:
+async def run(
+    args: argparse.Namespace, server: Server, workers: Workers, faults: FaultLog
+) -> tuple[bool, bool]:
+    """The soak; return (every check passed, every worker behaved)."""
     settings = Settings(nats_url=server.url, ack_wait_s=args.ack_wait)
     nc = await bus.connect(settings, name="deadlift-soak")
     try:
@@ -677,9 +693,9 @@ async def run(args: argparse.Namespace, server: Server, workers: Workers, faults
         why_not = await wait_until_settled(soak)
         verdict = await judge(soak)
         await asyncio.to_thread(workers.stop_all)
-        report_details(soak, verdict, why_not)
+        troubled = report_details(soak, verdict, why_not)
         print(summary_line(soak, verdict), flush=True)
-        return verdict.ok
+        return verdict.ok, troubled == 0
     finally:
         with contextlib.suppress(Exception):
             await nc.close()
@@ -733,11 +749,11 @@ def main(argv: list[str] | None = None) -> int:
     workers = Workers(server.url, args.workers, args.concurrency, worker_env(args), work)
     faults = FaultLog()
     signal.signal(signal.SIGTERM, on_sigterm)
-    ok = False
+    ok = clean = False
     try:
         server.start()
         faults.note("server_start", f"pid={server.pid} {server.url} store {work / 'store'}")
-        ok = asyncio.run(run(args, server, workers, faults))
+        ok, clean = asyncio.run(run(args, server, workers, faults))
         return 0 if ok else 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -748,7 +764,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         workers.stop_all()
         server.stop()
-        if ok and not args.keep:
+        if ok and clean and not args.keep:
             shutil.rmtree(work, ignore_errors=True)
         else:
             print(f"work dir kept: {work}", file=sys.stderr)

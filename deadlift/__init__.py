@@ -9,6 +9,7 @@ from deadlift.errors import (
     ModuleError,
     NotFoundError,
     PayloadTooLargeError,
+    PermissionDeniedError,
     StepError,
 )
 from deadlift.events import Event
@@ -31,6 +32,7 @@ __all__ = [
     "ModuleError",
     "NotFoundError",
     "PayloadTooLargeError",
+    "PermissionDeniedError",
     "Settings",
     "Step",
     "StepError",

@@ -1,20 +1,28 @@
 """Deadlift's built-in host functions, scoped to the calling org.
 
 ``kv_get`` / ``kv_set`` / ``kv_incr`` work on the org's own KV bucket
-(``deadlift_state_<org>``). Keys are free text for the module; they are escaped
-into NATS's key alphabet here.
+(``deadlift_state_<org>``); keys are free text for the module, escaped into
+NATS's key alphabet here. ``emit`` publishes an extra event, only to subjects
+the step declares. ``config_get`` / ``secret_get`` read the org's values from
+the org manifest; secret values are never logged.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import nats.js.errors
 
 from deadlift.errors import HostFunctionError
 from deadlift.wasm.hostfns import HostCall, HostFunction, host_function
+from deadlift.workflow import check_subject, subject_covers
 
 STATE_SERVICE = "state"
+EMIT_SERVICE = "emit"
+CONFIG_SERVICE = "config"
+SECRETS_SERVICE = "secrets"
 _SAFE = set("-_/.abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
 
 
@@ -116,4 +124,53 @@ async def kv_incr(call: HostCall, request: Any) -> Any:
     raise HostFunctionError("kv_incr: too much contention on the key")
 
 
-BUILTINS: dict[str, HostFunction] = {f.name: f for f in (kv_get, kv_set, kv_incr)}
+@dataclass(frozen=True, slots=True)
+class EmitTarget:
+    """What ``emit`` may do for a step: where, and how to publish."""
+
+    patterns: tuple[str, ...]
+    publish: Callable[[HostCall, str, Any], Awaitable[None]]
+
+
+@host_function
+async def emit(call: HostCall, request: Any) -> Any:
+    """Publish an extra event: ``{"subject", "data"}`` → ``{}`` (declared subjects only)."""
+    if not isinstance(request, dict) or not isinstance(request.get("subject"), str):
+        raise HostFunctionError('emit request must be {"subject": "...", "data": ...}')
+    subject = request["subject"]
+    target: EmitTarget | None = call.services.get(EMIT_SERVICE)
+    try:
+        check_subject(subject, wildcards=False)
+    except ValueError as exc:
+        raise HostFunctionError(f"emit: {exc}") from None
+    if target is None or not any(subject_covers(p, subject) for p in target.patterns):
+        declared = ", ".join(target.patterns) if target else "none"
+        raise HostFunctionError(
+            f"emit to {subject!r} is not allowed: step {call.step!r} declares emit: [{declared}]"
+        )
+    await target.publish(call, subject, request.get("data"))
+    return {}
+
+
+def _lookup(call: HostCall, service: str, request: Any, what: str) -> Any:
+    if not isinstance(request, dict) or not isinstance(request.get("key"), str):
+        raise HostFunctionError(f'{what} request must be {{"key": "..."}}')
+    values: Mapping[str, str] = call.services.get(service) or {}
+    return {"value": values.get(request["key"])}
+
+
+@host_function
+def config_get(call: HostCall, request: Any) -> Any:
+    """A config value of the calling org: ``{"key"}`` → ``{"value": str | null}``."""
+    return _lookup(call, CONFIG_SERVICE, request, "config_get")
+
+
+@host_function
+def secret_get(call: HostCall, request: Any) -> Any:
+    """A secret of the calling org: ``{"key"}`` → ``{"value": str | null}`` (never logged)."""
+    return _lookup(call, SECRETS_SERVICE, request, "secret_get")
+
+
+BUILTINS: dict[str, HostFunction] = {
+    f.name: f for f in (kv_get, kv_set, kv_incr, emit, config_get, secret_get)
+}

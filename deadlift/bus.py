@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +27,7 @@ from nats.js.api import (
     StreamConfig,
 )
 
-from deadlift.errors import ConfigError, DeadliftError, PayloadTooLargeError
+from deadlift.errors import ConfigError, DeadliftError, PayloadTooLargeError, PermissionDeniedError
 from deadlift.settings import Settings
 from deadlift.workflow import (
     STEP_PREFIX,
@@ -54,11 +55,48 @@ class StepBinding:
     ack_wait: float = 30.0
 
 
-async def connect(settings: Settings, *, name: str = "deadlift") -> Client:
-    """Connect to NATS with the settings' URL and credentials; reconnect forever."""
+class DeadliftClient(Client):
+    """A NATS client that remembers permission violations.
+
+    The server reports them asynchronously (only to ``error_cb``): a denied
+    publish or subscription otherwise looks like silence.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.permission_errors: deque[str] = deque(maxlen=100)
+
+    def denied(self, subject: str) -> str | None:
+        """The violation reported for ``subject``, if any."""
+        for message in reversed(self.permission_errors):
+            if f'"{subject}"' in message:
+                return message
+        return None
+
+    async def check_allowed(self, subject: str) -> None:
+        """Raise if the server refused a subscription or publish on ``subject``."""
+        await self.flush()
+        message = self.denied(subject)
+        if message:
+            raise PermissionDeniedError(
+                f"permission denied: {message.removeprefix('nats: ')}; this org's users may "
+                "not use that subject (see the org manifest, config/orgs.yaml)"
+            )
+
+
+async def connect(settings: Settings, *, name: str = "deadlift") -> DeadliftClient:
+    """Connect to NATS with the settings' URL and credentials; reconnect forever.
+
+    With ``settings.org`` and no explicit credentials, the org's first user in
+    the org manifest is used (development setups).
+    """
+    settings = with_org_credentials(settings)
+    client = DeadliftClient()
 
     async def error_cb(exc: Exception) -> None:
-        # Permission violations arrive only here; make them loud.
+        text = str(exc)
+        if "permissions violation" in text.lower():
+            client.permission_errors.append(text)
         log.error("NATS error: %s", exc)
 
     async def disconnected_cb() -> None:
@@ -86,15 +124,32 @@ async def connect(settings: Settings, *, name: str = "deadlift") -> Client:
         options["password"] = settings.password or ""
     if settings.token:
         options["token"] = settings.token
-    client = Client()
     try:
         await client.connect(**options)
         return client
     except (TimeoutError, OSError, nats.errors.NoServersError, nats.errors.Error) as exc:
+        who = f" as {settings.user}" if settings.user else ""
         raise DeadliftError(
-            f"cannot connect to NATS at {settings.nats_url}: {exc or type(exc).__name__}; "
-            "start one with `deadlift server` or set --server / DEADLIFT_NATS_URL"
+            f"cannot connect to NATS at {settings.nats_url}{who}: {exc or type(exc).__name__}; "
+            "start one with `deadlift server`, set --server / DEADLIFT_NATS_URL, "
+            "and check the credentials"
         ) from None
+
+
+def with_org_credentials(settings: Settings) -> Settings:
+    """Fill in the credentials of ``settings.org`` from the org manifest, if none are set."""
+    if not settings.org or settings.user or settings.creds or settings.token:
+        return settings
+    from deadlift.orgs import load_orgs
+
+    manifest = load_orgs(settings.orgs_file)
+    users = [u for u in manifest.org(settings.org).users if u.user and u.password]
+    if not users:
+        raise ConfigError(
+            f"org {settings.org!r} has no password users in {settings.orgs_file}; "
+            "pass --creds FILE instead"
+        )
+    return settings.model_copy(update={"user": users[0].user, "password": users[0].password})
 
 
 async def ensure_streams(
@@ -241,7 +296,10 @@ async def publish(
     check_size(nc, subject, headers, body)
     try:
         return await js.publish(subject, body, headers=headers, timeout=timeout)
-    except nats.js.errors.NoStreamResponseError:
+    except (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError, TimeoutError):
+        if isinstance(nc, DeadliftClient):
+            await nc.check_allowed(subject)
         raise DeadliftError(
-            f"no stream captures {subject}; apply a workflow that triggers on or publishes to it"
+            f"no stream captures {subject} (or the server did not answer in {timeout:.0f} s); "
+            "apply a workflow that triggers on or publishes to it"
         ) from None

@@ -82,6 +82,17 @@ def with_registry(
 @click.option(
     "--password", envvar="DEADLIFT_PASSWORD", help="NATS password [env DEADLIFT_PASSWORD]"
 )
+@click.option(
+    "--org", envvar="DEADLIFT_ORG", help="act as this org (its credentials from the org manifest)"
+)
+@click.option(
+    "--orgs",
+    "orgs_file",
+    envvar="DEADLIFT_ORGS_FILE",
+    default="config/orgs.yaml",
+    show_default=True,
+    help="the org manifest",
+)
 @click.option("--log-level", envvar="DEADLIFT_LOG_LEVEL", default="INFO", show_default=True)
 @click.pass_context
 def main(
@@ -90,12 +101,20 @@ def main(
     creds: str | None,
     user: str | None,
     password: str | None,
+    org: str | None,
+    orgs_file: str,
     log_level: str,
 ) -> None:
     """Deadlift: integrations as Wasm modules, run by workers on NATS JetStream."""
     try:
         settings = Settings(
-            nats_url=server, creds=creds, user=user, password=password, log_level=log_level.upper()
+            nats_url=server,
+            creds=creds,
+            user=user,
+            password=password,
+            org=org,
+            orgs_file=orgs_file,
+            log_level=log_level.upper(),
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
@@ -125,17 +144,31 @@ def main(
     type=click.Path(exists=True, dir_okay=False),
     help="extra nats-server config file",
 )
-def server(port: int, store_dir: str, config_file: str | None) -> None:
+@click.option(
+    "--accounts/--no-accounts",
+    default=False,
+    help="one NATS account per org, from the org manifest (--orgs)",
+)
+@click.pass_context
+def server(
+    ctx: click.Context, port: int, store_dir: str, config_file: str | None, accounts: bool
+) -> None:
     """Run the bundled nats-server with JetStream until Ctrl-C."""
+    from deadlift.orgs import load_orgs
     from deadlift.server import EmbeddedServer
 
-    embedded = EmbeddedServer(port=port, store_dir=store_dir, config_file=config_file)
     try:
+        orgs = load_orgs(settings_of(ctx).orgs_file) if accounts else None
+        embedded = EmbeddedServer(
+            port=port, store_dir=store_dir, config_file=config_file, orgs=orgs
+        )
         embedded.start()
     except DeadliftError as exc:
         err_console.print(f"[red]error:[/red] {exc}")
-        sys.exit(1)
+        sys.exit(2 if isinstance(exc, ConfigError) else 1)
     console.print(f"nats-server with JetStream on [bold]{embedded.url}[/bold], store {store_dir}")
+    if orgs is not None:
+        console.print(f"accounts: {', '.join(orgs.orgs)} (from {settings_of(ctx).orgs_file})")
     console.print("Ctrl-C to stop")
     stop = {"now": False}
 
@@ -149,6 +182,19 @@ def server(port: int, store_dir: str, config_file: str | None) -> None:
             time.sleep(0.2)
     finally:
         embedded.stop()
+
+
+@main.command("nats-config")
+@click.pass_context
+def nats_config(ctx: click.Context) -> None:
+    """Print the nats-server accounts configuration rendered from the org manifest."""
+    from deadlift.orgs import load_orgs, render_nats_config
+
+    try:
+        click.echo(render_nats_config(load_orgs(settings_of(ctx).orgs_file)), nl=False)
+    except ConfigError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        sys.exit(2)
 
 
 # -- modules ------------------------------------------------------------------

@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 import signal
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -16,6 +17,7 @@ from rich.table import Table
 
 from deadlift import bus, dlq, events
 from deadlift.errors import DeadliftError, EventDecodeError
+from deadlift.orgs import load_orgs
 from deadlift.settings import Settings
 from deadlift.wasm.hostfns import HostFunction, load_pack
 from deadlift.worker import Worker
@@ -64,6 +66,7 @@ async def run_worker(
 ) -> None:
     """The ``deadlift worker`` command."""
     functions = load_packs(packs)
+    orgs = load_orgs(settings.orgs_file) if Path(settings.orgs_file).is_file() else None
     nc = await bus.connect(settings, name="deadlift-worker")
     worker = Worker(
         nc,
@@ -71,6 +74,7 @@ async def run_worker(
         workflows=workflows,
         host_functions=functions,
         concurrency=concurrency,
+        orgs=orgs,
     )
     on_stop_signals(lambda: asyncio.ensure_future(worker.shutdown()))
     try:
@@ -133,7 +137,7 @@ async def tail_subject(
             done.set()
 
     await nc.subscribe(subject, cb=on_msg)
-    await nc.flush()
+    await nc.check_allowed(subject)
     err_console.print(f"tailing {subject} (Ctrl-C to stop)")
     try:
         await done.wait()

@@ -58,6 +58,11 @@ async def apply_workflows(
         raise ConfigError(f"workflow {', '.join(sorted(duplicates))} is defined more than once")
     for workflow, source in resolved:
         check_redelivery_horizon(workflow, settings, source=source)
+        if settings.org and workflow.org != settings.org:
+            raise ConfigError(
+                f"{source}: org: the workflow belongs to {workflow.org!r} but you act as org "
+                f"{settings.org!r}; apply it with --org {workflow.org}"
+            )
     subjects = [s for w, _ in resolved for s in w.event_subjects()]
     await bus.ensure_streams(js, settings, subjects)
     for workflow, _ in resolved:

@@ -31,6 +31,10 @@ class NotFoundError(DeadliftError, LookupError):
     """A module, workflow or step does not exist in the registry."""
 
 
+class PermissionDeniedError(DeadliftError, PermissionError):
+    """The NATS server refused a publish or subscription for this user."""
+
+
 class PayloadTooLargeError(DeadliftError, ValueError):
     """A message is larger than the server accepts (max_payload)."""
 

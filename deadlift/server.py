@@ -18,6 +18,7 @@ from pathlib import Path
 from types import TracebackType
 
 from deadlift.errors import DeadliftError
+from deadlift.orgs import OrgManifest, render_nats_config
 
 
 def nats_server_binary() -> str:
@@ -58,6 +59,7 @@ class EmbeddedServer:
         host: str = "127.0.0.1",
         config_file: str | Path | None = None,
         log_file: str | Path | None = None,
+        orgs: OrgManifest | None = None,
     ) -> None:
         self.port = port or free_port()
         self.host = host
@@ -69,6 +71,7 @@ class EmbeddedServer:
         self.store_dir = Path(store_dir)
         self.config_file = config_file
         self.log_file = log_file
+        self.orgs = orgs
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -91,7 +94,15 @@ class EmbeddedServer:
             "-m",
             str(self.monitor_port),
         ]
-        if self.config_file:
+        if self.orgs is not None:
+            # One account per org, rendered from the manifest on every start.
+            rendered = self.store_dir / "accounts.conf"
+            text = render_nats_config(self.orgs)
+            if self.config_file:
+                text += f"include {Path(self.config_file).resolve()}\n"
+            rendered.write_text(text, encoding="utf-8")
+            args += ["-c", str(rendered)]
+        elif self.config_file:
             args += ["-c", str(self.config_file)]
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
         # Own session: a Ctrl-C meant for the parent must not kill the server

@@ -18,6 +18,8 @@ class Settings(BaseSettings):
     user: str | None = Field(None, description="NATS user name")
     password: str | None = Field(None, description="NATS password")
     token: str | None = Field(None, description="NATS token")
+    org: str | None = Field(None, description="act as this org (credentials from the manifest)")
+    orgs_file: str = Field("config/orgs.yaml", description="the org manifest")
 
     default_timeout_ms: int = Field(1000, gt=0, description="per-call module timeout")
     default_max_pages: int = Field(256, gt=0, description="module memory limit, 64 KiB pages")

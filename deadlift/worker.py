@@ -27,8 +27,17 @@ from nats.aio.msg import Msg
 from nats.js.api import KeyValueConfig, StorageType
 
 from deadlift import bus, dlq, events
-from deadlift.builtins import BUILTINS, STATE_SERVICE, state_bucket
+from deadlift.builtins import (
+    BUILTINS,
+    CONFIG_SERVICE,
+    EMIT_SERVICE,
+    SECRETS_SERVICE,
+    STATE_SERVICE,
+    EmitTarget,
+    state_bucket,
+)
 from deadlift.errors import DeadliftError, EventDecodeError, EventEncodeError, StepError
+from deadlift.orgs import OrgManifest
 from deadlift.registry import Registry
 from deadlift.settings import Settings
 from deadlift.wasm.codecs import from_module, to_module
@@ -72,6 +81,7 @@ class Worker:
         workflows: ``org.name`` or ``name`` of workflows to run; empty means all.
         host_functions: host functions this worker offers, by name (built-ins are added).
         observers: called with a :class:`StepReport` after each event at each step.
+        orgs: the org manifest, for the ``config_get`` / ``secret_get`` built-ins.
     """
 
     def __init__(
@@ -84,8 +94,10 @@ class Worker:
         observers: Sequence[Observer] = (),
         concurrency: int | None = None,
         threads: int = 4,
+        orgs: OrgManifest | None = None,
     ) -> None:
         self.nc = nc
+        self.orgs = orgs
         self.js = nc.jetstream()
         self.settings = settings or Settings()
         self.selection = tuple(workflows)
@@ -240,10 +252,11 @@ class Worker:
                 host_functions=tuple(sorted(step.host_functions)),
                 config=tuple(sorted(step.config.items())),
                 max_output_bytes=self.settings.max_output_bytes,
+                allowed_hosts=tuple(step.allowed_hosts),
             )
             await asyncio.get_running_loop().run_in_executor(self.executor, self.host.prepare, spec)
             bindings = await bus.ensure_consumers(self.js, self.settings, workflow, step)
-            services = await self._services(workflow.org, step)
+            services = await self._services(workflow, step)
         except DeadliftError as exc:
             log.error("%s not started: %s", where, exc)
             return []
@@ -253,9 +266,46 @@ class Worker:
         log.info("started %s (module %s)", where, step.module)
         return runners
 
-    async def _services(self, org: str, step: Step) -> dict[str, Any]:
-        if not any(name.startswith("kv_") for name in step.host_functions):
-            return {}
+    async def _services(self, workflow: Workflow, step: Step) -> dict[str, Any]:
+        """What the built-in host functions of one step work with, scoped to its org."""
+        org = workflow.org
+        services: dict[str, Any] = {
+            EMIT_SERVICE: EmitTarget(tuple(step.emit), self._emitter(workflow, step)),
+        }
+        if self.orgs is not None and org in self.orgs.orgs:
+            declared = self.orgs.orgs[org]
+            services[CONFIG_SERVICE] = dict(declared.config)
+            services[SECRETS_SERVICE] = {k: v.resolve(k) for k, v in declared.secrets.items()}
+        if any(name.startswith("kv_") for name in step.host_functions):
+            services[STATE_SERVICE] = await self._state_bucket(org)
+        return services
+
+    def _emitter(self, workflow: Workflow, step: Step) -> Any:
+        source = f"deadlift://{workflow.org}/{workflow.name}/{step.name}"
+
+        async def publish(call: HostCall, subject: str, data: Any) -> None:
+            call.emitted += 1
+            event = events.Event(
+                data=data,
+                # Deterministic: a retried call emits with the same ids (deduplicated).
+                id=events.derive_id(call.event_id, workflow.key, step.name, str(call.emitted)),
+                source=source,
+                type=f"deadlift.{workflow.org}.{workflow.name}.{step.name}.emit",
+                time=events.now_rfc3339(),
+                extensions={
+                    events.RUN: call.run,
+                    events.ORG: workflow.org,
+                    events.WORKFLOW: workflow.name,
+                    events.STEP: step.name,
+                },
+            )
+            headers, body = events.encode(event)
+            headers[events.MSG_ID] = f"{event.id}:{subject}"
+            await bus.publish(self.js, self.nc, subject, body, headers)
+
+        return publish
+
+    async def _state_bucket(self, org: str) -> Any:
         if org not in self._state:
             bucket = state_bucket(org)
             try:
@@ -264,7 +314,7 @@ class Worker:
                 self._state[org] = await self.js.create_key_value(
                     config=KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE)
                 )
-        return {STATE_SERVICE: self._state[org]}
+        return self._state[org]
 
     def report(self, report: StepReport) -> None:
         """Pass a report to every observer; an observer's error never stops a step."""

@@ -106,6 +106,8 @@ class Step(BaseModel):
     concurrency: int | None = Field(None, gt=0, le=1024)
     retry: Retry = Field(default_factory=Retry)
     config: dict[str, str] = Field(default_factory=dict)
+    emit: list[str] = Field(default_factory=list)
+    allowed_hosts: list[str] = Field(default_factory=list)
     # Filled in by `workflow apply`: the exact binary this step runs.
     module_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     codec: str | None = None
@@ -123,6 +125,11 @@ class Step(BaseModel):
     @classmethod
     def _publish_subjects(cls, value: list[str]) -> list[str]:
         return [check_subject(s, wildcards=False) for s in value]
+
+    @field_validator("emit")
+    @classmethod
+    def _emit_subjects(cls, value: list[str]) -> list[str]:
+        return [check_subject(s, wildcards=True) for s in value]
 
 
 class Workflow(BaseModel):
@@ -165,7 +172,11 @@ class Workflow(BaseModel):
 
     def event_subjects(self) -> list[str]:
         """Trigger and publish subjects: captured by the events stream."""
-        return [*self.trigger, *(s for step in self.steps for s in step.publish)]
+        return [
+            *self.trigger,
+            *(s for step in self.steps for s in step.publish),
+            *(s for step in self.steps for s in step.emit),
+        ]
 
 
 def step_subject(org: str, workflow: str, step: str) -> str:

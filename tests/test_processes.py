@@ -149,6 +149,11 @@ async def test_two_worker_processes_share_a_step_without_duplicates(
     workers = [start_worker(settings, "--concurrency", "4") for _ in range(2)]
     total = 300
     try:
+        await eventually(
+            lambda: _pulling(nc, "acme--calculator--add--trigger", 2),
+            timeout=30,
+            message="both workers pulling",
+        )
         for n in range(total):
             await publish(nc, "calc.in", {"value": n})
         out = await eventually(lambda: _all(nc, total), timeout=60, message=f"{total} outputs")
@@ -161,9 +166,9 @@ async def test_two_worker_processes_share_a_step_without_duplicates(
     assert all(ok > 0 for ok in oks), oks  # both processes did work
 
 
-async def _pulling(nc: Client, consumer: str) -> bool:
+async def _pulling(nc: Client, consumer: str, workers: int = 1) -> bool:
     info = await nc.jetstream().consumer_info("DEADLIFT_EVENTS", consumer)
-    return bool(info.num_waiting)
+    return (info.num_waiting or 0) >= workers
 
 
 async def _all(nc: Client, count: int) -> Any:

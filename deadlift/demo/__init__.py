@@ -24,16 +24,17 @@ from deadlift.builtins import decode_key, state_bucket
 from deadlift.control import apply_files, push_module_file
 from deadlift.demo import stripe
 from deadlift.errors import DeadliftError
+from deadlift.orgs import load_orgs
 from deadlift.registry import Registry
 from deadlift.server import EmbeddedServer
 from deadlift.settings import Settings
 from deadlift.worker import StepReport, Worker
+from deadlift.workflow import load_workflow
 
 ROOT = Path(__file__).resolve().parents[2]
 MODULES = ROOT / "workers" / "dist"
 WORKFLOWS = ROOT / "config" / "workflows"
-STORY_MODULES = ("before_charge_action", "discount_notice", "aggregate_discounts")
-STORY_WORKFLOWS = ("stripe-charges.yaml", "acme-loyalty.yaml")
+ORGS = ROOT / "config" / "orgs.yaml"
 CHARGE_SUBJECT = "stripe.charges.acme"
 
 # (charge id, customer, category, amount); alice twice, so Acme counts her twice.
@@ -103,58 +104,79 @@ async def _wait_for(condition: Any, timeout: float) -> bool:
     return bool(condition())
 
 
-async def run_demo(*, verbose: bool = True, timeout: float = 30.0) -> bool:
-    """Run the story on a throwaway server; return True when every check passes."""
-    stripe.clear_outbox()
-    with EmbeddedServer() as server:
-        settings = Settings(nats_url=server.url)
-        console.print(f"[bold]Deadlift demo[/bold] — embedded nats-server at {server.url}")
-        nc = await bus.connect(settings, name="deadlift-demo")
-        js = nc.jetstream()
-        try:
-            registry = await Registry.open(js)
-            for name in STORY_MODULES:
-                meta, _ = await push_module_file(
-                    registry, _require(MODULES / f"{name}.wasm", "module")
+class OrgSession:
+    """One org's connection to its own NATS account, and its registry."""
+
+    def __init__(self, nc: Any, registry: Registry, settings: Settings) -> None:
+        self.nc, self.registry, self.settings = nc, registry, settings
+        self.js = nc.jetstream()
+
+    @classmethod
+    async def open(cls, url: str, org: str, orgs_file: Path) -> OrgSession:
+        """Connect as ``org`` (credentials from the org manifest)."""
+        settings = Settings(nats_url=url, org=org, orgs_file=str(orgs_file))
+        nc = await bus.connect(settings, name=f"deadlift-{org}")
+        return cls(nc, await Registry.open(nc.jetstream()), settings)
+
+    async def push(self, names: list[str], *, quiet: bool = False) -> None:
+        """Push modules from workers/dist into this org's registry."""
+        for name in names:
+            path = _require(MODULES / f"{name}.wasm", "module")
+            meta, changed = await push_module_file(self.registry, path)
+            if not quiet:
+                console.print(
+                    f"  {self.settings.org}: module {meta.ref} sha256:{meta.sha256[:12]}"
+                    + ("" if changed else " (unchanged)")
                 )
-                console.print(f"  pushed module {meta.ref} (sha256:{meta.sha256[:12]})")
-            paths = [_require(WORKFLOWS / f, "workflow") for f in STORY_WORKFLOWS]
-            for w in await apply_files(js, registry, settings, paths):
-                console.print(f"  applied workflow {w.key}: trigger {', '.join(w.trigger)}")
+
+    async def apply(self, paths: list[Path]) -> None:
+        """Apply workflow files as this org."""
+        for w in await apply_files(self.js, self.registry, self.settings, paths):
+            console.print(
+                f"  {self.settings.org}: workflow {w.key}, trigger {', '.join(w.trigger)}"
+            )
+
+    async def close(self) -> None:
+        """Drain the connection."""
+        await self.nc.drain()
+
+
+def stripe_host_functions() -> dict[str, Any]:
+    """The host functions Stripe offers to the modules it runs."""
+    return {"past_purchases": stripe.past_purchases, "send_email": stripe.send_email}
+
+
+async def run_demo(*, verbose: bool = True, timeout: float = 30.0) -> bool:
+    """Run the story across two NATS accounts on a throwaway server; True when checks pass."""
+    stripe.clear_outbox()
+    manifest = load_orgs(_require(ORGS, "org manifest"))
+    with EmbeddedServer(orgs=manifest) as server:
+        console.print(
+            f"[bold]Deadlift demo[/bold] — embedded nats-server at {server.url}, "
+            f"one account per org: {', '.join(manifest.orgs)}"
+        )
+        acme = await OrgSession.open(server.url, "acme", ORGS)
+        stripe_org = await OrgSession.open(server.url, "stripe", ORGS)
+        try:
+            # Acme hands its module to Stripe; Stripe runs it next to its own data.
+            await stripe_org.push(["before_charge_action", "discount_notice"])
+            await acme.push(["aggregate_discounts"])
+            await stripe_org.apply([_require(WORKFLOWS / "stripe-charges.yaml", "workflow")])
+            await acme.apply([_require(WORKFLOWS / "acme-loyalty.yaml", "workflow")])
             printer = Printer(verbose=verbose)
             stripe_worker = Worker(
-                nc,
-                settings=settings,
-                workflows=["stripe.acme-charges"],
-                host_functions={
-                    "past_purchases": stripe.past_purchases,
-                    "send_email": stripe.send_email,
-                },
+                stripe_org.nc,
+                settings=stripe_org.settings,
+                host_functions=stripe_host_functions(),
                 observers=[printer],
+                orgs=manifest,
             )
             acme_worker = Worker(
-                nc, settings=settings, workflows=["acme.loyalty"], observers=[printer]
+                acme.nc, settings=acme.settings, observers=[printer], orgs=manifest
             )
             async with stripe_worker, acme_worker:
                 console.print(f"\n[bold]Stripe receives {len(CHARGES)} charge requests[/bold]")
-                for charge_id, customer, category, amount in CHARGES:
-                    charge = {
-                        "charge_id": charge_id,
-                        "customer": customer,
-                        "email": f"{customer}@acme.example",
-                        "amount": amount,
-                        "category": category,
-                        "ts": int(time.time()),
-                    }
-                    event = events.new_event(
-                        charge,
-                        source="https://stripe.example/charges",
-                        type="com.stripe.charge.requested",
-                        id=charge_id,
-                    )
-                    headers, body = events.encode(event)
-                    headers[events.MSG_ID] = event.id
-                    await bus.publish(js, nc, CHARGE_SUBJECT, body, headers)
+                await _send_charges(stripe_org)
                 total = sum(EXPECTED.values())
                 finished = await _wait_for(
                     lambda: (
@@ -164,10 +186,32 @@ async def run_demo(*, verbose: bool = True, timeout: float = 30.0) -> bool:
                     ),
                     timeout,
                 )
-            counts = await _read_counts(js)
+            counts = await _read_counts(acme.js)
         finally:
-            await nc.drain()
+            await acme.close()
+            await stripe_org.close()
     return _verdict(finished, counts, printer)
+
+
+async def _send_charges(org: OrgSession) -> None:
+    for charge_id, customer, category, amount in CHARGES:
+        charge = {
+            "charge_id": charge_id,
+            "customer": customer,
+            "email": f"{customer}@acme.example",
+            "amount": amount,
+            "category": category,
+            "ts": int(time.time()),
+        }
+        event = events.new_event(
+            charge,
+            source="https://stripe.example/charges",
+            type="com.stripe.charge.requested",
+            id=charge_id,
+        )
+        headers, body = events.encode(event)
+        headers[events.MSG_ID] = event.id
+        await bus.publish(org.js, org.nc, CHARGE_SUBJECT, body, headers)
 
 
 async def _read_counts(js: Any) -> dict[str, int]:
@@ -213,37 +257,42 @@ def _verdict(finished: bool, counts: dict[str, int], printer: Printer) -> bool:
 
 
 async def run_dev(*, port: int = 4222, store_dir: str = ".deadlift/nats") -> None:
-    """Server, every module and workflow of this checkout, and a worker; until Ctrl-C."""
+    """Server (one account per org), every module and workflow of this checkout, workers."""
     from deadlift.commands import on_stop_signals
 
-    with EmbeddedServer(port=port, store_dir=store_dir) as server:
-        settings = Settings(nats_url=server.url)
-        nc = await bus.connect(settings, name="deadlift-dev")
-        js = nc.jetstream()
+    manifest = load_orgs(_require(ORGS, "org manifest"))
+    modules = sorted(p.stem for p in _require(MODULES, "workers/dist").glob("*.wasm"))
+    flows = {p: load_workflow(p) for p in sorted(WORKFLOWS.glob("*.yaml"))}
+    with EmbeddedServer(port=port, store_dir=store_dir, orgs=manifest) as server:
+        sessions = [await OrgSession.open(server.url, org, ORGS) for org in manifest.orgs]
+        workers = []
         try:
-            registry = await Registry.open(js)
-            for path in sorted(_require(MODULES, "workers/dist").glob("*.wasm")):
-                meta, changed = await push_module_file(registry, path)
-                console.print(f"module {meta.ref} {'pushed' if changed else 'unchanged'}")
-            for w in await apply_files(js, registry, settings, sorted(WORKFLOWS.glob("*.yaml"))):
-                console.print(f"workflow {w.key} applied (trigger {', '.join(w.trigger)})")
-            worker = Worker(
-                nc,
-                settings=settings,
-                host_functions={
-                    "past_purchases": stripe.past_purchases,
-                    "send_email": stripe.send_email,
-                },
-                observers=[Printer()],
-            )
-            on_stop_signals(lambda: asyncio.ensure_future(worker.shutdown()))
-            await worker.start()
+            for session in sessions:
+                await session.push(modules, quiet=True)
+                mine = [p for p, w in flows.items() if w.org == session.settings.org]
+                await session.apply(mine)
+                workers.append(
+                    Worker(
+                        session.nc,
+                        settings=session.settings,
+                        host_functions=stripe_host_functions(),
+                        observers=[Printer()],
+                        orgs=manifest,
+                    )
+                )
+            stop = asyncio.Event()
+            on_stop_signals(stop.set)
+            for worker in workers:
+                await worker.start()
             console.print(
-                f"\n[bold]dev server at {server.url}[/bold]; try in another shell:\n"
-                f"  deadlift -s {server.url} publish calc.in '{{\"value\": 1}}'\n"
-                f"  deadlift -s {server.url} tail calc.out\n"
+                f"\n[bold]dev server at {server.url}[/bold] (accounts: "
+                f"{', '.join(manifest.orgs)}); try in another shell:\n"
+                f"  deadlift -s {server.url} --org acme publish calc.in '{{\"value\": 1}}'\n"
+                f"  deadlift -s {server.url} --org acme tail calc.out\n"
                 "Ctrl-C to stop\n"
             )
-            await worker.run_until_shutdown()
+            await stop.wait()
         finally:
-            await nc.drain()
+            await asyncio.gather(*(w.shutdown() for w in workers))
+            for session in sessions:
+                await session.close()

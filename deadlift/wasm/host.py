@@ -36,6 +36,7 @@ class PluginSpec:
     host_functions: tuple[str, ...] = ()
     config: tuple[tuple[str, str], ...] = ()
     max_output_bytes: int = 512 * 1024
+    allowed_hosts: tuple[str, ...] = ()
 
 
 class _Pool:
@@ -154,7 +155,8 @@ def manifest(wasm: bytes, spec: PluginSpec) -> dict[str, Any]:
         "timeout_ms": spec.timeout_ms,
         "memory": {"max_pages": spec.max_pages},
         "config": dict(spec.config),
-        "allowed_hosts": [],
+        # Outbound HTTP only to the hosts the step allows (none by default).
+        "allowed_hosts": list(spec.allowed_hosts),
     }
 
 

@@ -74,6 +74,7 @@ class HostCall:
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("deadlift.host"))
     failure: HostFunctionError | None = None
     calls: int = 0
+    emitted: int = 0
 
     def run_async(self, awaitable: Awaitable[Any], timeout: float = 30.0) -> Any:
         """Run a coroutine on the worker's loop from the module's thread and wait for it."""

@@ -197,6 +197,86 @@ export function parseHostResponse(text: string, fn: string, ctx: string): JSON.O
   return obj;
 }
 
+/**
+ * String-array field `key` of `obj`: null with `lastError` set to
+ * `<ctx>: field "key" must be an array of strings` when it is not one. A missing
+ * field (or JSON null) gives `[]` when `optional`, else
+ * `<ctx>: missing field "key"`.
+ */
+export function fieldStringArray(obj: JSON.Obj, key: string, ctx: string, optional: bool = false): string[] | null {
+  const value = obj.get(key);
+  if (value === null || (optional && value.type == JSON.Types.Null)) {
+    if (optional) return [];
+    lastError = ctx + ": missing field " + quote(key);
+    return null;
+  }
+  const usage = ctx + ": field " + quote(key) + " must be an array of strings";
+  if (value.type != JSON.Types.Array) {
+    lastError = usage;
+    return null;
+  }
+  const arr = value.get<JSON.Arr>();
+  const out = new Array<string>(0);
+  for (let i = 0; i < arr.length; i++) {
+    const item = arr.at(i);
+    if (item.type != JSON.Types.String) {
+      lastError = usage;
+      return null;
+    }
+    out.push(item.get<string>());
+  }
+  return out;
+}
+
+/**
+ * The exact source text of member `key` of the JSON object `text` (the last one
+ * if the key repeats), or null if the object has no such member. Keys are
+ * compared after unescaping. `text` must already have passed `parseObject`
+ * (or `jsonSyntaxError`). Lets a module pass a value through byte for byte
+ * instead of re-serializing it (json-as would print 1e400 or
+ * 12345678901234567890 differently).
+ */
+export function rawMember(text: string, key: string): string | null {
+  const v = new Validator(text);
+  v.skipWs();
+  if (v.peek() != 0x7b /* { */) return null;
+  v.pos++;
+  v.skipWs();
+  let found: string | null = null;
+  while (v.peek() == 0x22 /* " */) {
+    const keyStart = v.pos;
+    if (!v.string()) return null;
+    const name = JSON.parse<string>(text.substring(keyStart, v.pos));
+    v.skipWs();
+    if (v.peek() != 0x3a /* : */) return null;
+    v.pos++;
+    v.skipWs();
+    const valueStart = v.pos;
+    if (!v.value(1)) return null;
+    if (name == key) found = text.substring(valueStart, v.pos);
+    v.skipWs();
+    if (v.peek() != 0x2c /* , */) break;
+    v.pos++;
+    v.skipWs();
+  }
+  return found;
+}
+
+/** Number of Unicode code points in `s` (a lone surrogate counts as one). */
+export function codePoints(s: string): i32 {
+  const n = s.length;
+  let count = 0;
+  for (let i = 0; i < n; i++) {
+    const c = s.charCodeAt(i);
+    if (c >= 0xd800 && c <= 0xdbff && i + 1 < n) {
+      const d = s.charCodeAt(i + 1);
+      if (d >= 0xdc00 && d <= 0xdfff) i++;
+    }
+    count++;
+  }
+  return count;
+}
+
 // ---------------------------------------------------------------- validator
 
 const MAX_DEPTH = 128;

@@ -1,0 +1,276 @@
+"""The org manifest: who the organizations are, and what crosses between them.
+
+One YAML file (``config/orgs.yaml``) declares every org — its NATS users, the
+subjects it exports to whom, what it imports, its config values and secrets —
+and :func:`render_nats_config` turns it into the nats-server accounts
+configuration, so there is no second hand-kept copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from deadlift.errors import ConfigError
+from deadlift.workflow import NAME_PATTERN, check_subject, subject_covers
+
+DEFAULT_FILE = "config/orgs.yaml"
+SYSTEM_ACCOUNT = "SYS"
+# What every org user may use besides its own subjects: Deadlift's internal
+# subjects (private to the account), JetStream's API and acks, KV, object store,
+# inboxes for replies, and NATS micro services.
+INTERNAL_PUBLISH = [
+    "deadlift.>",
+    "$JS.API.>",
+    "$JS.ACK.>",
+    "$JS.FC.>",
+    "$KV.>",
+    "$O.>",
+    "_INBOX.>",
+    "$SRV.>",
+]
+INTERNAL_SUBSCRIBE = ["deadlift.>", "_INBOX.>", "$SRV.>"]
+
+
+class User(BaseModel):
+    """A NATS user of an org: a password for development, an nkey for production."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    user: str | None = None
+    password: str | None = None
+    nkey: str | None = Field(None, pattern=r"^U[A-Z2-7]{55}$")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> User:
+        if not self.nkey and not (self.user and self.password):
+            raise ValueError("a user needs user + password (development) or nkey (production)")
+        return self
+
+
+class Export(BaseModel):
+    """Subjects an org lets other orgs receive."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    subject: str
+    to: list[str] = Field(min_length=1)
+
+    @field_validator("subject")
+    @classmethod
+    def _subject(cls, value: str) -> str:
+        return check_subject(value, wildcards=True)
+
+
+class Import(BaseModel):
+    """Subjects an org receives from another org's export, optionally renamed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    org: str
+    subject: str
+    to: str | None = None
+
+    @field_validator("subject", "to")
+    @classmethod
+    def _subject(cls, value: str | None) -> str | None:
+        return None if value is None else check_subject(value, wildcards=True)
+
+    @property
+    def local_subject(self) -> str:
+        """The subject the importing org sees."""
+        return self.to or self.subject
+
+
+class Secret(BaseModel):
+    """Where a secret comes from: an environment variable, a file, or (dev only) a value."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    env: str | None = None
+    file: str | None = None
+    value: str | None = Field(None, repr=False)
+
+    def resolve(self, name: str) -> str | None:
+        """The secret's value, or None when its source is absent."""
+        if self.env and os.environ.get(self.env) is not None:
+            return os.environ[self.env]
+        if self.file:
+            try:
+                return Path(self.file).read_text(encoding="utf-8").rstrip("\n")
+            except OSError:
+                return self.value
+        return self.value
+
+
+class Org(BaseModel):
+    """One organization: its users, subjects, exports, imports, config and secrets."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    description: str = ""
+    users: list[User] = Field(min_length=1)
+    subjects: list[str] = Field(default_factory=list)
+    exports: list[Export] = Field(default_factory=list)
+    imports: list[Import] = Field(default_factory=list)
+    config: dict[str, str] = Field(default_factory=dict)
+    secrets: dict[str, Secret] = Field(default_factory=dict)
+
+    @field_validator("subjects")
+    @classmethod
+    def _subjects(cls, value: list[str]) -> list[str]:
+        return [check_subject(s, wildcards=True) for s in value]
+
+
+class OrgManifest(BaseModel):
+    """Every org of a deployment."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    system: User = Field(default_factory=lambda: User(user="sys", password="sys"))
+    orgs: dict[str, Org] = Field(min_length=1)
+
+    @field_validator("orgs")
+    @classmethod
+    def _names(cls, value: dict[str, Org]) -> dict[str, Org]:
+        import re
+
+        for name in value:
+            if not re.match(NAME_PATTERN, name):
+                raise ValueError(f"org name {name!r}: use lowercase letters, digits, _ and -")
+        return value
+
+    @model_validator(mode="after")
+    def _links(self) -> OrgManifest:
+        users = [u.user for org in self.orgs.values() for u in org.users if u.user]
+        if len(users) != len(set(users)):
+            raise ValueError("a user name is used twice; every user belongs to one org")
+        for name, org in self.orgs.items():
+            for export in org.exports:
+                for target in export.to:
+                    if target not in self.orgs:
+                        raise ValueError(
+                            f"org {name}: exports {export.subject} to unknown org {target!r}"
+                        )
+            for imp in org.imports:
+                source = self.orgs.get(imp.org)
+                if source is None:
+                    raise ValueError(f"org {name}: imports from unknown org {imp.org!r}")
+                if not any(
+                    subject_covers(e.subject, imp.subject) and name in e.to for e in source.exports
+                ):
+                    raise ValueError(
+                        f"org {name}: imports {imp.subject} from {imp.org}, which exports no "
+                        f"subject covering it to {name}; add an export to org {imp.org}"
+                    )
+        return self
+
+    def org(self, name: str) -> Org:
+        """The org called ``name``."""
+        try:
+            return self.orgs[name]
+        except KeyError:
+            raise ConfigError(
+                f"org {name!r} is not in the org manifest (orgs: {', '.join(self.orgs)})"
+            ) from None
+
+    def org_of_user(self, user: str) -> str | None:
+        """Which org a user belongs to."""
+        for name, org in self.orgs.items():
+            if any(u.user == user for u in org.users):
+                return name
+        return None
+
+    def own_subjects(self, name: str) -> list[str]:
+        """Subjects the org's users may publish and subscribe to (besides Deadlift's own)."""
+        org = self.org(name)
+        local_imports = [i.local_subject for i in org.imports]
+        return [f"{name}.>", *org.subjects, *local_imports]
+
+
+def account_name(org: str) -> str:
+    """The NATS account of an org."""
+    return org.upper().replace("-", "_")
+
+
+def load_orgs(path: str | Path) -> OrgManifest:
+    """Read and validate an org manifest.
+
+    Raises:
+        ConfigError: naming the file and what is wrong.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read org manifest: {exc.strerror}") from None
+    except (yaml.YAMLError, ValueError) as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    try:
+        return OrgManifest.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'manifest'}: "
+            f"{e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors()
+        )
+        raise ConfigError(f"{path}: invalid org manifest: {problems}") from None
+
+
+def _user_entry(user: User, allow_pub: list[str], allow_sub: list[str]) -> dict[str, Any]:
+    entry: dict[str, Any] = (
+        {"nkey": user.nkey} if user.nkey else {"user": user.user, "password": user.password}
+    )
+    entry["permissions"] = {
+        "publish": {"allow": allow_pub},
+        "subscribe": {"allow": allow_sub},
+    }
+    return entry
+
+
+def nats_accounts(manifest: OrgManifest) -> dict[str, Any]:
+    """The ``accounts`` and ``system_account`` blocks of a nats-server config."""
+    accounts: dict[str, Any] = {}
+    for name, org in manifest.orgs.items():
+        own = manifest.own_subjects(name)
+        account: dict[str, Any] = {
+            "jetstream": "enabled",
+            "users": [
+                _user_entry(u, [*own, *INTERNAL_PUBLISH], [*own, *INTERNAL_SUBSCRIBE])
+                for u in org.users
+            ],
+        }
+        if org.exports:
+            account["exports"] = [
+                {"stream": e.subject, "accounts": [account_name(t) for t in e.to]}
+                for e in org.exports
+            ]
+        if org.imports:
+            account["imports"] = [
+                {
+                    "stream": {"account": account_name(i.org), "subject": i.subject},
+                    **({"to": i.to} if i.to else {}),
+                }
+                for i in org.imports
+            ]
+        accounts[account_name(name)] = account
+    system = manifest.system
+    accounts[SYSTEM_ACCOUNT] = {
+        "users": [
+            {"nkey": system.nkey}
+            if system.nkey
+            else {"user": system.user, "password": system.password}
+        ]
+    }
+    return {"accounts": accounts, "system_account": SYSTEM_ACCOUNT}
+
+
+def render_nats_config(manifest: OrgManifest) -> str:
+    """A nats-server configuration (JSON is valid nats-server config syntax)."""
+    header = "# Generated by `deadlift nats-config` from the org manifest; do not edit.\n"
+    return header + json.dumps(nats_accounts(manifest), indent=2) + "\n"
