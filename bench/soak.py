@@ -612,10 +612,25 @@ def report_details(soak: Soak, verdict: Verdict, why_not_settled: str) -> int:
     if verdict.unexpected:
         print(f"!!! unexpected values on {GOOD_OUT}: {verdict.unexpected[:10]}")
     for letter in verdict.good_letters[:5]:
-        print(f"!!! good event dead-lettered: {letter.step} [{letter.kind}] {letter.error}")
+        print(f"!!! good event dead-lettered: {describe_letter(letter, set(by_value))}")
     for item in verdict.unlettered[:5]:
         print(f"!!! hostile input not dead-lettered: {item}")
     return troubled
+
+
+def describe_letter(letter: dlq.DeadLetter, stored_values: set[Any]) -> str:
+    """A good event's dead letter: which value, why, and whether its output got stored anyway."""
+    try:
+        event = events.decode(letter.headers, letter.body, fallback_id="-", fallback_source="-")
+        value = event.data["value"]
+    except Exception:
+        return f"{letter.step} [{letter.kind}] {letter.error} (undecodable)"
+    output = value * 5 if letter.step == "multiply" else (value + 10) * 5
+    anyway = "output stored anyway" if output in stored_values else "output NOT stored"
+    return (
+        f"{letter.step} input {{'value': {value}}} seq {letter.headers.get(dlq.H_SEQ)} "
+        f"after {letter.attempts} deliveries [{letter.kind}] ({anyway}): {letter.error}"
+    )
 
 
 def report_workers(workers: Workers) -> int:
@@ -642,10 +657,12 @@ def report_workers(workers: Workers) -> int:
 
 
 def last_error(text: str) -> str:
-    """The exception line that ends the last traceback in a log."""
+    """The exception that ends the last traceback in a log, and the deadlift line raising it."""
     lines = text[text.rindex("Traceback") :].splitlines() if "Traceback" in text else []
     errors = [line for line in lines if line and not line.startswith((" ", "Traceback"))]
-    return errors[0] if errors else "no traceback"
+    frames = [line.strip() for line in lines if "/deadlift/" in line and "File" in line]
+    where = re.sub(r'File ".*/(deadlift/[^"]+)", line (\d+), in (\w+)', r"\1:\2 \3", frames[-1])
+    return f"{errors[0] if errors else 'no traceback'} at {where if frames else '?'}"
 
 
 def summary_line(soak: Soak, verdict: Verdict) -> str:

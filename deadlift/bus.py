@@ -5,6 +5,7 @@ The bus moves bytes and headers; :mod:`deadlift.events` knows how to encode them
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections import deque
@@ -65,6 +66,7 @@ class DeadliftClient(Client):
     def __init__(self) -> None:
         super().__init__()
         self.permission_errors: deque[str] = deque(maxlen=100)
+        self.errors: deque[str] = deque(maxlen=10)
 
     def denied(self, subject: str) -> str | None:
         """The violation reported for ``subject``, if any."""
@@ -76,6 +78,10 @@ class DeadliftClient(Client):
     async def check_allowed(self, subject: str) -> None:
         """Raise if the server refused a subscription or publish on ``subject``."""
         await self.flush()
+        # The server sends -ERR before the PONG that ends the flush, but nats-py
+        # runs error_cb as a task: let it run before looking.
+        for _ in range(5):
+            await asyncio.sleep(0)
         message = self.denied(subject)
         if message:
             raise PermissionDeniedError(
@@ -95,6 +101,7 @@ async def connect(settings: Settings, *, name: str = "deadlift") -> DeadliftClie
 
     async def error_cb(exc: Exception) -> None:
         text = str(exc)
+        client.errors.append(text or type(exc).__name__)
         if "permissions violation" in text.lower():
             client.permission_errors.append(text)
         log.error("NATS error: %s", exc)
@@ -112,7 +119,9 @@ async def connect(settings: Settings, *, name: str = "deadlift") -> DeadliftClie
         "error_cb": error_cb,
         "disconnected_cb": disconnected_cb,
         "reconnected_cb": reconnected_cb,
-        "max_reconnect_attempts": -1,
+        # Give up on the *first* connection after a few tries (a wrong URL or
+        # password must be an error, not a hang); reconnect forever once connected.
+        "max_reconnect_attempts": 2,
         "reconnect_time_wait": 0.5,
         "connect_timeout": 5,
         "allow_reconnect": True,
@@ -126,11 +135,13 @@ async def connect(settings: Settings, *, name: str = "deadlift") -> DeadliftClie
         options["token"] = settings.token
     try:
         await client.connect(**options)
+        client.options["max_reconnect_attempts"] = -1
         return client
     except (TimeoutError, OSError, nats.errors.NoServersError, nats.errors.Error) as exc:
         who = f" as {settings.user}" if settings.user else ""
+        cause = client.errors[-1] if client.errors else (str(exc) or type(exc).__name__)
         raise DeadliftError(
-            f"cannot connect to NATS at {settings.nats_url}{who}: {exc or type(exc).__name__}; "
+            f"cannot connect to NATS at {settings.nats_url}{who}: {cause}; "
             "start one with `deadlift server`, set --server / DEADLIFT_NATS_URL, "
             "and check the credentials"
         ) from None

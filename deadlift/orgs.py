@@ -157,6 +157,7 @@ class OrgManifest(BaseModel):
                         raise ValueError(
                             f"org {name}: exports {export.subject} to unknown org {target!r}"
                         )
+        for name, org in self.orgs.items():
             for imp in org.imports:
                 source = self.orgs.get(imp.org)
                 if source is None:
