@@ -79,10 +79,13 @@ class DeadliftClient(Client):
         """Raise if the server refused a subscription or publish on ``subject``."""
         await self.flush()
         # The server sends -ERR before the PONG that ends the flush, but nats-py
-        # runs error_cb as a task: let it run before looking.
-        for _ in range(5):
-            await asyncio.sleep(0)
-        message = self.denied(subject)
+        # reports it through a task that may run a little later: give it time.
+        message = None
+        for _ in range(20):
+            message = self.denied(subject)
+            if message:
+                break
+            await asyncio.sleep(0.025)
         if message:
             raise PermissionDeniedError(
                 f"permission denied: {message.removeprefix('nats: ')}; this org's users may "
