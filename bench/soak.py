@@ -122,11 +122,10 @@ steps:
 ]
 
 FAULT_KINDS = ("kill_worker", "term_worker", "restart_server", "hostile")
+FAULT_COUNTS = ("kill", "sigterm", "server_restart", "hostile", "worker_crash")
 HOSTILE_KINDS = ("bad_msgpack", "missing_id", "foreign_non_json", "not_a_number", "trap")
 WORKER_COMMAND = (sys.executable, "-m", "deadlift.cli")
 NATS_TROUBLE = (TimeoutError, OSError, nats.errors.Error, DeadliftError)
-
-log = logging.getLogger("soak")
 
 
 class SoakError(Exception):
@@ -588,7 +587,8 @@ async def judge(soak: Soak) -> Verdict:
 
 def report_details(soak: Soak, verdict: Verdict, why_not_settled: str) -> int:
     """Everything useful for a diagnosis, before the summary line; return worker troubles."""
-    print("--- faults:", dict(sorted(soak.faults.counts.items())))
+    faults = {k: soak.faults.counts[k] for k in FAULT_COUNTS}
+    print("--- faults:", ", ".join(f"{k}={n}" for k, n in faults.items()))
     print(
         f"--- publishing: {soak.stats.retries} publish retries, "
         f"{soak.stats.duplicate_acks} acknowledged as duplicates (earlier attempt stored)"
@@ -737,7 +737,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--ack-wait", type=float, default=10.0, help="consumer ack wait (DEADLIFT_ACK_WAIT_S)"
     )
     parser.add_argument(
-        "--timeout", type=float, default=180.0, help="seconds to wait for every output"
+        "--timeout",
+        type=float,
+        default=180.0,
+        help="seconds to wait, once all is published, for every output and dead letter",
     )
     parser.add_argument("--keep", action="store_true", help="keep the work dir (store, logs)")
     parser.add_argument("--verbose", action="store_true", help="show the soak client's NATS log")

@@ -142,7 +142,9 @@ async def connect(settings: Settings, *, name: str = "deadlift") -> DeadliftClie
         return client
     except (TimeoutError, OSError, nats.errors.NoServersError, nats.errors.Error) as exc:
         who = f" as {settings.user}" if settings.user else ""
-        cause = client.errors[-1] if client.errors else (str(exc) or type(exc).__name__)
+        # The server closes the socket after refusing a login; name the refusal.
+        auth = [e for e in client.errors if "authoriz" in e.lower() or "authent" in e.lower()]
+        cause = (auth or list(client.errors) or [str(exc) or type(exc).__name__])[-1]
         raise DeadliftError(
             f"cannot connect to NATS at {settings.nats_url}{who}: {cause}; "
             "start one with `deadlift server`, set --server / DEADLIFT_NATS_URL, "
