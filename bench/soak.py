@@ -769,6 +769,7 @@ def main(argv: list[str] | None = None) -> int:
     workers = Workers(server.url, args.workers, args.concurrency, worker_env(args), work)
     faults = FaultLog()
     signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started in background
     ok = clean = False
     try:
         server.start()
