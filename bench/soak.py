@@ -588,7 +588,7 @@ async def judge(soak: Soak) -> Verdict:
 def report_details(soak: Soak, verdict: Verdict, why_not_settled: str) -> int:
     """Everything useful for a diagnosis, before the summary line; return worker troubles."""
     faults = {k: soak.faults.counts[k] for k in FAULT_COUNTS}
-    print("--- faults:", ", ".join(f"{k}={n}" for k, n in faults.items()))
+    print("--- faults:", ", ".join(f"{k}={n}" for k, n in faults.items()), "(hostile: bursts of 5)")
     print(
         f"--- publishing: {soak.stats.retries} publish retries, "
         f"{soak.stats.duplicate_acks} acknowledged as duplicates (earlier attempt stored)"

@@ -278,10 +278,12 @@ def consumer_config(
     )
 
 
-async def delete_consumer(js: JetStreamContext, binding: StepBinding) -> None:
-    """Remove a step's consumer (ignoring one already gone)."""
-    with contextlib.suppress(nats.js.errors.NotFoundError):
-        await js.delete_consumer(binding.stream, binding.consumer)
+async def delete_consumers(js: JetStreamContext, workflow: Workflow, step: Step) -> None:
+    """Remove a step's consumers (ignoring ones already gone)."""
+    name = consumer_name(workflow.org, workflow.name, step.name)
+    for stream, consumer in ((STEPS_STREAM, name), (EVENTS_STREAM, f"{name}--trigger")):
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await js.delete_consumer(stream, consumer)
 
 
 def check_size(nc: Client, subject: str, headers: Mapping[str, str], body: bytes) -> None:

@@ -10,6 +10,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -21,7 +22,6 @@ from deadlift.control import apply_files, push_module_file
 from deadlift.errors import ConfigError, DeadliftError
 from deadlift.registry import Registry, dump_json
 from deadlift.settings import Settings
-from deadlift.workflow import mermaid
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -265,6 +265,51 @@ def module_ls(ctx: click.Context, as_json: bool) -> None:
     run_async(ls(settings_of(ctx)))
 
 
+@module.command("inspect")
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.pass_context
+def module_inspect(ctx: click.Context, ref: str, as_json: bool) -> None:
+    """Show a module (NAME, NAME@VERSION or sha256:HEX): exports, imports, size, limits."""
+
+    @with_registry
+    async def inspect(settings: Settings, nc: Any, registry: Registry) -> None:
+        meta = await registry.resolve(ref)
+        users = [
+            f"{w.key}/{s.name}"
+            for w in await registry.workflows()
+            for s in w.steps
+            if s.module_sha256 == meta.sha256
+        ]
+        info = {
+            **meta.model_dump(),
+            "used_by": users,
+            "versions": [m.version for m in await registry.versions(meta.name)],
+        }
+        if as_json:
+            click.echo(dump_json(info))
+            return
+        for key, value in info.items():
+            shown = ", ".join(value) if isinstance(value, list) else value
+            console.print(f"[bold]{key:>16}[/bold] {shown if shown not in (None, '') else '-'}")
+
+    run_async(inspect(settings_of(ctx)))
+
+
+@module.command("rm")
+@click.argument("ref")
+@click.pass_context
+def module_rm(ctx: click.Context, ref: str) -> None:
+    """Remove NAME@VERSION (or every version of NAME); refused while a workflow uses it."""
+
+    @with_registry
+    async def rm(settings: Settings, nc: Any, registry: Registry) -> None:
+        for meta in await registry.remove_module(ref):
+            console.print(f"removed {meta.ref} (sha256:{meta.sha256[:12]})")
+
+    run_async(rm(settings_of(ctx)))
+
+
 # -- workflows ----------------------------------------------------------------
 
 
@@ -317,17 +362,40 @@ def workflow_ls(ctx: click.Context, as_json: bool) -> None:
 @workflow.command("graph")
 @click.argument("name")
 @click.option(
-    "--format", "fmt", type=click.Choice(["mermaid"]), default="mermaid", show_default=True
+    "--format",
+    "fmt",
+    type=click.Choice(["mermaid", "dot"]),
+    default="mermaid",
+    show_default=True,
 )
 @click.pass_context
 def workflow_graph(ctx: click.Context, name: str, fmt: str) -> None:
-    """Print workflow NAME (ORG.NAME or NAME) as a Mermaid flowchart."""
+    """Print workflow NAME (ORG.NAME or NAME) as a graph, with its cross-org edges."""
+    from deadlift.graph import render
+    from deadlift.orgs import load_orgs
 
     @with_registry
     async def graph(settings: Settings, nc: Any, registry: Registry) -> None:
-        click.echo(mermaid(await registry.workflow(name)))
+        orgs_file = Path(settings.orgs_file)
+        orgs = load_orgs(orgs_file) if orgs_file.is_file() else None
+        click.echo(render(await registry.workflow(name), fmt, orgs))
 
     run_async(graph(settings_of(ctx)))
+
+
+@workflow.command("rm")
+@click.argument("name")
+@click.pass_context
+def workflow_rm(ctx: click.Context, name: str) -> None:
+    """Remove workflow NAME: workers finish its in-flight events and stop its steps."""
+    from deadlift.control import remove_workflow
+
+    @with_registry
+    async def rm(settings: Settings, nc: Any, registry: Registry) -> None:
+        removed = await remove_workflow(nc.jetstream(), registry, name)
+        console.print(f"removed workflow {removed.key}")
+
+    run_async(rm(settings_of(ctx)))
 
 
 # -- worker -------------------------------------------------------------------

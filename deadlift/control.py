@@ -8,7 +8,7 @@ from pathlib import Path
 from nats.js import JetStreamContext
 
 from deadlift import bus
-from deadlift.errors import ConfigError, ModuleError
+from deadlift.errors import ConfigError, ModuleError, NotFoundError
 from deadlift.registry import ModuleMeta, Registry
 from deadlift.settings import Settings
 from deadlift.workflow import Step, Workflow, load_workflow
@@ -68,8 +68,32 @@ async def apply_workflows(
     for workflow, _ in resolved:
         for step in workflow.steps:
             await bus.ensure_consumers(js, settings, workflow, step)
+        previous = await _stored(registry, workflow.key)
         await registry.put_workflow(workflow)
+        if previous is not None:
+            # Steps that left the workflow: workers stop them (finishing in-flight
+            # events); their consumers, and any backlog only they would read, go.
+            current = {s.name for s in workflow.steps}
+            for step in previous.steps:
+                if step.name not in current:
+                    await bus.delete_consumers(js, previous, step)
     return [w for w, _ in resolved]
+
+
+async def _stored(registry: Registry, key: str) -> Workflow | None:
+    try:
+        return await registry.workflow(key)
+    except NotFoundError:
+        return None
+
+
+async def remove_workflow(js: JetStreamContext, registry: Registry, name: str) -> Workflow:
+    """Remove a workflow: workers stop its steps, its consumers are deleted."""
+    workflow = await registry.workflow(name)
+    await registry.delete_workflow(workflow.key)
+    for step in workflow.steps:
+        await bus.delete_consumers(js, workflow, step)
+    return workflow
 
 
 def redelivery_horizon(step: Step, settings: Settings) -> float:

@@ -6,6 +6,7 @@ number of ``name@version`` entries point at it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -167,6 +168,35 @@ class Registry:
                 return meta
         known = ", ".join(m.version for m in versions)
         raise NotFoundError(f"module {name!r} has no version {version!r} (versions: {known})")
+
+    async def remove_module(self, ref: str) -> list[ModuleMeta]:
+        """Remove ``name@version`` (or every version of ``name``); return what was removed.
+
+        Raises:
+            ConfigError: a workflow still uses it (naming the workflow and step).
+            NotFoundError: no such module or version.
+        """
+        name, _, version = ref.partition("@")
+        versions = await self.versions(name)
+        chosen = [m for m in versions if not version or m.version == version]
+        if not chosen:
+            await self.resolve(ref)  # raises NotFoundError naming what exists
+        shas = {m.sha256 for m in chosen}
+        for workflow in await self.workflows():
+            for step in workflow.steps:
+                uses_name = step.module.partition("@")[0] == name
+                if uses_name and (not version or step.module_sha256 in shas):
+                    raise ConfigError(
+                        f"module {ref} is used by workflow {workflow.key} step {step.name!r}; "
+                        "change or remove that workflow first"
+                    )
+        for meta in chosen:
+            await self._modules.purge(_module_key(meta.name, meta.version))
+        remaining = {m.sha256 for m in await self.modules()}
+        for sha in shas - remaining:  # the store is content-addressed: drop orphans only
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await self._binaries.delete(sha)
+        return chosen
 
     async def binary(self, sha256: str) -> bytes:
         """The module binary with this sha256 (verified by the object store)."""

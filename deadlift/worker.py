@@ -400,8 +400,24 @@ class StepRunner:
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
         if self._sub is not None:
+            await self._hand_back()
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
+
+    async def _hand_back(self) -> None:
+        """Nak messages that reached this runner after it stopped pulling.
+
+        A pull request can still deliver a message just after the last fetch
+        returned. Left alone it would wait out ack_wait before redelivery; a nak
+        hands it to the next worker (or the replacement runner) at once.
+        """
+        await asyncio.sleep(0.05)
+        inner = getattr(self._sub, "_sub", None)
+        queue = getattr(inner, "_pending_queue", None)  # nats-py internals, best effort
+        while queue is not None and not queue.empty():
+            msg = queue.get_nowait()
+            if getattr(msg, "reply", None) and str(msg.reply).startswith("$JS.ACK."):
+                await _settle(msg.nak(), "nak")
 
     async def _loop(self) -> None:
         batch = self.worker.settings.fetch_batch
