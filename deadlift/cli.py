@@ -466,18 +466,6 @@ def publish(
     run_async(send(settings_of(ctx)))
 
 
-@main.command()
-@click.argument("subject")
-@click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
-@click.option("--count", "-n", type=click.IntRange(min=1), help="stop after N events")
-@click.pass_context
-def tail(ctx: click.Context, subject: str, as_json: bool, count: int | None) -> None:
-    """Print decoded events on SUBJECT as they arrive (wildcards allowed)."""
-    from deadlift.commands import tail_subject
-
-    run_async(tail_subject(settings_of(ctx), subject, as_json=as_json, count=count))
-
-
 # -- dead letters ---------------------------------------------------------------
 
 
@@ -570,6 +558,15 @@ def dev(port: int, store_dir: str) -> None:
 
     run_async(run_dev(port=port, store_dir=store_dir))
 
+
+def _register_monitor_commands() -> None:
+    from deadlift.cli_monitor import COMMANDS
+
+    for command in COMMANDS:
+        main.add_command(command)
+
+
+_register_monitor_commands()
 
 if __name__ == "__main__":
     main()

@@ -176,16 +176,26 @@ class Registry:
             ConfigError: a workflow still uses it (naming the workflow and step).
             NotFoundError: no such module or version.
         """
+        if ref.startswith("sha256:"):
+            raise ConfigError(f"module rm {ref}: name the module as NAME or NAME@VERSION")
         name, _, version = ref.partition("@")
         versions = await self.versions(name)
+        if version == "latest" and versions:
+            version = versions[-1].version
         chosen = [m for m in versions if not version or m.version == version]
         if not chosen:
             await self.resolve(ref)  # raises NotFoundError naming what exists
+        removed = {m.ref for m in chosen}
         shas = {m.sha256 for m in chosen}
+        orphans = shas - {m.sha256 for m in await self.modules() if m.ref not in removed}
         for workflow in await self.workflows():
             for step in workflow.steps:
-                uses_name = step.module.partition("@")[0] == name
-                if uses_name and (not version or step.module_sha256 in shas):
+                # A step uses the module if its binary would go (whatever its
+                # reference: name, name@version or sha256:), or if its reference
+                # names what goes and would no longer resolve.
+                ref_name, _, ref_version = step.module.partition("@")
+                names_it = ref_name == name and (not version or ref_version == version)
+                if step.module_sha256 in orphans or names_it:
                     raise ConfigError(
                         f"module {ref} is used by workflow {workflow.key} step {step.name!r}; "
                         "change or remove that workflow first"
@@ -299,11 +309,14 @@ class Registry:
 
 def _validate(wasm: bytes, *, name: str, version: str | None, codec: str, source: str) -> WasmInfo:
     if not re.match(NAME_PATTERN, name):
-        raise ConfigError(f"module name {name!r}: use lowercase letters, digits, _ and -")
+        raise ConfigError(f"{source}: module name {name!r}: use lowercase letters, digits, _ and -")
     if codec not in CODECS:
-        raise ConfigError(f"codec {codec!r}: use one of {', '.join(CODECS)}")
+        raise ConfigError(f"{source}: codec {codec!r}: use one of {', '.join(CODECS)}")
     if version is not None and not re.match(VERSION_PATTERN, version):
-        raise ConfigError(f"version {version!r}: use letters, digits, '.', '_' and '-'")
+        raise ConfigError(
+            f"{source}: version {version!r}: use letters, digits, '.', '_' and '-' "
+            "(starting with a letter or digit, at most 64)"
+        )
     if len(wasm) > MAX_MODULE_BYTES:
         raise ModuleError(
             f"{source}: {len(wasm)} bytes is over the {MAX_MODULE_BYTES}-byte module limit"

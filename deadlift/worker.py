@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -82,6 +84,7 @@ class Worker:
         host_functions: host functions this worker offers, by name (built-ins are added).
         observers: called with a :class:`StepReport` after each event at each step.
         orgs: the org manifest, for the ``config_get`` / ``secret_get`` built-ins.
+        advertise: register as a NATS micro service (``deadlift workers`` lists it).
     """
 
     def __init__(
@@ -95,6 +98,7 @@ class Worker:
         concurrency: int | None = None,
         threads: int = 4,
         orgs: OrgManifest | None = None,
+        advertise: bool = True,
     ) -> None:
         self.nc = nc
         self.orgs = orgs
@@ -114,6 +118,9 @@ class Worker:
         self._shutting_down = False
         self._lock = asyncio.Lock()
         self.stats: Counter[str] = Counter()
+        self.advertise = advertise
+        self.started_at = time.time()
+        self._service: Any = None
 
     async def __aenter__(self) -> Worker:
         await self.start()
@@ -132,6 +139,20 @@ class Worker:
         """``org.workflow.step`` of every step running now."""
         return sorted(f"{k[0]}.{k[1]}" for k in self._runners)
 
+    def describe(self) -> dict[str, Any]:
+        """What this worker is doing: for ``deadlift workers`` and the micro service."""
+        return {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "orgs": sorted({k[0].split(".")[0] for k in self._runners}),
+            "steps": self.steps,
+            "modules": self.modules,
+            "stats": dict(self.stats),
+            "in_flight": sum(len(r._inflight) for rs in self._runners.values() for r in rs),
+            "started_at": self.started_at,
+            "uptime_s": round(time.time() - self.started_at, 1),
+        }
+
     @property
     def modules(self) -> dict[str, str]:
         """``org.workflow.step`` → sha256 of the module it runs now."""
@@ -143,6 +164,10 @@ class Worker:
         for workflow in await self.registry.workflows():
             await self._reconcile(workflow.key, workflow)
         self._watch_task = asyncio.create_task(self._watch(), name="deadlift-registry-watch")
+        if self.advertise:
+            from deadlift.monitor import advertise
+
+            self._service = await advertise(self)
 
     async def run(self) -> None:
         """Start, then wait until :meth:`shutdown` completes."""
@@ -159,6 +184,9 @@ class Worker:
             await self._closed.wait()
             return
         self._shutting_down = True
+        if self._service is not None:
+            with contextlib.suppress(Exception):
+                await self._service.stop()
         if self._watch_task is not None:
             self._watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -64,7 +64,7 @@ async def stream_names(nc: Client) -> set[str]:
     return {s.config.name for s in await nc.jetstream().streams_info()}
 
 
-def deadlift(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     """Run the CLI against the test server."""
     return subprocess.run(
         [sys.executable, "-m", "deadlift.cli", "--server", settings.nats_url, *args],
@@ -430,7 +430,7 @@ async def test_cli_inspect_rm_and_workflow_rm(
     await registry.push_module(wasm("echo"), name="add_ten")  # add_ten@2, unused
     await apply(CALCULATOR.replace("module: add_ten", "module: add_ten@1"))
 
-    shown = deadlift(settings, "module", "inspect", "add_ten@1", "--json")
+    shown = cli(settings, "module", "inspect", "add_ten@1", "--json")
     assert shown.returncode == 0, shown.stderr
     info = json.loads(shown.stdout)
     data = wasm("add_ten")
@@ -441,22 +441,22 @@ async def test_cli_inspect_rm_and_workflow_rm(
     assert info["codec"] == "json"
     assert info["versions"] == ["1", "2"]
     assert info["used_by"] == ["acme.calculator/add"]
-    latest = json.loads(deadlift(settings, "module", "inspect", "add_ten", "--json").stdout)
+    latest = json.loads(cli(settings, "module", "inspect", "add_ten", "--json").stdout)
     assert (latest["version"], latest["used_by"]) == ("2", [])
 
-    refused = deadlift(settings, "module", "rm", "add_ten")
+    refused = cli(settings, "module", "rm", "add_ten")
     assert refused.returncode != 0
     assert "acme.calculator" in refused.stderr and "'add'" in refused.stderr, refused.stderr
     assert len(await registry.versions("add_ten")) == 2
 
-    removed = deadlift(settings, "workflow", "rm", "calculator")
+    removed = cli(settings, "workflow", "rm", "calculator")
     assert removed.returncode == 0, removed.stderr
     assert "acme.calculator" in removed.stdout
-    listed = deadlift(settings, "workflow", "ls", "--json")
+    listed = cli(settings, "workflow", "ls", "--json")
     assert listed.returncode == 0, listed.stderr
     assert json.loads(listed.stdout) == []
 
-    gone = deadlift(settings, "module", "rm", "add_ten")
+    gone = cli(settings, "module", "rm", "add_ten")
     assert gone.returncode == 0, gone.stderr
     assert "add_ten@1" in gone.stdout and "add_ten@2" in gone.stdout
     assert [m.name for m in await registry.modules()] == ["multiply_by_five"]
@@ -471,6 +471,6 @@ async def test_cli_inspect_rm_and_workflow_rm(
 async def test_cli_module_rm_in_use_exits_1(settings: Settings, push: Push, apply: Apply) -> None:
     await push("add_ten")
     await apply(one_step("add_ten"))
-    refused = deadlift(settings, "module", "rm", "add_ten")
+    refused = cli(settings, "module", "rm", "add_ten")
     assert "acme.single" in refused.stderr
     assert refused.returncode == 1, refused.stderr
