@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import logging
 import signal
 import sys
 import time
@@ -63,7 +62,33 @@ def with_registry(
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """The top-level group; the monitoring commands live in :mod:`deadlift.cli_monitor`.
+
+    They are added on first use rather than at import, because that module
+    imports this one (a cycle when run as ``python -m deadlift.cli``).
+    """
+
+    _loaded = False
+
+    def _load(self) -> None:
+        if not self._loaded:
+            self._loaded = True
+            from deadlift.cli_monitor import COMMANDS
+
+            for command in COMMANDS:
+                self.add_command(command)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        self._load()
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--server",
     "-s",
@@ -94,6 +119,14 @@ def with_registry(
     help="the org manifest",
 )
 @click.option("--log-level", envvar="DEADLIFT_LOG_LEVEL", default="INFO", show_default=True)
+@click.option(
+    "--log-format",
+    envvar="DEADLIFT_LOG_FORMAT",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json: one object per line with org/workflow/step/run and trace ids",
+)
 @click.pass_context
 def main(
     ctx: click.Context,
@@ -104,6 +137,7 @@ def main(
     org: str | None,
     orgs_file: str,
     log_level: str,
+    log_format: str,
 ) -> None:
     """Deadlift: integrations as Wasm modules, run by workers on NATS JetStream."""
     try:
@@ -118,11 +152,9 @@ def main(
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    from deadlift.telemetry import configure_logging
+
+    configure_logging(settings.log_level, log_format)
     ctx.obj = {"settings": settings}
 
 
@@ -558,15 +590,6 @@ def dev(port: int, store_dir: str) -> None:
 
     run_async(run_dev(port=port, store_dir=store_dir))
 
-
-def _register_monitor_commands() -> None:
-    from deadlift.cli_monitor import COMMANDS
-
-    for command in COMMANDS:
-        main.add_command(command)
-
-
-_register_monitor_commands()
 
 if __name__ == "__main__":
     main()

@@ -65,6 +65,9 @@ async def run_worker(
     packs: tuple[str, ...] = (),
 ) -> None:
     """The ``deadlift worker`` command."""
+    from deadlift.telemetry import configure
+
+    flush_telemetry = configure("deadlift-worker")
     functions = load_packs(packs)
     orgs = load_orgs(settings.orgs_file) if Path(settings.orgs_file).is_file() else None
     nc = await bus.connect(settings, name="deadlift-worker")
@@ -91,6 +94,7 @@ async def run_worker(
     names = ("ok", "filtered", "retry", "dead", "duplicate")
     stats = " ".join(f"{k}={worker.stats[k]}" for k in names)
     log.info("worker stopped: %s", stats)
+    flush_telemetry()
 
 
 def describe(subject: str, event: events.Event) -> dict[str, Any]:

@@ -135,7 +135,10 @@ class Registry:
 
     async def modules(self) -> list[ModuleMeta]:
         """Every module version, sorted by name then push time."""
-        metas = [ModuleMeta.model_validate_json(v) for v in await _values(self._modules)]
+        metas = [
+            ModuleMeta.model_validate_json(v)
+            for v in await _values(self.js, MODULES, self._modules)
+        ]
         return sorted(metas, key=lambda m: (m.name, m.pushed_at))
 
     async def versions(self, name: str) -> list[ModuleMeta]:
@@ -272,7 +275,10 @@ class Registry:
 
     async def workflows(self) -> list[Workflow]:
         """Every stored workflow."""
-        found = [Workflow.model_validate_json(v) for v in await _values(self._workflows)]
+        found = [
+            Workflow.model_validate_json(v)
+            for v in await _values(self.js, WORKFLOWS, self._workflows)
+        ]
         return sorted(found, key=lambda w: w.key)
 
     async def workflow(self, name: str) -> Workflow:
@@ -338,17 +344,22 @@ async def _kv(js: JetStreamContext, bucket: str, *, history: int) -> Any:
         )
 
 
-async def _values(kv: Any) -> list[bytes]:
-    try:
-        keys = await kv.keys()
-    except nats.js.errors.NoKeysError:
-        return []
+async def _values(js: JetStreamContext, bucket: str, kv: Any) -> list[bytes]:
+    """Every current value in a KV bucket.
+
+    Keys come from the bucket stream's subjects, not from ``kv.keys()``: that
+    opens an ordered consumer which nats-py never deletes (it lingers for its
+    5-minute inactivity threshold), so about a thousand registry listings in five
+    minutes would hit the server's consumer limit and break every later one.
+    """
+    prefix = f"$KV.{bucket}."
+    info = await js.stream_info(f"KV_{bucket}", subjects_filter=f"{prefix}>")
     values = []
-    for key in keys:
+    for subject in sorted(info.state.subjects or {}):
         try:
-            entry = await kv.get(key)
+            entry = await kv.get(subject.removeprefix(prefix))
         except nats.js.errors.KeyNotFoundError:
-            continue  # deleted between keys() and get()
+            continue  # deleted or purged (its marker keeps the subject), or gone meanwhile
         if entry.value:
             values.append(entry.value)
     return values

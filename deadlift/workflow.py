@@ -284,6 +284,10 @@ def _check_graph(workflow: Workflow, source: str) -> None:
         raise ConfigError(
             f"{source}: steps form a cycle: {' -> '.join(cycle)}; a workflow must be acyclic"
         )
+    _check_self_trigger(workflow, source)
+
+
+def _check_self_trigger(workflow: Workflow, source: str) -> None:
     for step in workflow.steps:
         for subject in step.publish:
             for trigger in workflow.trigger:
@@ -291,6 +295,14 @@ def _check_graph(workflow: Workflow, source: str) -> None:
                     raise ConfigError(
                         f"{source}: step {step.name!r}: publish: {subject!r} matches the "
                         f"workflow's own trigger {trigger!r}; every output would start "
+                        "the workflow again, forever"
+                    )
+        for pattern in step.emit:
+            for trigger in workflow.trigger:
+                if subjects_overlap(trigger, pattern):
+                    raise ConfigError(
+                        f"{source}: step {step.name!r}: emit: {pattern!r} overlaps the "
+                        f"workflow's own trigger {trigger!r}; an emitted event could start "
                         "the workflow again, forever"
                     )
 

@@ -16,6 +16,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import nats.errors
+import nats.js.errors
 from rich.console import Console
 from rich.table import Table
 
@@ -215,11 +217,17 @@ async def _send_charges(org: OrgSession) -> None:
 
 
 async def _read_counts(js: Any) -> dict[str, int]:
-    try:
-        kv = await js.key_value(state_bucket("acme"))
-        keys = await kv.keys()
-    except Exception:
-        return {}
+    """Acme's discount counters, read back from Acme's own KV bucket."""
+    kv = await js.key_value(state_bucket("acme"))
+    for attempt in range(3):
+        try:
+            keys = await kv.keys()
+            break
+        except nats.js.errors.NoKeysError:
+            return {}
+        except (nats.errors.TimeoutError, TimeoutError) as exc:
+            if attempt == 2:
+                raise DeadliftError(f"could not list Acme's state bucket: {exc}") from None
     counts = {}
     for key in keys:
         name = decode_key(key)

@@ -30,6 +30,7 @@ from typing import Any
 import extism
 
 from deadlift.errors import ConfigError, HostFunctionError
+from deadlift.telemetry import fail_span, host_function_span
 
 NAMESPACE = "extism:host/user"
 HostImpl = Callable[["HostCall", Any], Any]
@@ -75,6 +76,7 @@ class HostCall:
     failure: HostFunctionError | None = None
     calls: int = 0
     emitted: int = 0
+    trace_context: Any = None  # the module call's span context, for host-function spans
 
     def run_async(self, awaitable: Awaitable[Any], timeout: float = 30.0) -> Any:
         """Run a coroutine on the worker's loop from the module's thread and wait for it."""
@@ -120,9 +122,14 @@ def invoke(call: HostCall, name: str, raw_request: bytes) -> bytes:
             request = json.loads(raw_request) if raw_request else None
         except (ValueError, UnicodeDecodeError) as exc:
             raise HostFunctionError(f"{name}: the module sent a request that is not JSON") from exc
-        result = impl(call, request)
-        if inspect.isawaitable(result):
-            result = call.run_async(result)
+        with host_function_span(call.trace_context, name) as span:
+            try:
+                result = impl(call, request)
+                if inspect.isawaitable(result):
+                    result = call.run_async(result)
+            except Exception as exc:
+                fail_span(span, "host_function", f"{name}: {exc}")
+                raise
         return json.dumps(result, separators=(",", ":"), ensure_ascii=False).encode()
     except Exception as exc:
         error = exc if isinstance(exc, HostFunctionError) else HostFunctionError(f"{name}: {exc!r}")

@@ -1,0 +1,404 @@
+"""The step loop: pull → decode → call the module → publish → ack, bounded in flight.
+
+Per step: pull a batch → decode the event → call the module (in a thread: Extism
+releases the GIL) → publish the output to the next steps and publish subjects
+with a deterministic ``Nats-Msg-Id`` → await the PubAcks → ack. A crash anywhere
+before the ack redelivers the event; the re-published output is dropped by the
+stream's duplicate window, so each output is stored once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import nats.errors
+from nats.aio.msg import Msg
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
+from deadlift import bus, dlq, events, telemetry
+from deadlift.errors import DeadliftError, EventDecodeError, EventEncodeError, StepError
+from deadlift.wasm.codecs import from_module, to_module
+from deadlift.wasm.host import PluginSpec
+from deadlift.wasm.hostfns import HostCall
+from deadlift.workflow import Step, Workflow, step_subject
+
+if TYPE_CHECKING:
+    from deadlift.worker import Worker
+
+log = logging.getLogger("deadlift.worker")
+
+FETCH_TIMEOUT_S = 1.0  # also bounds how long shutdown waits for a fetch to return
+
+
+@dataclass(frozen=True, slots=True)
+class StepReport:
+    """What happened to one event at one step (passed to observers)."""
+
+    org: str
+    workflow: str
+    step: str
+    module: str
+    run: str
+    event_id: str
+    outcome: str  # ok | filtered | retry | dead
+    latency_ms: float
+    attempt: int
+    output: Any = None
+    targets: tuple[str, ...] = ()
+    error: str | None = None
+    error_kind: str | None = None
+
+
+Observer = Callable[[StepReport], None]
+
+
+async def _settle(action: Awaitable[Any], what: str) -> None:
+    """Ack/nak/term/in_progress without letting a lost connection crash the step.
+
+    If the server never hears it, the event is redelivered after ack_wait and
+    its outputs are deduplicated: nothing is lost.
+    """
+    try:
+        await action
+    except (nats.errors.Error, OSError, TimeoutError) as exc:
+        log.warning("%s failed (%s); the event will be redelivered", what, exc)
+
+
+def step_signature(workflow: Workflow | None, step: Step) -> Any:
+    """What must stay equal for a running step to keep running unchanged."""
+    if workflow is None:
+        return None
+    try:
+        current = workflow.step(step.name)
+    except KeyError:
+        return None
+    entry = current in workflow.entry_steps()
+    return (current, tuple(workflow.trigger) if entry else ())
+
+
+class StepRunner:
+    """Pulls one step's events from its consumer and runs them, bounded in flight."""
+
+    def __init__(
+        self,
+        worker: Worker,
+        workflow: Workflow,
+        step: Step,
+        spec: PluginSpec,
+        binding: bus.StepBinding,
+        services: dict[str, Any],
+    ) -> None:
+        self.worker = worker
+        self.workflow = workflow
+        self.step = step
+        self.spec = spec
+        self.binding = binding
+        self.services = services
+        self.signature = step_signature(workflow, step)
+        self.concurrency = step.concurrency or worker.concurrency
+        self.granted = {n: worker.functions[n] for n in step.host_functions}
+        self.source = f"deadlift://{workflow.org}/{workflow.name}/{step.name}"
+        self.telemetry = telemetry.StepTelemetry(
+            org=workflow.org, workflow=workflow.name, step=step.name, module_sha256=spec.sha256
+        )
+        self.type = f"deadlift.{workflow.org}.{workflow.name}.{step.name}"
+        self.targets = [
+            *(step_subject(workflow.org, workflow.name, n) for n in step.next),
+            *step.publish,
+        ]
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._room = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self._sub: Any = None
+
+    async def start(self) -> None:
+        """Bind to the durable consumer and start pulling."""
+        self._sub = await self.worker.js.pull_subscribe_bind(
+            durable=self.binding.consumer, stream=self.binding.stream
+        )
+        self._task = asyncio.create_task(
+            self._loop(), name=f"deadlift-step-{self.binding.consumer}"
+        )
+
+    async def stop(self) -> None:
+        """Stop pulling and wait for in-flight events to finish (acked or nak'd)."""
+        self._stopping = True
+        self._room.set()
+        if self._task is not None:
+            await self._task
+        if self._inflight:
+            await asyncio.gather(*self._inflight, return_exceptions=True)
+        if self._sub is not None:
+            await self._hand_back()
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+
+    async def _hand_back(self) -> None:
+        """Nak messages that reached this runner after it stopped pulling.
+
+        A pull request can still deliver a message just after the last fetch
+        returned. Left alone it would wait out ack_wait before redelivery; a nak
+        hands it to the next worker (or the replacement runner) at once.
+        """
+        await asyncio.sleep(0.05)
+        inner = getattr(self._sub, "_sub", None)
+        queue = getattr(inner, "_pending_queue", None)  # nats-py internals, best effort
+        while queue is not None and not queue.empty():
+            msg = queue.get_nowait()
+            if getattr(msg, "reply", None) and str(msg.reply).startswith("$JS.ACK."):
+                await _settle(msg.nak(), "nak")
+
+    async def _loop(self) -> None:
+        batch = self.worker.settings.fetch_batch
+        while not self._stopping:
+            room = self.concurrency - len(self._inflight)
+            if room <= 0:
+                self._room.clear()
+                await self._room.wait()
+                continue
+            try:
+                msgs = await self._sub.fetch(min(batch, room), timeout=FETCH_TIMEOUT_S)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            except nats.errors.ConnectionClosedError:
+                return
+            except Exception as exc:  # reconnecting, no responders…: retry shortly
+                log.warning("fetch for %s failed: %s", self.binding.consumer, exc)
+                await asyncio.sleep(0.5)
+                continue
+            for msg in msgs:
+                task = asyncio.create_task(self._handle(msg))
+                self._inflight.add(task)
+                task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self._room.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "step %s crashed on an event", self.binding.consumer, exc_info=task.exception()
+            )
+
+    async def _handle(self, msg: Msg) -> None:
+        started = time.perf_counter()
+        meta = msg.metadata
+        attempt = meta.num_delivered or 1
+        seq = meta.sequence.stream if meta.sequence else 0
+        try:
+            event = events.decode(
+                msg.headers,
+                msg.data,
+                fallback_id=events.derive_id(meta.stream or "", str(seq)),
+                fallback_source=f"nats:{msg.subject}",
+            )
+        except EventDecodeError as exc:
+            await self._fail(
+                msg, None, attempt, started, StepError(str(exc), kind="decode", retryable=False)
+            )
+            return
+        with self.telemetry.execution(msg.headers, msg.subject, attempt, event.run):
+            await self._process(msg, event, attempt, started)
+
+    async def _process(self, msg: Msg, event: events.Event, attempt: int, started: float) -> None:
+        if attempt > self.step.retry.max_attempts:
+            error = StepError(
+                f"delivered {attempt} times without completing (worker crashes or ack timeouts)",
+                kind="exhausted",
+                retryable=False,
+            )
+            await self._fail(msg, event, attempt, started, error)
+            return
+        heartbeat = self._keep_alive(msg)
+        try:
+            output = await self._call(event)
+            targets = () if output is None else await self._publish(event, output)
+        except StepError as exc:
+            await self._fail(msg, event, attempt, started, exc)
+            return
+        except (TimeoutError, DeadliftError, nats.errors.Error) as exc:
+            # NATS trouble while publishing: try again later, the output is deduplicated.
+            error = StepError(f"publish failed: {exc or type(exc).__name__}", kind="publish")
+            await self._fail(msg, event, attempt, started, error)
+            return
+        finally:
+            if heartbeat is not None:
+                heartbeat.cancel()
+        await _settle(msg.ack(), "ack")
+        outcome = "filtered" if output is None else "ok"
+        self._report(event, outcome, started, attempt, output=output, targets=targets)
+
+    def _keep_alive(self, msg: Msg) -> asyncio.Task[None] | None:
+        """Keep a call that may outlast ack_wait from being redelivered meanwhile."""
+        interval = self.binding.ack_wait / 2
+        if self.spec.timeout_ms / 1000 + 1.0 < interval:
+            return None  # the call will be done long before the server would redeliver
+
+        async def beat() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                await _settle(msg.in_progress(), "in_progress")
+
+        return asyncio.create_task(beat())
+
+    async def _call(self, event: events.Event) -> Any:
+        codec = self.step.codec or "json"
+        try:
+            data = to_module(event.data, codec)
+        except EventEncodeError as exc:
+            raise StepError(str(exc), kind="encode", retryable=False) from None
+        context = HostCall(
+            org=self.workflow.org,
+            workflow=self.workflow.name,
+            step=self.step.name,
+            run=event.run,
+            event_id=event.id,
+            granted=self.granted,
+            loop=asyncio.get_running_loop(),
+            services=self.services,
+        )
+        loop = asyncio.get_running_loop()
+        with self.telemetry.module_call(self.step.function):
+            context.trace_context = otel_context.get_current()  # for host-function spans
+            begun = time.perf_counter()
+            try:
+                raw = await loop.run_in_executor(
+                    self.worker.executor,
+                    self.worker.host.call,
+                    self.spec,
+                    self.step.function,
+                    data,
+                    context,
+                )
+            finally:
+                self.telemetry.record_module_time(time.perf_counter() - begun)
+        return from_module(raw, codec)
+
+    async def _publish(self, event: events.Event, output: Any) -> tuple[str, ...]:
+        out = events.Event(
+            data=output,
+            id=events.derive_id(event.source, event.id, self.workflow.key, self.step.name),
+            source=self.source,
+            type=self.type,
+            time=events.now_rfc3339(),
+            extensions={
+                events.RUN: event.run,
+                events.ORG: self.workflow.org,
+                events.WORKFLOW: self.workflow.name,
+                events.STEP: self.step.name,
+            },
+            # The next steps' spans are children of this step's span: one trace per run.
+            traceparent=telemetry.current_traceparent() or event.traceparent,
+        )
+        try:
+            headers, body = events.encode(out)
+        except EventEncodeError as exc:
+            raise StepError(str(exc), kind="encode", retryable=False) from None
+        js, nc = self.worker.js, self.worker.nc
+        acks = []
+        for subject in self.targets:
+            message_headers = {**headers, events.MSG_ID: f"{out.id}:{subject}"}
+            try:
+                bus.check_size(nc, subject, message_headers, body)
+            except DeadliftError as exc:
+                raise StepError(str(exc), kind="output_too_large", retryable=False) from None
+            with self.telemetry.publish(subject):
+                acks.append(await js.publish_async(subject, body, headers=message_headers))
+        for ack in acks:
+            result = await asyncio.wait_for(ack, timeout=10.0)
+            if result.duplicate:  # published before (a redelivery): stored once all the same
+                self.worker.stats["duplicate"] += 1
+        return tuple(self.targets)
+
+    async def _fail(
+        self,
+        msg: Msg,
+        event: events.Event | None,
+        attempt: int,
+        started: float,
+        error: StepError,
+    ) -> None:
+        retry = self.step.retry
+        if error.retryable and attempt < retry.max_attempts:
+            await _settle(msg.nak(delay=retry.delay(attempt)), "nak")
+            self._report(event, "retry", started, attempt, error=error)
+            return
+        meta = msg.metadata
+        try:
+            await dlq.record(
+                self.worker.js,
+                self.worker.nc,
+                org=self.workflow.org,
+                workflow=self.workflow.name,
+                step=self.step.name,
+                module=self.spec.sha256,
+                subject=msg.subject,
+                headers=msg.headers,
+                body=msg.data,
+                stream=meta.stream or "",
+                seq=meta.sequence.stream if meta.sequence else 0,
+                attempts=attempt,
+                kind=error.kind,
+                error=str(error),
+            )
+        except Exception as exc:  # never lose it: let it come back
+            log.error("dead-lettering failed for %s (%s); will retry", self.binding.consumer, exc)
+            await _settle(msg.nak(delay=1.0), "nak")
+            return
+        await _settle(msg.term(), "term")
+        log.warning(
+            "event %s dead-lettered at %s after %d attempt(s): [%s] %s",
+            event.id if event else "?",
+            self.binding.consumer,
+            attempt,
+            error.kind,
+            error,
+        )
+        self._report(event, "dead", started, attempt, error=error)
+
+    def _report(
+        self,
+        event: events.Event | None,
+        outcome: str,
+        started: float,
+        attempt: int,
+        *,
+        output: Any = None,
+        targets: tuple[str, ...] = (),
+        error: StepError | None = None,
+    ) -> None:
+        self.worker.stats[outcome] += 1
+        self.telemetry.record(
+            outcome,
+            time.perf_counter() - started,
+            outputs=len(targets),
+            kind=error.kind if error else None,
+        )
+        if error is not None:
+            telemetry.fail_span(trace.get_current_span(), error.kind, str(error))
+        if not self.worker.observers:
+            return
+        self.worker.report(
+            StepReport(
+                org=self.workflow.org,
+                workflow=self.workflow.name,
+                step=self.step.name,
+                module=self.step.module,
+                run=event.run if event else "",
+                event_id=event.id if event else "",
+                outcome=outcome,
+                latency_ms=(time.perf_counter() - started) * 1000,
+                attempt=attempt,
+                output=output,
+                targets=targets,
+                error=str(error) if error else None,
+                error_kind=error.kind if error else None,
+            )
+        )
