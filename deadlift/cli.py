@@ -74,9 +74,9 @@ class _Commands(click.Group):
     def _load(self) -> None:
         if not self._loaded:
             self._loaded = True
-            from deadlift.cli_monitor import COMMANDS
+            from deadlift import cli_cluster, cli_monitor
 
-            for command in COMMANDS:
+            for command in (*cli_monitor.COMMANDS, *cli_cluster.COMMANDS):
                 self.add_command(command)
 
     def list_commands(self, ctx: click.Context) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
@@ -37,9 +38,18 @@ def _run(ctx: click.Context, command: Any, *args: Any, **kwargs: Any) -> None:
 
 
 def _stop_on_signals(stop: asyncio.Event) -> None:
-    from deadlift.commands import on_stop_signals
+    """Set ``stop`` on the first SIGTERM/SIGINT; cancel the command on the second."""
+    loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
 
-    on_stop_signals(stop.set)
+    def handle() -> None:
+        if not stop.is_set():
+            stop.set()
+        elif main_task is not None:
+            main_task.cancel()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, handle)
 
 
 def _json(value: Any) -> None:
@@ -103,25 +113,18 @@ async def _status_watch(
             async for report in reports:
                 live.update(status_table(report), refresh=True)
 
-    with contextlib.suppress(KeyboardInterrupt):
+    with contextlib.suppress(asyncio.CancelledError):  # a second Ctrl-C
         await watch(settings)
 
 
 def status_table(report: monitor.StatusReport) -> Table:
     """The status report as a table."""
     source = "" if report.workers_source == "describe" else " (from waiting pulls)"
-    table = Table(
-        "org",
-        "workflow",
-        "step",
-        "workers",
-        "pending",
-        "ack pending",
-        "redelivered",
-        "rate/s",
-        "dead",
-        title=f"{report.time}  {report.workers} worker(s) answered{source}",
-    )
+    table = Table(title=f"{report.time}  {report.workers} worker(s){source}")
+    for name in ("org", "workflow", "step"):
+        table.add_column(name, no_wrap=True)
+    for name in ("workers", "pending", "in flight", "redelivered", "rate/s", "dead"):
+        table.add_column(name, justify="right")
     for s in report.steps:
         table.add_row(
             s.org,
@@ -356,7 +359,8 @@ async def _follow(
 
     await monitor.subscribe_all(nc, subjects, on_msg)
     err_console.print(f"tailing {escape(label)} (Ctrl-C to stop)", soft_wrap=True)
-    await done.wait()
+    with contextlib.suppress(asyncio.CancelledError):  # a second Ctrl-C
+        await done.wait()
 
 
 def tail_line(record: dict[str, Any]) -> str:

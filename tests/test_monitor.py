@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -125,6 +126,27 @@ async def test_workers_lists_live_workers_with_their_steps(
     assert all(w["host"] and w["pid"] and w["uptime_s"] is not None for w in listed)
 
 
+async def watch_status(settings: Settings, reports: int = 2) -> list[dict[str, Any]]:
+    """``status --watch --json``: the first reports, then Ctrl-C (a clean exit)."""
+    args = ["status", "--watch", "--json", "--interval", "0.2"]
+    process = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "deadlift.cli", "--server", settings.nats_url, *args],
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+    )
+    assert process.stdout is not None
+    try:
+        lines = [await asyncio.wait_for(process.stdout.readline(), 20) for _ in range(reports)]
+        process.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(process.communicate(), 20)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+    assert process.returncode == 0, err.decode()
+    return [json.loads(line) for line in lines]
+
+
 # -- status -----------------------------------------------------------------------
 
 
@@ -137,9 +159,13 @@ async def test_status_counts_a_backlog_and_dead_letters(
 ) -> None:
     for n in range(30):
         await publish(nc, "calc.in", {"value": n})
-    result = await cli(settings, "status", "--json", "--interval", "0.2")
+    result, watched = await asyncio.gather(
+        cli(settings, "status", "--json", "--interval", "0.2"), watch_status(settings)
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
+    assert [r["steps"][0]["rate"] for r in watched] == [None, 0.0]  # rates from the 2nd on
+    assert all(rows(r)["calculator/add"]["pending"] == 30 for r in watched)
     add, multiply = rows(report)["calculator/add"], rows(report)["calculator/multiply"]
     assert (add["pending"], add["consumers"], add["workers"], add["rate"]) == (30, 2, 0, 0.0)
     assert (multiply["pending"], multiply["consumers"], multiply["dead_letters"]) == (0, 1, 0)
