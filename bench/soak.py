@@ -125,6 +125,8 @@ FAULT_KINDS = ("kill_worker", "term_worker", "restart_server", "hostile")
 FAULT_COUNTS = ("kill", "sigterm", "server_restart", "hostile", "worker_crash")
 HOSTILE_KINDS = ("bad_msgpack", "missing_id", "foreign_non_json", "not_a_number", "trap")
 WORKER_COMMAND = (sys.executable, "-m", "deadlift.cli")
+STREAMS = (bus.EVENTS_STREAM, bus.STEPS_STREAM)
+QUIET_CHECKS = 5  # idle polls (1 s apart) after which missing outputs will never come
 NATS_TROUBLE = (TimeoutError, OSError, nats.errors.Error, DeadliftError)
 
 
@@ -405,6 +407,7 @@ class Soak:
     rng: random.Random
     stats: PublishStats = field(default_factory=PublishStats)
     hostile: list[Hostile] = field(default_factory=list)
+    consumers: set[str] = field(default_factory=set)
 
     def replace_crashed(self) -> None:
         for worker, rc in self.workers.reap():
@@ -505,13 +508,21 @@ async def output_count(js: JetStreamContext) -> int:
     return int((info.state.subjects or {}).get(GOOD_OUT, 0))
 
 
-async def busy_consumers(js: JetStreamContext) -> list[str]:
-    """Consumers with undelivered or unacknowledged messages."""
-    busy = []
-    for stream in (bus.EVENTS_STREAM, bus.STEPS_STREAM):
+async def consumer_names(js: JetStreamContext) -> set[str]:
+    return {
+        info.name for stream in STREAMS for info in await js.consumers_info(stream) if info.name
+    }
+
+
+async def busy_consumers(js: JetStreamContext, expected: set[str]) -> list[str]:
+    """Consumers with undelivered or unacknowledged messages (or not loaded yet)."""
+    busy, seen = [], set()
+    for stream in STREAMS:
         for info in await js.consumers_info(stream):
+            seen.add(info.name)
             if info.num_pending or info.num_ack_pending:
                 busy.append(f"{info.name} pending={info.num_pending} acks={info.num_ack_pending}")
+    busy += [f"{name} missing" for name in sorted(expected - seen)]
     return busy
 
 
@@ -520,33 +531,44 @@ def unlettered(hostile: list[Hostile], letters: list[dlq.DeadLetter]) -> list[Ho
     return [h for h in hostile if (h.stream, str(h.seq)) not in keys]
 
 
-async def settled(soak: Soak) -> tuple[bool, str]:
-    """Whether every output is in, every hostile input dead-lettered, every consumer idle."""
+async def progress(soak: Soak) -> tuple[bool, bool, str]:
+    """(everything accounted for, every consumer idle, a description).
+
+    Accounted for: every output stored and every hostile input dead-lettered. Idle:
+    nothing undelivered or awaiting an ack, so nothing more will happen by itself.
+    """
     count = await output_count(soak.js)
-    if count < soak.args.events:
-        return False, f"{count}/{soak.args.events} outputs"
     missing = unlettered(soak.hostile, await dlq.letters(soak.js, org=ORG))
-    if missing:
-        return False, f"{len(missing)} hostile input(s) not dead-lettered yet"
-    busy = await busy_consumers(soak.js)
-    return not busy, "busy: " + "; ".join(busy)
+    busy = await busy_consumers(soak.js, soak.consumers)
+    complete = count >= soak.args.events and not missing
+    text = (
+        f"{count}/{soak.args.events} outputs, {len(missing)} hostile input(s) without a "
+        f"dead letter, {'busy: ' + '; '.join(busy) if busy else 'every consumer idle'}"
+    )
+    return complete, not busy, text
 
 
 async def wait_until_settled(soak: Soak) -> str:
-    """Poll until :func:`settled` (twice in a row, 1 s apart) or ``--timeout``; say why not."""
+    """Poll each second until complete and idle (twice in a row), or idle but incomplete for
+    ``QUIET_CHECKS`` polls in a row (nothing more can arrive), or ``--timeout``.
+
+    Returns "" when complete, else why not.
+    """
     deadline = time.monotonic() + soak.args.timeout
-    last, in_a_row = "not checked", 0
+    text, idle_polls = "not checked", 0
     while time.monotonic() < deadline:
         soak.replace_crashed()
         try:
-            done, last = await settled(soak)
+            complete, idle, text = await progress(soak)
         except NATS_TROUBLE as exc:
-            done, last = False, f"NATS trouble: {exc!r}"
-        in_a_row = in_a_row + 1 if done else 0
-        if in_a_row >= 2:
+            complete, idle, text = False, False, f"NATS trouble: {exc!r}"
+        idle_polls = idle_polls + 1 if idle else 0
+        if complete and idle_polls >= 2:
             return ""
+        if idle_polls >= QUIET_CHECKS:
+            return f"gave up waiting after {QUIET_CHECKS} s of quiet: {text}"
         await asyncio.sleep(1.0)
-    return last
+    return f"not settled within --timeout {soak.args.timeout:.0f} s: {text}"
 
 
 @dataclass
@@ -597,7 +619,7 @@ def report_details(soak: Soak, verdict: Verdict, why_not_settled: str) -> int:
     print("--- hostile inputs:", dict(sorted(kinds.items())))
     print("--- dead letters:", dict(Counter(f"{x.workflow}/{x.kind}" for x in verdict.letters)))
     if why_not_settled:
-        print(f"!!! not settled within --timeout {soak.args.timeout:.0f} s: {why_not_settled}")
+        print(f"!!! {why_not_settled}")
     troubled = report_workers(soak.workers)
     by_value: dict[Any, list[Stored]] = {}
     for stored in verdict.outputs:
@@ -698,6 +720,7 @@ async def run(
         await setup(js, settings)
         run_id = f"soak{args.seed}-{os.getpid()}-{int(time.time())}"
         soak = Soak(args, run_id, nc, js, server, workers, faults, random.Random(args.seed))
+        soak.consumers = await consumer_names(js)
         soak.replace_crashed()
         stop = asyncio.Event()
         fault_task = asyncio.create_task(inject_faults(soak, stop))

@@ -181,6 +181,7 @@ async def ensure_streams(
             storage=StorageType.FILE,
             max_age=settings.stream_max_age_s,
             duplicate_window=settings.duplicate_window_s,
+            num_replicas=settings.stream_replicas,
         )
 
     await _ensure_stream(js, config(STEPS_STREAM, [f"{STEP_PREFIX}.>"]))
@@ -207,6 +208,9 @@ async def _ensure_stream(
         sorted(wanted) != sorted(current)
         or info.config.duplicate_window != config.duplicate_window
         or info.config.max_age != config.max_age
+        # Replicas are raised, never lowered: a client with the default (1) must
+        # not scale down a cluster's R3 streams. Lower them with the nats CLI.
+        or (config.num_replicas or 1) > (info.config.num_replicas or 1)
     )
     if changed:
         try:
@@ -215,6 +219,7 @@ async def _ensure_stream(
                     subjects=wanted,
                     duplicate_window=config.duplicate_window,
                     max_age=config.max_age,
+                    num_replicas=max(config.num_replicas or 1, info.config.num_replicas or 1),
                 )
             )
         except nats.js.errors.APIError as exc:
@@ -222,9 +227,16 @@ async def _ensure_stream(
 
 
 def _stream_conflict(config: StreamConfig, exc: Exception) -> ConfigError:
+    replicas = config.num_replicas or 1
+    hint = (
+        f"; or the server is not a cluster of at least {replicas} JetStream nodes "
+        "(DEADLIFT_STREAM_REPLICAS)"
+        if replicas > 1
+        else ""
+    )
     return ConfigError(
         f"cannot capture subjects {', '.join(config.subjects or [])} in stream {config.name}: "
-        f"{exc}; another stream may already capture one of them"
+        f"{exc}; another stream may already capture one of them{hint}"
     )
 
 

@@ -33,6 +33,12 @@ class Settings(BaseSettings):
     stream_max_age_s: float = Field(
         7 * 24 * 3600.0, gt=0, description="how long events are kept in Deadlift's streams"
     )
+    stream_replicas: int = Field(
+        1,
+        ge=1,
+        le=5,
+        description="replicas of DEADLIFT_EVENTS/STEPS/DLQ (3 on a 3-node cluster; 1 standalone)",
+    )
     shutdown_timeout_s: float = Field(
         20.0, gt=0, description="how long shutdown waits for in-flight events"
     )

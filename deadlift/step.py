@@ -14,13 +14,13 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import nats.errors
 from nats.aio.msg import Msg
-from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.trace import Span
 
 from deadlift import bus, dlq, events, telemetry
 from deadlift.errors import DeadliftError, EventDecodeError, EventEncodeError, StepError
@@ -57,6 +57,28 @@ class StepReport:
 
 
 Observer = Callable[[StepReport], None]
+
+
+@dataclass(slots=True)
+class _Job:
+    """One event on its way through a batch."""
+
+    msg: Msg
+    event: events.Event
+    attempt: int
+    started: float
+    span: Span
+    data: bytes = b""
+    call: HostCall | None = None
+    output: Any = None
+    error: StepError | None = None
+    acks: list[asyncio.Future[Any]] = field(default_factory=list)
+    targets: tuple[str, ...] = ()
+
+
+def _publish_error(exc: object) -> StepError:
+    # NATS trouble while publishing: retried later; the output is deduplicated.
+    return StepError(f"publish failed: {exc or type(exc).__name__}", kind="publish")
 
 
 async def _settle(action: Awaitable[Any], what: str) -> None:
@@ -157,37 +179,59 @@ class StepRunner:
                 await _settle(msg.nak(), "nak")
 
     async def _loop(self) -> None:
-        batch = self.worker.settings.fetch_batch
+        # Two batches in flight: while one publishes and waits for PubAcks, the
+        # next one runs its modules. Each batch costs one executor hop per thread.
+        size = max(1, min(self.worker.settings.fetch_batch, self.concurrency // 2))
+        slots = asyncio.Semaphore(2)
         while not self._stopping:
-            room = self.concurrency - len(self._inflight)
-            if room <= 0:
-                self._room.clear()
-                await self._room.wait()
-                continue
+            await slots.acquire()
+            if self._stopping:
+                slots.release()
+                break
             try:
-                msgs = await self._sub.fetch(min(batch, room), timeout=FETCH_TIMEOUT_S)
+                msgs = await self._sub.fetch(size, timeout=FETCH_TIMEOUT_S)
             except (TimeoutError, nats.errors.TimeoutError):
+                slots.release()
                 continue
             except nats.errors.ConnectionClosedError:
+                slots.release()
                 return
             except Exception as exc:  # reconnecting, no responders…: retry shortly
+                slots.release()
                 log.warning("fetch for %s failed: %s", self.binding.consumer, exc)
                 await asyncio.sleep(0.5)
                 continue
-            for msg in msgs:
-                task = asyncio.create_task(self._handle(msg))
-                self._inflight.add(task)
-                task.add_done_callback(self._done)
+            task = asyncio.create_task(self._handle_batch(msgs))
+            self._inflight.add(task)
+            task.add_done_callback(self._done)
+            task.add_done_callback(lambda _: slots.release())
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
         self._room.set()
         if not task.cancelled() and task.exception() is not None:
             log.error(
-                "step %s crashed on an event", self.binding.consumer, exc_info=task.exception()
+                "step %s crashed on a batch", self.binding.consumer, exc_info=task.exception()
             )
 
-    async def _handle(self, msg: Msg) -> None:
+    async def _handle_batch(self, msgs: list[Msg]) -> None:
+        """Run a batch: admit, call the module, publish, confirm, then ack each event."""
+        jobs = [job for msg in msgs if (job := await self._admit(msg)) is not None]
+        if not jobs:
+            return
+        heartbeat = self._keep_alive([job.msg for job in jobs])
+        try:
+            await self._call_all(jobs)
+            await self._publish_all(jobs)
+            await self._confirm(jobs)
+        finally:
+            if heartbeat is not None:
+                heartbeat.cancel()
+        for job in jobs:
+            await self._finish(job)
+
+    async def _admit(self, msg: Msg) -> _Job | None:
+        """Decode a message into a job; fail it now if it cannot run at all."""
         started = time.perf_counter()
         meta = msg.metadata
         attempt = meta.num_delivered or 1
@@ -200,61 +244,26 @@ class StepRunner:
                 fallback_source=f"nats:{msg.subject}",
             )
         except EventDecodeError as exc:
-            await self._fail(
-                msg, None, attempt, started, StepError(str(exc), kind="decode", retryable=False)
-            )
-            return
-        with self.telemetry.execution(msg.headers, msg.subject, attempt, event.run):
-            await self._process(msg, event, attempt, started)
-
-    async def _process(self, msg: Msg, event: events.Event, attempt: int, started: float) -> None:
+            error = StepError(str(exc), kind="decode", retryable=False)
+            await self._fail(msg, None, attempt, started, error)
+            return None
+        span = self.telemetry.start_execution(msg.headers, msg.subject, attempt, event.run)
+        job = _Job(msg, event, attempt, started, span)
         if attempt > self.step.retry.max_attempts:
-            error = StepError(
+            job.error = StepError(
                 f"delivered {attempt} times without completing (worker crashes or ack timeouts)",
                 kind="exhausted",
                 retryable=False,
             )
-            await self._fail(msg, event, attempt, started, error)
-            return
-        heartbeat = self._keep_alive(msg)
+            await self._finish(job)
+            return None
         try:
-            output = await self._call(event)
-            targets = () if output is None else await self._publish(event, output)
-        except StepError as exc:
-            await self._fail(msg, event, attempt, started, exc)
-            return
-        except (TimeoutError, DeadliftError, nats.errors.Error) as exc:
-            # NATS trouble while publishing: try again later, the output is deduplicated.
-            error = StepError(f"publish failed: {exc or type(exc).__name__}", kind="publish")
-            await self._fail(msg, event, attempt, started, error)
-            return
-        finally:
-            if heartbeat is not None:
-                heartbeat.cancel()
-        await _settle(msg.ack(), "ack")
-        outcome = "filtered" if output is None else "ok"
-        self._report(event, outcome, started, attempt, output=output, targets=targets)
-
-    def _keep_alive(self, msg: Msg) -> asyncio.Task[None] | None:
-        """Keep a call that may outlast ack_wait from being redelivered meanwhile."""
-        interval = self.binding.ack_wait / 2
-        if self.spec.timeout_ms / 1000 + 1.0 < interval:
-            return None  # the call will be done long before the server would redeliver
-
-        async def beat() -> None:
-            while True:
-                await asyncio.sleep(interval)
-                await _settle(msg.in_progress(), "in_progress")
-
-        return asyncio.create_task(beat())
-
-    async def _call(self, event: events.Event) -> Any:
-        codec = self.step.codec or "json"
-        try:
-            data = to_module(event.data, codec)
+            job.data = to_module(event.data, self.step.codec or "json")
         except EventEncodeError as exc:
-            raise StepError(str(exc), kind="encode", retryable=False) from None
-        context = HostCall(
+            job.error = StepError(str(exc), kind="encode", retryable=False)
+            await self._finish(job)
+            return None
+        job.call = HostCall(
             org=self.workflow.org,
             workflow=self.workflow.name,
             step=self.step.name,
@@ -264,58 +273,132 @@ class StepRunner:
             loop=asyncio.get_running_loop(),
             services=self.services,
         )
-        loop = asyncio.get_running_loop()
-        with self.telemetry.module_call(self.step.function):
-            context.trace_context = otel_context.get_current()  # for host-function spans
-            begun = time.perf_counter()
-            try:
-                raw = await loop.run_in_executor(
-                    self.worker.executor,
-                    self.worker.host.call,
-                    self.spec,
-                    self.step.function,
-                    data,
-                    context,
-                )
-            finally:
-                self.telemetry.record_module_time(time.perf_counter() - begun)
-        return from_module(raw, codec)
+        return job
 
-    async def _publish(self, event: events.Event, output: Any) -> tuple[str, ...]:
-        out = events.Event(
-            data=output,
-            id=events.derive_id(event.source, event.id, self.workflow.key, self.step.name),
-            source=self.source,
-            type=self.type,
-            time=events.now_rfc3339(),
-            extensions={
-                events.RUN: event.run,
-                events.ORG: self.workflow.org,
-                events.WORKFLOW: self.workflow.name,
-                events.STEP: self.step.name,
-            },
-            # The next steps' spans are children of this step's span: one trace per run.
-            traceparent=telemetry.current_traceparent() or event.traceparent,
+    def _keep_alive(self, msgs: list[Msg]) -> asyncio.Task[None] | None:
+        """Keep calls that may outlast ack_wait from being redelivered meanwhile."""
+        interval = self.binding.ack_wait / 2
+        longest = self.spec.timeout_ms / 1000 * max(1, len(msgs) // self.worker.threads)
+        if longest + 1.0 < interval:
+            return None  # the batch will be done long before the server would redeliver
+
+        async def beat() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                for msg in msgs:
+                    await _settle(msg.in_progress(), "in_progress")
+
+        return asyncio.create_task(beat())
+
+    async def _call_all(self, jobs: list[_Job]) -> None:
+        """Call the module for every job: one executor hop per chunk, chunks in parallel."""
+        loop = asyncio.get_running_loop()
+        chunks = [jobs[i :: self.worker.threads] for i in range(self.worker.threads)]
+        await asyncio.gather(
+            *(loop.run_in_executor(self.worker.executor, self._run, c) for c in chunks if c)
         )
-        try:
-            headers, body = events.encode(out)
-        except EventEncodeError as exc:
-            raise StepError(str(exc), kind="encode", retryable=False) from None
+
+    def _run(self, jobs: list[_Job]) -> None:
+        """Module calls, in an executor thread (Extism releases the GIL)."""
+        codec = self.step.codec or "json"
+        for job in jobs:
+            assert job.call is not None
+            with self.telemetry.module_call(self.step.function, job.span) as span:
+                job.call.trace_context = trace.set_span_in_context(span)
+                begun = time.perf_counter()
+                try:
+                    raw = self.worker.host.call(self.spec, self.step.function, job.data, job.call)
+                    job.output = from_module(raw, codec)
+                except StepError as exc:
+                    job.error = exc
+                except Exception as exc:  # a bug of ours must not take the batch down
+                    log.exception("module call failed unexpectedly")
+                    job.error = StepError(f"internal error: {exc!r}", kind="error")
+                finally:
+                    self.telemetry.record_module_time(time.perf_counter() - begun)
+
+    async def _publish_all(self, jobs: list[_Job]) -> None:
+        """Start publishing every output (PubAcks are awaited in :meth:`_confirm`)."""
         js, nc = self.worker.js, self.worker.nc
-        acks = []
-        for subject in self.targets:
-            message_headers = {**headers, events.MSG_ID: f"{out.id}:{subject}"}
+        for job in jobs:
+            if job.error is not None or job.output is None:
+                continue
+            event = job.event
+            out = events.Event(
+                data=job.output,
+                id=events.derive_id(event.source, event.id, self.workflow.key, self.step.name),
+                source=self.source,
+                type=self.type,
+                time=events.now_rfc3339(),
+                extensions={
+                    events.RUN: event.run,
+                    events.ORG: self.workflow.org,
+                    events.WORKFLOW: self.workflow.name,
+                    events.STEP: self.step.name,
+                },
+                # The next steps' spans are children of this one: one trace per run.
+                traceparent=telemetry.traceparent_of(trace.set_span_in_context(job.span))
+                or event.traceparent,
+            )
             try:
-                bus.check_size(nc, subject, message_headers, body)
-            except DeadliftError as exc:
-                raise StepError(str(exc), kind="output_too_large", retryable=False) from None
-            with self.telemetry.publish(subject):
-                acks.append(await js.publish_async(subject, body, headers=message_headers))
-        for ack in acks:
-            result = await asyncio.wait_for(ack, timeout=10.0)
-            if result.duplicate:  # published before (a redelivery): stored once all the same
-                self.worker.stats["duplicate"] += 1
-        return tuple(self.targets)
+                headers, body = events.encode(out)
+                for subject in self.targets:
+                    message_headers = {**headers, events.MSG_ID: f"{out.id}:{subject}"}
+                    try:
+                        bus.check_size(nc, subject, message_headers, body)
+                    except DeadliftError as exc:
+                        raise StepError(
+                            str(exc), kind="output_too_large", retryable=False
+                        ) from None
+                    with self.telemetry.publish(subject, job.span):
+                        job.acks.append(
+                            await js.publish_async(subject, body, headers=message_headers)
+                        )
+            except EventEncodeError as exc:
+                job.error = StepError(str(exc), kind="encode", retryable=False)
+            except StepError as exc:
+                job.error = exc
+            except (TimeoutError, DeadliftError, nats.errors.Error) as exc:
+                job.error = _publish_error(exc)
+            job.targets = tuple(self.targets)
+
+    async def _confirm(self, jobs: list[_Job]) -> None:
+        """Wait for every PubAck; a job whose output was not stored fails (and is retried)."""
+        pending = [ack for job in jobs for ack in job.acks]
+        if not pending:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.wait(pending), timeout=10.0)
+        for job in jobs:
+            for ack in job.acks:
+                if not ack.done():
+                    ack.cancel()
+                    job.error = job.error or _publish_error(TimeoutError("no PubAck in 10 s"))
+                elif ack.cancelled() or ack.exception() is not None:
+                    problem = ack.exception() if not ack.cancelled() else "cancelled"
+                    job.error = job.error or _publish_error(problem)
+                elif ack.result().duplicate:  # published before (a redelivery): stored once
+                    self.worker.stats["duplicate"] += 1
+
+    async def _finish(self, job: _Job) -> None:
+        """Ack a job that succeeded or fail it; report; end its span."""
+        try:
+            if job.error is not None:
+                await self._fail(job.msg, job.event, job.attempt, job.started, job.error, job.span)
+                return
+            await _settle(job.msg.ack(), "ack")
+            outcome = "filtered" if job.output is None else "ok"
+            self._report(
+                job.event,
+                outcome,
+                job.started,
+                job.attempt,
+                output=job.output,
+                targets=job.targets if job.output is not None else (),
+                span=job.span,
+            )
+        finally:
+            self.telemetry.end_execution(job.span)
 
     async def _fail(
         self,
@@ -324,11 +407,12 @@ class StepRunner:
         attempt: int,
         started: float,
         error: StepError,
+        span: Span | None = None,
     ) -> None:
         retry = self.step.retry
         if error.retryable and attempt < retry.max_attempts:
             await _settle(msg.nak(delay=retry.delay(attempt)), "nak")
-            self._report(event, "retry", started, attempt, error=error)
+            self._report(event, "retry", started, attempt, error=error, span=span)
             return
         meta = msg.metadata
         try:
@@ -361,7 +445,7 @@ class StepRunner:
             error.kind,
             error,
         )
-        self._report(event, "dead", started, attempt, error=error)
+        self._report(event, "dead", started, attempt, error=error, span=span)
 
     def _report(
         self,
@@ -373,6 +457,7 @@ class StepRunner:
         output: Any = None,
         targets: tuple[str, ...] = (),
         error: StepError | None = None,
+        span: Span | None = None,
     ) -> None:
         self.worker.stats[outcome] += 1
         self.telemetry.record(
@@ -381,8 +466,8 @@ class StepRunner:
             outputs=len(targets),
             kind=error.kind if error else None,
         )
-        if error is not None:
-            telemetry.fail_span(trace.get_current_span(), error.kind, str(error))
+        if error is not None and span is not None:
+            telemetry.fail_span(span, error.kind, str(error))
         if not self.worker.observers:
             return
         self.worker.report(

@@ -106,43 +106,46 @@ class StepTelemetry:
         self.name = f"{org}.{workflow}.{step}"
         self.metrics = instruments()
 
-    @contextmanager
-    def execution(
+    def start_execution(
         self, headers: Mapping[str, str] | None, subject: str, attempt: int, run: str
-    ) -> Iterator[Span]:
-        """The CONSUMER span of one step execution (current while the step runs)."""
+    ) -> Span:
+        """Start the CONSUMER span of one step execution; end it with :meth:`end_execution`."""
         self.metrics.events_in.add(1, self.attributes)
         self.metrics.in_flight.add(1, self.attributes)
-        try:
-            with TRACER.start_as_current_span(
-                f"process {self.name}",
-                context=extract(headers),
-                kind=SpanKind.CONSUMER,
-                attributes={
-                    **self.span_attributes,
-                    "messaging.operation.type": "process",
-                    "messaging.destination.name": subject,
-                    "deadlift.attempt": attempt,
-                    "deadlift.run": run,
-                },
-            ) as span:
-                yield span
-        finally:
-            self.metrics.in_flight.add(-1, self.attributes)
+        return TRACER.start_span(
+            f"process {self.name}",
+            context=extract(headers),
+            kind=SpanKind.CONSUMER,
+            attributes={
+                **self.span_attributes,
+                "messaging.operation.type": "process",
+                "messaging.destination.name": subject,
+                "deadlift.attempt": attempt,
+                "deadlift.run": run,
+            },
+        )
+
+    def end_execution(self, span: Span) -> None:
+        """End a step execution's span."""
+        self.metrics.in_flight.add(-1, self.attributes)
+        span.end()
 
     @contextmanager
-    def module_call(self, function: str) -> Iterator[Span]:
-        """The span of the module call; records its duration."""
+    def module_call(self, function: str, parent: Span) -> Iterator[Span]:
+        """The span of one module call (usable from the module's thread)."""
         with TRACER.start_as_current_span(
-            f"module {function}", attributes={**self.span_attributes, "deadlift.function": function}
+            f"module {function}",
+            context=trace.set_span_in_context(parent),
+            attributes={**self.span_attributes, "deadlift.function": function},
         ) as span:
             yield span
 
     @contextmanager
-    def publish(self, subject: str) -> Iterator[Span]:
+    def publish(self, subject: str, parent: Span) -> Iterator[Span]:
         """A PRODUCER span for one publish."""
         with TRACER.start_as_current_span(
             f"publish {subject}",
+            context=trace.set_span_in_context(parent),
             kind=SpanKind.PRODUCER,
             attributes={
                 **self.span_attributes,

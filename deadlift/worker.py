@@ -81,6 +81,7 @@ class Worker:
         self.observers = list(observers)
         self.concurrency = concurrency or self.settings.concurrency
         self.host = ModuleHost()
+        self.threads = threads
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="deadlift-wasm")
         self.registry: Registry | None = None
         self._runners: dict[tuple[str, str], list[StepRunner]] = {}

@@ -85,9 +85,9 @@ async def test_sigterm_during_a_burst_finishes_in_flight_and_exits_promptly(
     await push("add_ten")
     await push("multiply_by_five")
     await apply(CALCULATOR)
-    total = 600
+    total = 3000
     await publish_all(nc, total)
-    first = start_worker(settings, "--concurrency", "8")
+    first = start_worker(settings, "--concurrency", "4")
     await eventually(lambda: outputs(nc, 50), timeout=30, message="first outputs")
     started = time.monotonic()
     first.send_signal(signal.SIGTERM)

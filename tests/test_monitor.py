@@ -29,8 +29,6 @@ from deadlift.worker import Worker
 from deadlift.workflow import Workflow, parse_workflow
 from tests.conftest import ROOT, eventually, module_path, publish, stored
 
-pytestmark = pytest.mark.slow
-
 CALCULATOR = (ROOT / "config" / "workflows" / "calculator.yaml").read_text()
 STRICT = """
 name: strict
@@ -105,6 +103,7 @@ async def dead(nc: Client, count: int) -> bool:
 # -- workers ----------------------------------------------------------------------
 
 
+@pytest.mark.slow  # runs the CLI as processes
 async def test_workers_lists_live_workers_with_their_steps(
     nc: Client, settings: Settings, calculator: Workflow
 ) -> None:
@@ -112,13 +111,13 @@ async def test_workers_lists_live_workers_with_their_steps(
         await monitor.live_workers(nc)
 
     async with running(settings, (), ("calculator",)) as workers:
-        found = await monitor.discover_workers(nc)
+        found = await monitor.discover_workers(nc, timeout=2)
         assert {w.id for w in found} == {w._service.id for w in workers}
         assert [w.steps for w in found] == [STEPS, STEPS]
         assert all(w.error is None and w.orgs == ["acme"] for w in found)
         assert "acme.calculator.add" in rendered(workers_table(found))
 
-        result = await cli(settings, "workers", "--json")
+        result = await cli(settings, "workers", "--json", "--timeout", "2")
     assert result.returncode == 0, result.stderr
     listed = json.loads(result.stdout)
     assert len(listed) == 2 and len({w["id"] for w in listed}) == 2
@@ -154,6 +153,7 @@ def rows(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {f"{s['workflow']}/{s['step']}": s for s in report["steps"]}
 
 
+@pytest.mark.slow  # runs the CLI as processes
 async def test_status_counts_a_backlog_and_dead_letters(
     nc: Client, settings: Settings, registry: Registry, apply: Any, calculator: Workflow
 ) -> None:
@@ -213,6 +213,7 @@ TWO_STEPS = [
 ]
 
 
+@pytest.mark.slow  # runs the CLI as processes
 async def test_trace_shows_a_run_in_order_across_its_steps(
     nc: Client, settings: Settings, apply: Any, calculator: Workflow
 ) -> None:
@@ -256,6 +257,7 @@ async def _count(found: Any, count: int) -> bool:
 # -- tail -------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # runs the CLI as processes
 async def test_tail_workflow_shows_the_events_of_all_its_steps(
     nc: Client, settings: Settings, calculator: Workflow
 ) -> None:

@@ -65,9 +65,10 @@ async def stream_names(nc: Client) -> set[str]:
 
 
 def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run the CLI against the test server."""
+    """Run the CLI against the test server, as the installed ``deadlift`` command does."""
+    entry = "import sys; from deadlift.cli import main; sys.argv[0] = 'deadlift'; main()"
     return subprocess.run(
-        [sys.executable, "-m", "deadlift.cli", "--server", settings.nats_url, *args],
+        [sys.executable, "-c", entry, "--server", settings.nats_url, *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -192,7 +193,10 @@ async def test_apply_pins_each_step_to_sha256_and_codec(
     applied = await apply(CALCULATOR)
     [stored] = await registry.workflows()
     assert stored == applied
-    for step, ref, codec in (("add", "add_ten", "json"), ("multiply", "multiply_by_five", "msgpack")):
+    for step, ref, codec in (
+        ("add", "add_ten", "json"),
+        ("multiply", "multiply_by_five", "msgpack"),
+    ):
         meta = await registry.resolve(ref)
         assert stored.step(step).module_sha256 == meta.sha256
         assert stored.step(step).codec == codec
@@ -397,6 +401,8 @@ async def test_removing_one_version_keeps_the_others(
     assert [m.version for m in await registry.versions("adder")] == ["2"]
     assert (await registry.resolve("adder")).sha256 == second.sha256
     assert await stored_binaries(nc) == [second.sha256]
+    with pytest.raises(NotFoundError, match="missing from the store"):
+        await registry.binary(first.sha256)
     with pytest.raises(NotFoundError, match=r"no version '1' \(versions: 2\)"):
         await registry.remove_module("adder@1")
     with pytest.raises(ConfigError, match="step 'only'"):
@@ -463,14 +469,15 @@ async def test_cli_inspect_rm_and_workflow_rm(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="remove_module raises ConfigError for 'in use', which the CLI maps to exit 2 "
-    "(invalid input); README and brief: a refused runtime operation exits 1",
-)
 async def test_cli_module_rm_in_use_exits_1(settings: Settings, push: Push, apply: Apply) -> None:
+    """A refusal is a runtime error (exit 1), not invalid input (exit 2): the ref is fine."""
     await push("add_ten")
     await apply(one_step("add_ten"))
     refused = cli(settings, "module", "rm", "add_ten")
-    assert "acme.single" in refused.stderr
+    assert "acme.single step 'only'" in refused.stderr, refused.stderr
+    if refused.returncode == 2:
+        pytest.xfail(
+            "known bug: Registry.remove_module raises ConfigError for a module in use, "
+            "which run_async maps to exit 2 (invalid input)"
+        )
     assert refused.returncode == 1, refused.stderr

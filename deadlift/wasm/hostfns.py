@@ -71,7 +71,7 @@ class HostCall:
     event_id: str
     granted: Mapping[str, HostFunction]
     loop: asyncio.AbstractEventLoop | None = None
-    services: Mapping[str, Any] = field(default_factory=dict)
+    services: Mapping[str, Any] = field(default_factory=dict, repr=False)  # holds secrets
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("deadlift.host"))
     failure: HostFunctionError | None = None
     calls: int = 0
