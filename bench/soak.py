@@ -573,7 +573,8 @@ async def wait_until_settled(soak: Soak) -> str:
 
 @dataclass
 class Verdict:
-    lost: list[int]
+    lost: list[int]  # output values missing from soak.out
+    vanished: list[int]  # of those, the n with no dead letter either
     duplicated: int
     unexpected: list[Any]
     letters: list[dlq.DeadLetter]
@@ -593,12 +594,16 @@ async def judge(soak: Soak) -> Verdict:
     expected = {(n + 10) * 5 for n in range(soak.args.events)}
     seen = Counter(s.value for s in outputs)
     letters = await dlq.letters(soak.js, org=ORG)
+    good_letters = [x for x in letters if x.workflow == GOOD_WORKFLOW]
+    lost = sorted(expected - set(seen))
+    lettered = {letter_n(x) for x in good_letters}
     return Verdict(
-        lost=sorted(expected - set(seen)),
+        lost=lost,
+        vanished=[n for n in (v // 5 - 10 for v in lost) if n not in lettered],
         duplicated=sum(c - 1 for v, c in seen.items() if v in expected and c > 1),
         unexpected=sorted((v for v in seen if v not in expected), key=repr),
         letters=letters,
-        good_letters=[x for x in letters if x.workflow == GOOD_WORKFLOW],
+        good_letters=good_letters,
         unlettered=unlettered(soak.hostile, letters),
         outputs=outputs,
     )
@@ -630,28 +635,39 @@ def report_details(soak: Soak, verdict: Verdict, why_not_settled: str) -> int:
         for s in copies:
             print(f"      stream seq {s.seq} ce-id {s.event_id} Nats-Msg-Id {s.msg_id}")
     if verdict.lost:
-        print(f"!!! lost {len(verdict.lost)} values, e.g. {verdict.lost[:10]}")
+        print(f"!!! lost {len(verdict.lost)} output values, e.g. {verdict.lost[:10]}")
+    if verdict.vanished:
+        print(
+            f"!!! {len(verdict.vanished)} of them have no dead letter either, "
+            f"n = {verdict.vanished[:10]}"
+        )
     if verdict.unexpected:
         print(f"!!! unexpected values on {GOOD_OUT}: {verdict.unexpected[:10]}")
     for letter in verdict.good_letters[:5]:
         print(f"!!! good event dead-lettered: {describe_letter(letter, set(by_value))}")
     for item in verdict.unlettered[:5]:
-        print(f"!!! hostile input not dead-lettered: {item}")
+        print(f"!!! hostile input without a dead letter: {item}")
     return troubled
 
 
-def describe_letter(letter: dlq.DeadLetter, stored_values: set[Any]) -> str:
-    """A good event's dead letter: which value, why, and whether its output got stored anyway."""
+def letter_n(letter: dlq.DeadLetter) -> int | None:
+    """The n of a good event's dead letter (its input at step add is n, at multiply n + 10)."""
     try:
         event = events.decode(letter.headers, letter.body, fallback_id="-", fallback_source="-")
-        value = event.data["value"]
+        value = int(event.data["value"])
     except Exception:
-        return f"{letter.step} [{letter.kind}] {letter.error} (undecodable)"
-    output = value * 5 if letter.step == "multiply" else (value + 10) * 5
-    anyway = "output stored anyway" if output in stored_values else "output NOT stored"
+        return None
+    return value - 10 if letter.step == "multiply" else value
+
+
+def describe_letter(letter: dlq.DeadLetter, stored_values: set[Any]) -> str:
+    """A good event's dead letter: which n, why, and whether its output got stored anyway."""
+    n = letter_n(letter)
+    stored = n is not None and (n + 10) * 5 in stored_values
     return (
-        f"{letter.step} input {{'value': {value}}} seq {letter.headers.get(dlq.H_SEQ)} "
-        f"after {letter.attempts} deliveries [{letter.kind}] ({anyway}): {letter.error}"
+        f"n={n} at step {letter.step} (stream seq {letter.headers.get(dlq.H_SEQ)}) after "
+        f"{letter.attempts} deliveries [{letter.kind}], "
+        f"{'output stored anyway' if stored else 'output NOT stored'}: {letter.error}"
     )
 
 

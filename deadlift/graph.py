@@ -73,8 +73,8 @@ def _dot(workflow: Workflow, edges: CrossOrg) -> str:
             lines.append(f'  "org:{_q(source)}" -> T{i} [style=dashed, label="import"];')
     for step in workflow.steps:
         node = ids[step.name]
-        label = f"{step.name}\\n{step.module}:{step.function}"
-        lines.append(f'  {node} [shape=box, label="{_q(label)}"];')
+        label = f"{_q(step.name)}\\n{_q(step.module)}:{_q(step.function)}"  # \\n: a line break
+        lines.append(f'  {node} [shape=box, label="{label}"];')
         for target in step.next:
             lines.append(f"  {node} -> {ids[target]};")
         for j, subject in enumerate(step.publish):
@@ -90,7 +90,8 @@ def _dot(workflow: Workflow, edges: CrossOrg) -> str:
 
 
 def _q(text: str) -> str:
-    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\\\\n", "\\n")
+    """Text for inside a dot double-quoted string: the text as it is, nothing interpreted."""
+    return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
 def _id(text: str) -> str:

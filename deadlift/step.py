@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("deadlift.worker")
 
 FETCH_TIMEOUT_S = 1.0  # also bounds how long shutdown waits for a fetch to return
+BACKLOG_WAIT_S = 0.05  # how long a batch fetch may wait for stragglers
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,15 +184,24 @@ class StepRunner:
         # next one runs its modules. Each batch costs one executor hop per thread.
         size = max(1, min(self.worker.settings.fetch_batch, self.concurrency // 2))
         slots = asyncio.Semaphore(2)
+        backlog = True
         while not self._stopping:
             await slots.acquire()
             if self._stopping:
                 slots.release()
                 break
             try:
-                msgs = await self._sub.fetch(size, timeout=FETCH_TIMEOUT_S)
+                # nats-py's fetch(n) waits for n messages (or the timeout) once the
+                # stream is drained, so: with a backlog, a batch with a short wait;
+                # caught up, a single message as soon as it arrives (low latency).
+                if backlog:
+                    msgs = await self._sub.fetch(size, timeout=BACKLOG_WAIT_S)
+                else:
+                    msgs = await self._sub.fetch(1, timeout=FETCH_TIMEOUT_S)
+                backlog = bool(msgs[-1].metadata.num_pending)
             except (TimeoutError, nats.errors.TimeoutError):
                 slots.release()
+                backlog = False
                 continue
             except nats.errors.ConnectionClosedError:
                 slots.release()
