@@ -566,6 +566,42 @@ def dlq_purge(ctx: click.Context, workflow: str | None, step: str | None, yes: b
     run_async(dlq_command(settings_of(ctx), "purge", workflow=workflow, step=step))
 
 
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option(
+    "--events",
+    "-n",
+    "count",
+    default=20_000,
+    show_default=True,
+    help="events per throughput scenario",
+)
+def bench(as_json: bool, count: int) -> None:
+    """Measure Deadlift against the bare loop and per-message instantiation."""
+    from deadlift.benchmark import run
+
+    report = asyncio.run(run(events_count=count))
+    if as_json:
+        click.echo(dump_json(report))
+        return
+    table = Table("scenario", "events", "events/s", "p50 ms", "p99 ms", "note")
+    for r in report["results"]:
+        note = ", ".join(f"{k}={v:.0f}" for k, v in r["extra"].items())
+        table.add_row(
+            r["name"],
+            str(r["events"]),
+            f"{r['rate']:.0f}" if r["seconds"] else "-",
+            f"{r['p50_ms']:.2f}" if r["p50_ms"] is not None else "",
+            f"{r['p99_ms']:.2f}" if r["p99_ms"] is not None else "",
+            note,
+        )
+    console.print(table)
+    for name, ratio in report["ratios"].items():
+        console.print(f"  {name}: {ratio:.2f}x")
+    for name, ok in report["targets"].items():
+        console.print(f"  {'[green]✓[/]' if ok else '[red]✗[/]'} {name}")
+
+
 # -- demo and dev -----------------------------------------------------------------
 
 

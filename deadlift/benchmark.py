@@ -1,0 +1,385 @@
+"""``deadlift bench``: Deadlift's throughput and latency against two baselines, in one run.
+
+Scenarios (each on its own embedded nats-server, file store, one tiny module):
+
+* **bare loop** — the baseline to beat: a plain nats-py pull consumer → Extism
+  call → ``publish_async`` with ``Nats-Msg-Id`` → await the PubAcks → ack,
+  written without Deadlift.
+* **per-message instantiation** — the same loop creating an Extism plugin per
+  message, as the original Deadlift proof of concept did.
+* **deadlift 1 step**, **deadlift 3 steps** — a durable workflow run by a worker.
+* **3-step latency at 100 events/s** — end-to-end p50 / p99.
+* **2 worker processes** against one.
+* **worker RSS with 20 modules loaded**.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import extism
+from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
+
+from deadlift import bus, events
+from deadlift.control import apply_workflows
+from deadlift.registry import Registry
+from deadlift.server import EmbeddedServer
+from deadlift.settings import Settings
+from deadlift.worker import Worker
+from deadlift.workflow import parse_workflow
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE = ROOT / "workers" / "dist" / "add_ten.wasm"
+
+
+@dataclass
+class Result:
+    """One scenario's figures."""
+
+    name: str
+    events: int
+    seconds: float
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        """Events per second."""
+        return self.events / self.seconds if self.seconds else 0.0
+
+
+def _wasm() -> bytes:
+    if not MODULE.is_file():
+        raise FileNotFoundError(f"{MODULE} not found; run from a Deadlift checkout")
+    return MODULE.read_bytes()
+
+
+def _manifest(wasm: bytes) -> dict[str, Any]:
+    return {"wasm": [{"data": wasm}], "timeout_ms": 1000, "memory": {"max_pages": 256}}
+
+
+async def _prefill(js: Any, subject: str, count: int) -> None:
+    """Publish ``count`` Deadlift events, awaiting their PubAcks in windows."""
+    window: list[Any] = []
+    for n in range(count):
+        event = events.new_event({"value": n}, source="bench", type="bench")
+        headers, body = events.encode(event)
+        headers[events.MSG_ID] = event.id
+        window.append(await js.publish_async(subject, body, headers=headers))
+        if len(window) >= 2000:
+            await asyncio.gather(*window)
+            window.clear()
+    await asyncio.gather(*window)
+
+
+# -- baselines -------------------------------------------------------------------
+
+
+async def bare_loop(count: int, *, per_message_plugin: bool = False) -> Result:
+    """The plain loop: fetch → Extism → publish_async(+Msg-Id) → await PubAcks → ack."""
+    wasm = _wasm()
+    with EmbeddedServer() as server:
+        nc = await bus.connect(Settings(nats_url=server.url), name="bench-bare")
+        js = nc.jetstream()
+        await js.add_stream(StreamConfig(name="BARE", subjects=["bare.in", "bare.out"]))
+        await js.add_consumer(
+            "BARE",
+            ConsumerConfig(
+                durable_name="bare",
+                ack_policy=AckPolicy.EXPLICIT,
+                filter_subject="bare.in",
+                max_ack_pending=-1,
+            ),
+        )
+        await _prefill(js, "bare.in", count)
+        sub = await js.pull_subscribe_bind(durable="bare", stream="BARE")
+        plugin = None if per_message_plugin else extism.Plugin(_manifest(wasm), functions=[])
+        done = 0
+        started = time.perf_counter()
+        while done < count:
+            msgs = await sub.fetch(256, timeout=5)
+            acks = []
+            for msg in msgs:
+                event = events.decode(msg.headers, msg.data, fallback_id="-", fallback_source="-")
+                runner = plugin or extism.Plugin(_manifest(wasm), functions=[])
+                out = runner.call("add_ten", _json(event.data))
+                headers = {events.MSG_ID: f"{event.id}:out"}
+                acks.append(await js.publish_async("bare.out", out, headers=headers))
+            await asyncio.gather(*acks)
+            for msg in msgs:
+                await msg.ack()
+            done += len(msgs)
+        seconds = time.perf_counter() - started
+        await nc.drain()
+    name = "per-message instantiation" if per_message_plugin else "bare loop"
+    return Result(name, count, seconds)
+
+
+def _json(data: Any) -> bytes:
+    import json
+
+    return json.dumps(data, separators=(",", ":")).encode()
+
+
+# -- Deadlift ---------------------------------------------------------------------
+
+CHAIN = """
+name: bench
+org: bench
+trigger: bench.in
+steps:
+{steps}
+"""
+
+
+def _chain(length: int) -> str:
+    lines = []
+    for i in range(length):
+        nxt = f", next: [s{i + 1}]" if i + 1 < length else ", publish: [bench.out]"
+        lines.append(f"  - {{name: s{i}, module: add_ten, function: add_ten{nxt}}}")
+    return CHAIN.format(steps="\n".join(lines))
+
+
+async def _setup(server: EmbeddedServer, length: int, wasm: bytes | None = None) -> Any:
+    settings = Settings(nats_url=server.url)
+    nc = await bus.connect(settings, name="bench")
+    registry = await Registry.open(nc.jetstream())
+    await registry.push_module(wasm or _wasm(), name="add_ten")
+    workflow = parse_workflow(_chain(length))
+    await apply_workflows(nc.jetstream(), registry, settings, [(workflow, "bench.yaml")])
+    return nc, settings
+
+
+async def _stored(js: Any, subject: str) -> int:
+    """Messages stored on subjects matching ``subject`` (``state.messages`` counts all)."""
+    info = await js.stream_info(bus.EVENTS_STREAM, subjects_filter=subject)
+    return sum((info.state.subjects or {}).values())
+
+
+async def _until(condition: Callable[[], Awaitable[bool]], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("benchmark did not finish in time")
+        await asyncio.sleep(0.005)
+
+
+async def deadlift_throughput(count: int, *, steps: int = 1) -> Result:
+    """Events/s through a worker for a chain of ``steps`` steps (backlog pre-published)."""
+    with EmbeddedServer() as server:
+        nc, settings = await _setup(server, steps)
+        js = nc.jetstream()
+        await _prefill(js, "bench.in", count)
+        worker = Worker(nc, settings=settings, advertise=False)
+        started = time.perf_counter()
+        await worker.start()
+        await _until(lambda: _done(worker, count * steps), timeout=300)
+        seconds = time.perf_counter() - started
+        await worker.shutdown()
+        await nc.drain()
+    return Result(f"deadlift {steps} step{'s' if steps > 1 else ''}", count, seconds)
+
+
+async def _done(worker: Worker, total: int) -> bool:
+    return worker.stats["ok"] >= total
+
+
+async def deadlift_latency(count: int, *, rate: float = 100.0, steps: int = 3) -> Result:
+    """End-to-end latency of a ``steps``-step chain at a steady ``rate`` of events/s."""
+    with EmbeddedServer() as server:
+        nc, settings = await _setup(server, steps)
+        js = nc.jetstream()
+        sent: dict[str, float] = {}
+        latencies: list[float] = []
+
+        async def on_output(msg: Any) -> None:
+            event = events.decode(msg.headers, msg.data, fallback_id="-", fallback_source="-")
+            latencies.append((time.perf_counter() - sent[event.run]) * 1000)
+
+        await nc.subscribe("bench.out", cb=on_output)
+        async with Worker(nc, settings=settings, advertise=False):
+            await asyncio.sleep(0.5)  # steps pulling
+            started = time.perf_counter()
+            for n in range(count):
+                event = events.new_event({"value": n}, source="bench", type="bench")
+                headers, body = events.encode(event)
+                headers[events.MSG_ID] = event.id
+                sent[event.id] = time.perf_counter()
+                await js.publish("bench.in", body, headers=headers)
+                await asyncio.sleep(max(0.0, started + (n + 1) / rate - time.perf_counter()))
+            await _until(lambda: _counted(latencies, count), timeout=30)
+            seconds = time.perf_counter() - started
+        await nc.drain()
+    latencies.sort()
+    return Result(
+        f"deadlift {steps} steps @ {rate:.0f}/s",
+        count,
+        seconds,
+        p50_ms=statistics.median(latencies),
+        p99_ms=latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+    )
+
+
+async def _counted(values: list[float], count: int) -> bool:
+    return len(values) >= count
+
+
+async def worker_processes(count: int, processes: int) -> Result:
+    """Events/s of a 1-step workflow shared by ``processes`` worker processes."""
+    with EmbeddedServer() as server:
+        nc, _ = await _setup(server, 1)
+        js = nc.jetstream()
+        await _prefill(js, "bench.in", count)
+        env = {**os.environ, "DEADLIFT_NATS_URL": server.url, "DEADLIFT_ORGS_FILE": "/nonexistent"}
+        started = time.perf_counter()
+        workers = [
+            subprocess.Popen(  # noqa: ASYNC220 (a child process, started once)
+                [
+                    sys.executable,
+                    "-m",
+                    "deadlift.cli",
+                    "--log-level",
+                    "WARNING",
+                    "worker",
+                    "--concurrency",
+                    "64",
+                ],
+                env=env,
+            )
+            for _ in range(processes)
+        ]
+        try:
+            await _until(lambda: _full(js, count), timeout=300)
+            seconds = time.perf_counter() - started
+        finally:
+            for worker in workers:
+                worker.terminate()
+            for worker in workers:
+                worker.wait(30)
+        await nc.drain()
+    return Result(f"deadlift 1 step, {processes} processes", count, seconds)
+
+
+async def _full(js: Any, count: int) -> bool:
+    return await _stored(js, "bench.out") >= count
+
+
+def module_variant(wasm: bytes, index: int) -> bytes:
+    """The same code with a different custom section: a distinct module (sha256)."""
+    name = b"deadlift-bench"
+    payload = bytes([len(name)]) + name + index.to_bytes(4, "little")
+    return wasm + b"\x00" + _leb(len(payload)) + payload
+
+
+def _leb(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+async def worker_rss(modules: int = 20) -> Result:
+    """Resident memory of a worker process running ``modules`` distinct modules."""
+    wasm = _wasm()
+    with EmbeddedServer() as server:
+        settings = Settings(nats_url=server.url)
+        nc = await bus.connect(settings, name="bench")
+        registry = await Registry.open(nc.jetstream())
+        flows = []
+        for i in range(modules):
+            variant = module_variant(wasm, i)
+            await registry.push_module(variant, name=f"m{i}")
+            flows.append(
+                (
+                    parse_workflow(
+                        f"name: w{i}\norg: bench\ntrigger: rss.{i}\nsteps:\n"
+                        f"  - {{name: s, module: m{i}, function: add_ten, "
+                        f"publish: [rss.out.{i}]}}\n"
+                    ),
+                    f"w{i}.yaml",
+                )
+            )
+        await apply_workflows(nc.jetstream(), registry, settings, flows)
+        for i in range(modules):
+            await _prefill(nc.jetstream(), f"rss.{i}", 50)
+        env = {**os.environ, "DEADLIFT_NATS_URL": server.url, "DEADLIFT_ORGS_FILE": "/nonexistent"}
+        worker = subprocess.Popen(  # noqa: ASYNC220 (a child process, started once)
+            [sys.executable, "-m", "deadlift.cli", "--log-level", "WARNING", "worker"], env=env
+        )
+        try:
+            js = nc.jetstream()
+            await _until(lambda: _all_out(js, modules, 50), timeout=120)
+            await asyncio.sleep(1.0)
+            rss_mb = _rss_mb(worker.pid)
+        finally:
+            worker.terminate()
+            worker.wait(30)
+        await nc.drain()
+    return Result(f"worker RSS, {modules} modules", modules * 50, 0.0, extra={"rss_mb": rss_mb})
+
+
+async def _all_out(js: Any, modules: int, each: int) -> bool:
+    return await _stored(js, "rss.out.>") >= modules * each
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+# -- the run ---------------------------------------------------------------------
+
+
+async def run(events_count: int = 20_000, latency_events: int = 500) -> dict[str, Any]:
+    """Every scenario, with ratios and the targets checked."""
+    bare = await bare_loop(events_count)
+    per_message = await bare_loop(max(500, events_count // 20), per_message_plugin=True)
+    one = await deadlift_throughput(events_count, steps=1)
+    three = await deadlift_throughput(events_count // 2, steps=3)
+    latency = await deadlift_latency(latency_events)
+    single = await worker_processes(events_count, 1)
+    double = await worker_processes(events_count, 2)
+    rss = await worker_rss(20)
+    results = [bare, per_message, one, three, latency, single, double, rss]
+    targets = {
+        "1-step >= 1.0x bare loop": one.rate >= bare.rate,
+        "1-step >= 10x per-message instantiation": one.rate >= 10 * per_message.rate,
+        "3-step p50 <= 5 ms at 100/s": (latency.p50_ms or 1e9) <= 5.0,
+        "2 processes >= 1.3x one": double.rate >= 1.3 * single.rate,
+        "worker RSS <= 150 MB with 20 modules": rss.extra["rss_mb"] <= 150,
+    }
+    return {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "extism": extism.extism_version(),
+        },
+        "results": [{**asdict(r), "rate": r.rate} for r in results],
+        "ratios": {
+            "deadlift 1 step / bare loop": one.rate / bare.rate,
+            "deadlift 1 step / per-message instantiation": one.rate / per_message.rate,
+            "2 processes / 1 process": double.rate / single.rate,
+        },
+        "targets": targets,
+    }
+
+
+def fingerprint() -> str:
+    """The module benchmarked, for the record."""
+    return hashlib.sha256(_wasm()).hexdigest()[:12]
