@@ -267,7 +267,9 @@ class LocalCluster:
                 if not health or health.get("status") != "ok":
                     return False
                 jsz = node.monitor("jsz") or {}
-                leaders.add((jsz.get("meta_cluster") or {}).get("leader", "") if self.size > 1 else "-")
+                leaders.add(
+                    (jsz.get("meta_cluster") or {}).get("leader", "") if self.size > 1 else "-"
+                )
             return len(leaders) == 1 and "" not in leaders
 
         _wait(ready, timeout, f"cluster {self.name} did not elect a JetStream meta leader", running)
@@ -449,7 +451,11 @@ class LeafTopology:
         leaf_port = free_port()
         self.leaf_url = f"nats-leaf://{host}:{leaf_port}"
         self.hub = NatsProcess(
-            name="hub", port=free_port(), monitor_port=free_port(), workdir=self.store_dir, host=host
+            name="hub",
+            port=free_port(),
+            monitor_port=free_port(),
+            workdir=self.store_dir,
+            host=host,
         )
         self.hub.config = hub_config(
             manifest,
@@ -462,7 +468,11 @@ class LeafTopology:
         self.servers: dict[str, NatsProcess] = {}
         for org in members:
             server = NatsProcess(
-                name=org, port=free_port(), monitor_port=free_port(), workdir=self.store_dir, host=host
+                name=org,
+                port=free_port(),
+                monitor_port=free_port(),
+                workdir=self.store_dir,
+                host=host,
             )
             server.config = org_server_config(
                 manifest,

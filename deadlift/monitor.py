@@ -80,8 +80,10 @@ async def advertise(worker: Worker) -> Service:
 
 
 def describe_payload(data: bytes) -> dict[str, Any]:
-    """Decode a worker's ``describe`` answer."""
-    result: dict[str, Any] = json.loads(data)
+    """Decode a worker's ``describe`` answer (raises ValueError if it is not an object)."""
+    result = json.loads(data)
+    if not isinstance(result, dict):
+        raise ValueError(f"describe answered {type(result).__name__}, not an object")
     return result
 
 

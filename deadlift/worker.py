@@ -68,7 +68,7 @@ class Worker:
         host_functions: Mapping[str, HostFunction] | None = None,
         observers: Sequence[Observer] = (),
         concurrency: int | None = None,
-        threads: int = 4,
+        threads: int | None = None,
         orgs: OrgManifest | None = None,
         advertise: bool = True,
     ) -> None:
@@ -81,8 +81,11 @@ class Worker:
         self.observers = list(observers)
         self.concurrency = concurrency or self.settings.concurrency
         self.host = ModuleHost()
-        self.threads = threads
-        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="deadlift-wasm")
+        # Extism releases the GIL: a thread per core runs modules in parallel.
+        self.threads = threads or self.settings.threads or min(8, max(2, os.cpu_count() or 2))
+        self.executor = ThreadPoolExecutor(
+            max_workers=self.threads, thread_name_prefix="deadlift-wasm"
+        )
         self.registry: Registry | None = None
         self._runners: dict[tuple[str, str], list[StepRunner]] = {}
         self._state: dict[str, Any] = {}

@@ -40,9 +40,10 @@ class PluginSpec:
 
 
 class _Pool:
-    def __init__(self, compiled: CompiledPlugin, spec: PluginSpec) -> None:
+    def __init__(self, compiled: CompiledPlugin, spec: PluginSpec, exports: frozenset[str]) -> None:
         self.compiled = compiled
         self.spec = spec
+        self.exports = exports  # checked here: plugin.function_exists is an FFI call
         self.idle: list[extism.Plugin] = []
         self.created = 0
 
@@ -86,7 +87,7 @@ class ModuleHost:
         plugin = self._take(pool, context)
         ok = False
         try:
-            if not plugin.function_exists(function):
+            if function not in pool.exports:
                 raise StepError(
                     f"module {spec.sha256[:12]} has no exported function {function!r}",
                     kind="missing_export",
@@ -120,8 +121,9 @@ class ModuleHost:
         if wasm is None:
             raise ModuleError(f"module binary {spec.sha256} is not loaded")
         compiled = compile_module(wasm, spec)
+        exports = frozenset(inspect_wasm(wasm).exports)
         with self._lock:
-            return self._pools.setdefault(spec, _Pool(compiled, spec))
+            return self._pools.setdefault(spec, _Pool(compiled, spec, exports))
 
     def _take(self, pool: _Pool, context: HostCall) -> extism.Plugin:
         with self._lock:

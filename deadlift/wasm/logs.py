@@ -44,17 +44,26 @@ def install(level: str = "info") -> None:
             _custom = extism.set_log_custom(_emit, level)
 
 
+def plugin_id(plugin: extism.Plugin) -> str:
+    """The instance's uuid as libextism logs it (cached: reading it is an FFI call)."""
+    cached: str | None = getattr(plugin, "_deadlift_id", None)
+    if cached is None:
+        cached = str(plugin.id)
+        plugin._deadlift_id = cached
+    return cached
+
+
 def bind(plugin: extism.Plugin, context: Any) -> None:
     """Attribute the plugin's next log lines to ``context`` (a HostCall)."""
     with _lock:
-        _bound[str(plugin.id)] = context
+        _bound[plugin_id(plugin)] = context
 
 
 def unbind(plugin: extism.Plugin) -> None:
     """Forget a plugin that is being dropped."""
     with _lock:
-        _bound.pop(str(plugin.id), None)
-        _errors.pop(str(plugin.id), None)
+        _bound.pop(plugin_id(plugin), None)
+        _errors.pop(plugin_id(plugin), None)
 
 
 def take_error(plugin: extism.Plugin) -> str | None:
@@ -65,7 +74,7 @@ def take_error(plugin: extism.Plugin) -> str | None:
     """
     flush()
     with _lock:
-        return _errors.pop(str(plugin.id), None)
+        return _errors.pop(plugin_id(plugin), None)
 
 
 def flush() -> None:
