@@ -270,11 +270,11 @@ async def ensure_consumers(
 def consumer_config(
     name: str, filters: list[str], step: Step, settings: Settings
 ) -> ConsumerConfig:
-    """The consumer configuration for a step (durable, explicit ack, bounded deliveries).
+    """The consumer configuration for a step (durable, explicit ack).
 
-    ``max_deliver`` is one more than the step's attempts: a delivery past the
-    last attempt (after a worker crashed during it) reaches a worker, which
-    dead-letters it instead of the server silently giving up.
+    Deliveries are unlimited: the worker, not the server, decides when an event
+    is dead, so an event is never dropped silently (a server that gives up
+    after ``max_deliver`` just stops delivering — no output, no dead letter).
     """
     return ConsumerConfig(
         name=name,
@@ -283,7 +283,7 @@ def consumer_config(
         deliver_policy=DeliverPolicy.NEW,
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=settings.ack_wait_s,
-        max_deliver=step.retry.max_attempts + 1,
+        max_deliver=-1,
         max_ack_pending=max(1000, settings.concurrency * 64),
         filter_subject=filters[0] if len(filters) == 1 else None,
         filter_subjects=filters if len(filters) > 1 else None,

@@ -1,7 +1,215 @@
-"""CLI commands for running beyond one machine (a local NATS cluster)."""
+"""CLI commands for running beyond one machine: a local NATS cluster, and a health probe.
+
+``deadlift cluster`` runs a JetStream cluster on loopback (what the fail-over
+tests use); ``deadlift health`` is the exec probe of worker containers and
+systemd units (the worker has no HTTP endpoint): exit 0 when healthy, 1 when not.
+``deadlift.cli`` is imported inside the commands (see :mod:`deadlift.cli_monitor`).
+"""
 
 from __future__ import annotations
 
-import click
+import asyncio
+import json
+import signal
+import socket
+import sys
+import time
+from typing import Any
 
-COMMANDS: list[click.Command] = []
+import click
+import nats.js.errors
+from rich.console import Console
+
+from deadlift.errors import ConfigError, DeadliftError
+from deadlift.settings import Settings
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+# -- cluster --------------------------------------------------------------------
+
+
+@click.command()
+@click.option("--size", "-n", type=click.IntRange(1, 7), default=3, show_default=True)
+@click.option(
+    "--port",
+    "-p",
+    type=click.IntRange(0, 65535),
+    default=4222,
+    show_default=True,
+    help="client port of the first node; the others follow (0: free ports)",
+)
+@click.option(
+    "--store-dir",
+    type=click.Path(file_okay=False),
+    default=".deadlift/cluster",
+    show_default=True,
+    help="one sub-directory per node (n1, n2, …): config, log, JetStream store",
+)
+@click.option(
+    "--accounts/--no-accounts",
+    default=False,
+    help="one NATS account per org, from the org manifest (--orgs)",
+)
+@click.pass_context
+def cluster(ctx: click.Context, size: int, port: int, store_dir: str, accounts: bool) -> None:
+    """Run a local JetStream cluster of SIZE nats-servers on loopback until Ctrl-C.
+
+    The first line printed is the client URLs, comma-separated, usable as
+    --server (DEADLIFT_NATS_URL). Set DEADLIFT_STREAM_REPLICAS=3 for R3 streams.
+    """
+    from deadlift.cli import settings_of
+    from deadlift.cluster import LocalCluster
+    from deadlift.orgs import load_orgs
+
+    settings = settings_of(ctx)
+    try:
+        orgs = load_orgs(settings.orgs_file) if accounts else None
+        ports = [port + i for i in range(size)] if port else None
+        running = LocalCluster(size, store_dir=store_dir, orgs=orgs, ports=ports).start()
+    except DeadliftError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        sys.exit(2 if isinstance(exc, ConfigError) else 1)
+    click.echo(running.url, nl=True)
+    sys.stdout.flush()
+    err_console.print(
+        f"{size}-node JetStream cluster {running.name!r} (meta leader "
+        f"{running.meta_leader()}), store {store_dir}"
+    )
+    for node in running.nodes:
+        err_console.print(f"  {node.name}: {node.url}  monitor {node.monitor_url}")
+    if orgs is not None:
+        err_console.print(f"accounts: {', '.join(orgs.orgs)} (from {settings.orgs_file})")
+    click.echo(
+        f"try: DEADLIFT_STREAM_REPLICAS={min(size, 3)} deadlift --server {running.url} worker\n"
+        "Ctrl-C to stop",
+        err=True,
+    )
+    stop = {"now": False}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    reported: set[str] = set()
+    try:
+        while not stop["now"]:
+            for node in running.nodes:
+                if not node.running and node.name not in reported:
+                    reported.add(node.name)
+                    err_console.print(f"[yellow]node {node.name} exited[/yellow] (see its log)")
+            time.sleep(0.2)
+    finally:
+        running.stop()
+
+
+# -- health ---------------------------------------------------------------------
+
+
+async def check_health(
+    settings: Settings, *, worker: bool, streams: bool, timeout: float
+) -> dict[str, Any]:
+    """What ``deadlift health`` checks, as a report with ``ok``."""
+    from deadlift import bus
+    from deadlift.monitor import discover_workers
+
+    report: dict[str, Any] = {"ok": False, "server": settings.nats_url}
+    nc = await asyncio.wait_for(bus.connect(settings, name="deadlift-health"), timeout)
+    try:
+        report["connected_to"] = str(nc.connected_url.netloc) if nc.connected_url else None
+        js = nc.jetstream(timeout=timeout)
+        account = await js.account_info()
+        report["jetstream"] = {"streams": account.streams, "consumers": account.consumers}
+        problems: list[str] = []
+        if streams:
+            report["streams"] = {}
+            for name in (bus.EVENTS_STREAM, bus.STEPS_STREAM, bus.DLQ_STREAM):
+                try:
+                    info = await js.stream_info(name)
+                except nats.js.errors.NotFoundError:
+                    report["streams"][name] = {"error": "not found"}
+                    problems.append(f"stream {name} not found (no workflow applied yet?)")
+                    continue
+                except Exception as exc:
+                    report["streams"][name] = {"error": str(exc) or type(exc).__name__}
+                    problems.append(f"stream {name}: {exc or type(exc).__name__}")
+                    continue
+                cluster = info.cluster
+                replicas = (cluster.replicas or []) if cluster else []
+                entry = {
+                    "replicas": info.config.num_replicas or 1,
+                    "leader": cluster.leader if cluster else None,
+                    "current": sum(1 for r in replicas if r.current) + (1 if cluster else 0),
+                }
+                report["streams"][name] = entry
+                if cluster is not None and not cluster.leader:
+                    problems.append(f"stream {name} has no leader")
+        if worker:
+            host = socket.gethostname()
+            found = await discover_workers(nc, timeout=min(timeout, 2.0))
+            mine = [w for w in found if w.host == host and not w.error]
+            report["workers_here"] = [{"pid": w.pid, "steps": len(w.steps)} for w in mine]
+            if not mine:
+                problems.append(f"no live worker on host {host} answered")
+        report["problems"] = problems
+        report["ok"] = not problems
+        return report
+    finally:
+        await nc.close()
+
+
+@click.command()
+@click.option(
+    "--worker",
+    is_flag=True,
+    help="also require a live worker on this host (its micro service answers)",
+)
+@click.option(
+    "--streams",
+    is_flag=True,
+    help="also require Deadlift's streams to exist and have a leader",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.1),
+    default=5.0,
+    show_default=True,
+    help="seconds for the whole check",
+)
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.pass_context
+def health(ctx: click.Context, worker: bool, streams: bool, timeout: float, as_json: bool) -> None:
+    """Exit 0 when NATS and JetStream answer with these credentials, else 1 (a probe).
+
+    For Kubernetes exec probes and systemd: readiness `deadlift health`,
+    liveness `deadlift health --worker` (the worker in this container answers).
+    """
+    from deadlift.cli import settings_of
+
+    settings = settings_of(ctx)
+
+    async def run() -> dict[str, Any]:
+        try:
+            return await asyncio.wait_for(
+                check_health(settings, worker=worker, streams=streams, timeout=timeout),
+                timeout + 1.0,
+            )
+        except (TimeoutError, DeadliftError, OSError) as exc:
+            return {"ok": False, "server": settings.nats_url, "problems": [str(exc) or "timeout"]}
+        except Exception as exc:  # a probe reports, it never crashes
+            problem = f"{type(exc).__name__}: {exc}"
+            return {"ok": False, "server": settings.nats_url, "problems": [problem]}
+
+    report = asyncio.run(run())
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+    elif report["ok"]:
+        click.echo(f"ok: {report.get('connected_to') or settings.nats_url}")
+    else:
+        click.echo(f"unhealthy: {'; '.join(report.get('problems') or ['?'])}", err=True)
+    sys.exit(0 if report["ok"] else 1)
+
+
+COMMANDS: list[click.Command] = [cluster, health]

@@ -12,6 +12,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import nats.errors
 from rich.console import Console
 from rich.table import Table
 
@@ -70,7 +71,7 @@ async def run_worker(
     flush_telemetry = configure("deadlift-worker")
     functions = load_packs(packs)
     orgs = load_orgs(settings.orgs_file) if Path(settings.orgs_file).is_file() else None
-    nc = await bus.connect(settings, name="deadlift-worker")
+    nc = await _connect_patiently(settings)
     worker = Worker(
         nc,
         settings=settings,
@@ -81,7 +82,7 @@ async def run_worker(
     )
     on_stop_signals(lambda: asyncio.ensure_future(worker.shutdown()))
     try:
-        await worker.start()
+        await _start_patiently(worker)
         log.info(
             "worker running %d step(s): %s",
             len(worker.steps),
@@ -90,63 +91,46 @@ async def run_worker(
         await worker.run_until_shutdown()
     finally:
         await worker.shutdown()
-        await nc.drain()
+        try:
+            await nc.drain()
+        except Exception as exc:  # e.g. the server is restarting: nothing left to flush
+            log.warning("could not drain the connection (%s); closing", exc)
+            await nc.close()
     names = ("ok", "filtered", "retry", "dead", "duplicate")
     stats = " ".join(f"{k}={worker.stats[k]}" for k in names)
     log.info("worker stopped: %s", stats)
     flush_telemetry()
 
 
-def describe(subject: str, event: events.Event) -> dict[str, Any]:
-    """An event as a JSON-friendly dict (bytes shown as hex)."""
-    data = event.data.hex() if isinstance(event.data, bytes | bytearray) else event.data
-    return {
-        "subject": subject,
-        "id": event.id,
-        "source": event.source,
-        "type": event.type,
-        "time": event.time,
-        "run": event.run,
-        "extensions": dict(event.extensions),
-        "data": data,
-    }
+WORKER_STARTUP_S = 60.0  # a worker (a service) waits this long for NATS at start
 
 
-async def tail_subject(
-    settings: Settings, subject: str, *, as_json: bool, count: int | None
-) -> None:
-    """The ``deadlift tail`` command: a plain (core NATS) subscription."""
-    nc = await bus.connect(settings, name="deadlift-tail")
-    done = asyncio.Event()
-    seen = 0
-    on_stop_signals(done.set)
-
-    async def on_msg(msg: Any) -> None:
-        nonlocal seen
+async def _connect_patiently(settings: Settings) -> bus.DeadliftClient:
+    """Connect, retrying while the server is unreachable (not on refused credentials)."""
+    deadline = asyncio.get_running_loop().time() + WORKER_STARTUP_S
+    while True:
         try:
-            event = events.decode(msg.headers, msg.data, fallback_id="-", fallback_source="-")
-        except EventDecodeError as exc:
-            console.print(f"[red]{msg.subject}: undecodable: {exc}[/red]")
-            return
-        record = describe(msg.subject, event)
-        if as_json:
-            print(json.dumps(record, default=str), flush=True)
-        else:
-            console.print(
-                f"[bold]{msg.subject}[/bold] {event.type} {event.id[:12]} "
-                f"run {event.run[:12]}: {json.dumps(record['data'], default=str)}"
-            )
-        seen += 1
-        if count is not None and seen >= count:
-            done.set()
+            return await bus.connect(settings, name="deadlift-worker")
+        except DeadliftError as exc:
+            refused = "authoriz" in str(exc).lower() or "authent" in str(exc).lower()
+            if refused or asyncio.get_running_loop().time() > deadline:
+                raise
+            log.warning("%s; retrying", exc)
+            await asyncio.sleep(1.0)
 
-    await nc.subscribe(subject, cb=on_msg)
-    await nc.check_allowed(subject)
-    err_console.print(f"tailing {subject} (Ctrl-C to stop)")
-    try:
-        await done.wait()
-    finally:
-        await nc.drain()
+
+async def _start_patiently(worker: Worker) -> None:
+    """Start the worker, retrying while JetStream is not answering yet (a restart)."""
+    deadline = asyncio.get_running_loop().time() + WORKER_STARTUP_S
+    while True:
+        try:
+            await worker.start()
+            return
+        except (TimeoutError, nats.errors.Error) as exc:
+            if asyncio.get_running_loop().time() > deadline:
+                raise DeadliftError(f"JetStream did not answer at start: {exc}") from None
+            log.warning("JetStream not ready (%s); retrying", exc or type(exc).__name__)
+            await asyncio.sleep(1.0)
 
 
 def _scope(workflow: str | None) -> tuple[str | None, str | None]:

@@ -31,6 +31,10 @@ class NotFoundError(DeadliftError, LookupError):
     """A module, workflow or step does not exist in the registry."""
 
 
+class InUseError(DeadliftError):
+    """Something cannot be removed because a workflow still uses it."""
+
+
 class PermissionDeniedError(DeadliftError, PermissionError):
     """The NATS server refused a publish or subscription for this user."""
 

@@ -19,7 +19,7 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, ObjectStoreConfig, StorageType
 from pydantic import BaseModel, ConfigDict, Field
 
-from deadlift.errors import ConfigError, ModuleError, NotFoundError
+from deadlift.errors import ConfigError, InUseError, ModuleError, NotFoundError
 from deadlift.wasm.codecs import CODECS
 from deadlift.wasm.host import check_loadable
 from deadlift.wasm.hostfns import NAMESPACE
@@ -102,36 +102,45 @@ class Registry:
         info = _validate(wasm, name=name, version=version, codec=codec, source=source)
         host_imports = info.host_imports(NAMESPACE)
         sha = hashlib.sha256(wasm).hexdigest()
-        existing = await self.versions(name)
-        if version is None:
-            if existing and existing[-1].sha256 == sha:
-                return existing[-1], False
-            version = _next_version(existing)
-        for meta in existing:
-            if meta.version == version:
-                if meta.sha256 == sha:
-                    return meta, False
-                raise ConfigError(
-                    f"{name}@{version} already exists with another binary "
-                    f"(sha256 {meta.sha256[:12]}); versions are immutable, push a new version"
+        wanted = version
+        while True:
+            existing = await self.versions(name)
+            version = wanted
+            if version is None:
+                if existing and existing[-1].sha256 == sha:
+                    return existing[-1], False
+                version = _next_version(existing)
+            for meta in existing:
+                if meta.version == version:
+                    if meta.sha256 == sha:
+                        return meta, False
+                    raise ConfigError(
+                        f"{name}@{version} already exists with another binary "
+                        f"(sha256 {meta.sha256[:12]}); versions are immutable, push a new version"
+                    )
+            meta = ModuleMeta(
+                name=name,
+                version=version,
+                sha256=sha,
+                codec=codec,
+                size=len(wasm),
+                exports=sorted(info.exports),
+                host_imports=sorted(host_imports),
+                timeout_ms=timeout_ms,
+                max_memory_pages=max_memory_pages,
+                pushed_at=time.time(),
+            )
+            # Binary first: metadata must never point at a missing binary.
+            if not await self._has_binary(sha):
+                await self._binaries.put(sha, wasm)
+            try:
+                # create, not put: of two concurrent pushes of one version, one wins.
+                await self._modules.create(
+                    _module_key(name, version), meta.model_dump_json().encode()
                 )
-        meta = ModuleMeta(
-            name=name,
-            version=version,
-            sha256=sha,
-            codec=codec,
-            size=len(wasm),
-            exports=sorted(info.exports),
-            host_imports=sorted(host_imports),
-            timeout_ms=timeout_ms,
-            max_memory_pages=max_memory_pages,
-            pushed_at=time.time(),
-        )
-        # Binary first: metadata must never point at a missing binary.
-        if not await self._has_binary(sha):
-            await self._binaries.put(sha, wasm)
-        await self._modules.put(_module_key(name, version), meta.model_dump_json().encode())
-        return meta, True
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue  # pushed meanwhile: look again (a no-op, a refusal or the next version)
+            return meta, True
 
     async def modules(self) -> list[ModuleMeta]:
         """Every module version, sorted by name then push time."""
@@ -199,7 +208,7 @@ class Registry:
                 ref_name, _, ref_version = step.module.partition("@")
                 names_it = ref_name == name and (not version or ref_version == version)
                 if step.module_sha256 in orphans or names_it:
-                    raise ConfigError(
+                    raise InUseError(
                         f"module {ref} is used by workflow {workflow.key} step {step.name!r}; "
                         "change or remove that workflow first"
                     )

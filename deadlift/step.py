@@ -36,6 +36,11 @@ log = logging.getLogger("deadlift.worker")
 
 FETCH_TIMEOUT_S = 1.0  # also bounds how long shutdown waits for a fetch to return
 BACKLOG_WAIT_S = 0.05  # how long a batch fetch may wait for stragglers
+# Deliveries beyond the step's attempts that still run the step. A redelivery
+# after a worker died or an ack was lost counts as a delivery but is no failure:
+# the step runs again (its outputs are deduplicated) rather than being
+# dead-lettered; only a failed run on or after the last attempt is.
+CRASH_LOOP_DELIVERIES = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,9 +264,11 @@ class StepRunner:
             return None
         span = self.telemetry.start_execution(msg.headers, msg.subject, attempt, event.run)
         job = _Job(msg, event, attempt, started, span)
-        if attempt > self.step.retry.max_attempts:
+        if attempt > self.step.retry.max_attempts + CRASH_LOOP_DELIVERIES:
+            # Delivered again and again without a worker ever finishing it: most
+            # likely it crashes the worker process. Stop the crash loop.
             job.error = StepError(
-                f"delivered {attempt} times without completing (worker crashes or ack timeouts)",
+                f"delivered {attempt} times without completing (it may crash workers)",
                 kind="exhausted",
                 retryable=False,
             )

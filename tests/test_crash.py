@@ -158,3 +158,29 @@ async def _publish_until_acked(nc: Client, n: int) -> None:
         except Exception:
             await asyncio.sleep(0.2)
     raise AssertionError(f"could not publish event {n}")
+
+
+async def test_redeliveries_without_a_failure_never_dead_letter_a_healthy_event(
+    nc: Client, settings: Settings, push: Any, apply: Any
+) -> None:
+    """Deliveries that died with a worker (or lost their ack) are not failed attempts."""
+    from deadlift import dlq
+
+    await push("add_ten")
+    await push("multiply_by_five")
+    await apply(CALCULATOR)  # retry: max_attempts 3
+    await publish(nc, "calc.in", {"value": 1})
+    consumer = nc.jetstream()
+    sub = await consumer.pull_subscribe_bind(
+        durable="acme--calculator--add--trigger", stream=bus.EVENTS_STREAM
+    )
+    for _ in range(4):  # four deliveries that never finished: crashed workers, say
+        [msg] = await sub.fetch(1, timeout=5)
+        await msg.nak()
+    await sub.unsubscribe()
+    async with Worker(nc, settings=settings):
+        found = await eventually(lambda: outputs(nc, 1), timeout=15)
+    assert [e.data for e in found] == [{"value": 55}]
+    assert await dlq.letters(nc.jetstream()) == []
+    info = await nc.jetstream().consumer_info(bus.EVENTS_STREAM, "acme--calculator--add--trigger")
+    assert info.config.max_deliver == -1  # the server never drops an event silently

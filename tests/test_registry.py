@@ -5,6 +5,7 @@ Real nats-server (the session fixture), real modules from workers/dist.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import random
@@ -21,7 +22,7 @@ from nats.aio.client import Client
 import deadlift.registry
 from deadlift import bus
 from deadlift.control import apply_workflows, push_module_file, remove_workflow
-from deadlift.errors import ConfigError, ModuleError, NotFoundError
+from deadlift.errors import ConfigError, InUseError, ModuleError, NotFoundError
 from deadlift.registry import BINARIES, Registry
 from deadlift.settings import Settings
 from deadlift.workflow import parse_workflow
@@ -61,7 +62,7 @@ async def stored_binaries(nc: Client) -> list[str]:
 
 
 async def stream_names(nc: Client) -> set[str]:
-    return {s.config.name for s in await nc.jetstream().streams_info()}
+    return {str(s.config.name) for s in await nc.jetstream().streams_info()}
 
 
 def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
@@ -146,6 +147,25 @@ async def test_new_binary_under_existing_version_is_refused(registry: Registry) 
     assert "immutable" in str(caught.value)
     assert await registry.versions("adder") == [original]
     assert await registry.binary((await registry.resolve("adder@1.0")).sha256) == wasm("add_ten")
+
+
+async def test_concurrent_pushes_never_overwrite_a_version(registry: Registry) -> None:
+    one, two = wasm("add_ten"), wasm("echo")
+    pushed = await asyncio.gather(
+        registry.push_module(one, name="calc"), registry.push_module(two, name="calc")
+    )
+    assert sorted(meta.version for meta, _ in pushed) == ["1", "2"]
+    assert {m.sha256 for m in await registry.versions("calc")} == {sha(one), sha(two)}
+
+    results = await asyncio.gather(
+        registry.push_module(one, name="pinned", version="1.0"),
+        registry.push_module(two, name="pinned", version="1.0"),
+        return_exceptions=True,
+    )
+    [winner] = [r for r in results if isinstance(r, tuple)]
+    [refused] = [r for r in results if isinstance(r, Exception)]
+    assert isinstance(refused, ConfigError) and "immutable" in str(refused)
+    assert await registry.versions("pinned") == [winner[0]]
 
 
 async def test_unknown_module_or_version_is_not_found(registry: Registry) -> None:
@@ -365,9 +385,9 @@ async def test_module_in_use_cannot_be_removed_until_its_workflow_goes(
     await push("multiply_by_five")
     await apply(CALCULATOR)
     for ref in ("add_ten", "add_ten@1"):
-        with pytest.raises(ConfigError, match=r"acme\.calculator step 'add'"):
+        with pytest.raises(InUseError, match=r"acme\.calculator step 'add'"):
             await registry.remove_module(ref)
-    with pytest.raises(ConfigError, match=r"acme\.calculator step 'multiply'"):
+    with pytest.raises(InUseError, match=r"acme\.calculator step 'multiply'"):
         await registry.remove_module("multiply_by_five")
     assert len(await registry.modules()) == 2
     assert await registry.binary(add_ten.sha256) == wasm("add_ten")
@@ -385,7 +405,7 @@ async def test_module_pinned_by_sha256_cannot_be_removed(
 ) -> None:
     meta = await push("add_ten")
     await apply(one_step(f"sha256:{meta.sha256}"))
-    with pytest.raises(ConfigError, match=r"acme\.single step 'only'"):
+    with pytest.raises(InUseError, match=r"acme\.single step 'only'"):
         await registry.remove_module("add_ten")
     assert await registry.binary(meta.sha256) == wasm("add_ten")
 
@@ -405,10 +425,23 @@ async def test_removing_one_version_keeps_the_others(
         await registry.binary(first.sha256)
     with pytest.raises(NotFoundError, match=r"no version '1' \(versions: 2\)"):
         await registry.remove_module("adder@1")
-    with pytest.raises(ConfigError, match="step 'only'"):
+    with pytest.raises(InUseError, match="step 'only'"):
         await registry.remove_module("adder@2")
     with pytest.raises(NotFoundError, match="not registered"):
         await registry.remove_module("nothing")
+
+
+async def test_remove_latest_and_refs_that_name_no_version(registry: Registry) -> None:
+    first, _ = await registry.push_module(wasm("echo"), name="adder")
+    await registry.push_module(wasm("add_ten"), name="adder")
+    assert [m.ref for m in await registry.remove_module("adder@latest")] == ["adder@2"]
+    assert await registry.versions("adder") == [first]
+    with pytest.raises(ConfigError, match="NAME or NAME@VERSION"):
+        await registry.remove_module(f"sha256:{first.sha256}")
+    assert await registry.versions("adder") == [first]
+    # A removed version can be pushed again.
+    again, changed = await registry.push_module(wasm("multiply_by_five"), name="adder")
+    assert (again.version, changed) == ("2", True)
 
 
 async def test_removing_a_version_that_shares_its_binary_keeps_the_binary(
@@ -475,9 +508,4 @@ async def test_cli_module_rm_in_use_exits_1(settings: Settings, push: Push, appl
     await apply(one_step("add_ten"))
     refused = cli(settings, "module", "rm", "add_ten")
     assert "acme.single step 'only'" in refused.stderr, refused.stderr
-    if refused.returncode == 2:
-        pytest.xfail(
-            "known bug: Registry.remove_module raises ConfigError for a module in use, "
-            "which run_async maps to exit 2 (invalid input)"
-        )
     assert refused.returncode == 1, refused.stderr
