@@ -323,7 +323,7 @@ async def worker_rss(modules: int = 20) -> Result:
         try:
             js = nc.jetstream()
             await _until(lambda: _all_out(js, modules, 50), timeout=120)
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(3.0)  # steady state: quiet steps give instances back
             rss_mb = _rss_mb(worker.pid)
         finally:
             worker.terminate()

@@ -398,7 +398,7 @@ def org_server_config(
         "jetstream": {"store_dir": str(store_dir), "domain": org},
         **accounts,
         "leafnodes": {
-            "reconnect": 1,
+            "reconnect": "1s",
             "remotes": [
                 {
                     "url": hub_leaf_url.replace("://", f"://{user}:{leaf_password}@", 1),

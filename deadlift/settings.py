@@ -24,11 +24,11 @@ class Settings(BaseSettings):
     default_timeout_ms: int = Field(1000, gt=0, description="per-call module timeout")
     default_max_pages: int = Field(256, gt=0, description="module memory limit, 64 KiB pages")
     max_output_bytes: int = Field(512 * 1024, gt=0, description="largest module output accepted")
-    concurrency: int = Field(64, gt=0, description="events in flight per step per worker")
+    concurrency: int = Field(256, gt=0, description="events in flight per step per worker")
     threads: int = Field(
         0, ge=0, description="threads running modules per worker (0: one per core, 2 to 8)"
     )
-    fetch_batch: int = Field(64, gt=0, description="messages pulled per fetch")
+    fetch_batch: int = Field(128, gt=0, description="messages pulled per fetch")
     ack_wait_s: float = Field(30.0, gt=0, description="JetStream ack wait per delivery")
     duplicate_window_s: float = Field(
         120.0, gt=0, description="JetStream de-duplication window for Nats-Msg-Id"

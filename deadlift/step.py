@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 import nats.errors
 from nats.aio.msg import Msg
-from opentelemetry import trace
 from opentelemetry.trace import Span
 
 from deadlift import bus, dlq, events, telemetry
@@ -137,6 +136,15 @@ class StepRunner:
             org=workflow.org, workflow=workflow.name, step=step.name, module_sha256=spec.sha256
         )
         self.type = f"deadlift.{workflow.org}.{workflow.name}.{step.name}"
+        self.outputs = events.OutputEncoder(
+            source=self.source,
+            type=self.type,
+            extensions={
+                events.ORG: workflow.org,
+                events.WORKFLOW: workflow.name,
+                events.STEP: step.name,
+            },
+        )
         self.targets = [
             *(step_subject(workflow.org, workflow.name, n) for n in step.next),
             *step.publish,
@@ -321,7 +329,7 @@ class StepRunner:
         for job in jobs:
             assert job.call is not None
             with self.telemetry.module_call(self.step.function, job.span) as span:
-                job.call.trace_context = trace.set_span_in_context(span)
+                job.call.trace_context = self.telemetry.context_of(span)
                 begun = time.perf_counter()
                 try:
                     raw = self.worker.host.call(self.spec, self.step.function, job.data, job.call)
@@ -337,30 +345,20 @@ class StepRunner:
     async def _publish_all(self, jobs: list[_Job]) -> None:
         """Start publishing every output (PubAcks are awaited in :meth:`_confirm`)."""
         js, nc = self.worker.js, self.worker.nc
+        now = events.now_rfc3339()  # one occurrence time per batch
         for job in jobs:
             if job.error is not None or job.output is None:
                 continue
             event = job.event
-            out = events.Event(
-                data=job.output,
-                id=events.derive_id(event.source, event.id, self.workflow.key, self.step.name),
-                source=self.source,
-                type=self.type,
-                time=events.now_rfc3339(),
-                extensions={
-                    events.RUN: event.run,
-                    events.ORG: self.workflow.org,
-                    events.WORKFLOW: self.workflow.name,
-                    events.STEP: self.step.name,
-                },
-                # The next steps' spans are children of this one: one trace per run.
-                traceparent=telemetry.traceparent_of(trace.set_span_in_context(job.span))
-                or event.traceparent,
-            )
+            out_id = events.derive_id(event.source, event.id, self.workflow.key, self.step.name)
+            # The next steps' spans are children of this one: one trace per run.
+            traceparent = self.telemetry.traceparent(job.span) or event.traceparent
             try:
-                headers, body = events.encode(out)
+                headers, body = self.outputs.encode(
+                    job.output, id=out_id, time=now, run=event.run, traceparent=traceparent
+                )
                 for subject in self.targets:
-                    message_headers = {**headers, events.MSG_ID: f"{out.id}:{subject}"}
+                    message_headers = {**headers, events.MSG_ID: f"{out_id}:{subject}"}
                     try:
                         bus.check_size(nc, subject, message_headers, body)
                     except DeadliftError as exc:

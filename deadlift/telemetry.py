@@ -21,7 +21,7 @@ from typing import Any
 
 from opentelemetry import metrics, trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from deadlift.errors import ConfigError
@@ -89,8 +89,26 @@ def traceparent_of(context: Context | None) -> str | None:
     return carrier.get("traceparent")
 
 
+def tracing_enabled() -> bool:
+    """Whether an SDK tracer provider is set (else spans are skipped, not just no-ops)."""
+    return not isinstance(
+        trace.get_tracer_provider(), trace.ProxyTracerProvider | trace.NoOpTracerProvider
+    )
+
+
+def metrics_enabled() -> bool:
+    """Whether an SDK meter provider is set."""
+    provider = metrics.get_meter_provider()
+    return type(provider).__name__ not in ("_ProxyMeterProvider", "NoOpMeterProvider")
+
+
 class StepTelemetry:
-    """Spans and metrics of one step, with its attributes computed once."""
+    """Spans and metrics of one step, with its attributes computed once.
+
+    When no SDK is configured the work is skipped altogether — not handed to
+    no-op objects — because it sits on the per-event hot path. An incoming
+    ``traceparent`` is still passed on unchanged.
+    """
 
     def __init__(self, *, org: str, workflow: str, step: str, module_sha256: str) -> None:
         self.attributes = {
@@ -105,13 +123,18 @@ class StepTelemetry:
         }
         self.name = f"{org}.{workflow}.{step}"
         self.metrics = instruments()
+        self.tracing = tracing_enabled()
+        self.metering = metrics_enabled()
 
     def start_execution(
         self, headers: Mapping[str, str] | None, subject: str, attempt: int, run: str
     ) -> Span:
         """Start the CONSUMER span of one step execution; end it with :meth:`end_execution`."""
-        self.metrics.events_in.add(1, self.attributes)
-        self.metrics.in_flight.add(1, self.attributes)
+        if self.metering:
+            self.metrics.events_in.add(1, self.attributes)
+            self.metrics.in_flight.add(1, self.attributes)
+        if not self.tracing:
+            return INVALID_SPAN
         return TRACER.start_span(
             f"process {self.name}",
             context=extract(headers),
@@ -127,12 +150,24 @@ class StepTelemetry:
 
     def end_execution(self, span: Span) -> None:
         """End a step execution's span."""
-        self.metrics.in_flight.add(-1, self.attributes)
+        if self.metering:
+            self.metrics.in_flight.add(-1, self.attributes)
         span.end()
+
+    def traceparent(self, span: Span) -> str | None:
+        """The ``traceparent`` for events this span produces (None when not tracing)."""
+        return traceparent_of(trace.set_span_in_context(span)) if self.tracing else None
+
+    def context_of(self, span: Span) -> Context | None:
+        """A context holding ``span``, for spans made in another thread."""
+        return trace.set_span_in_context(span) if self.tracing else None
 
     @contextmanager
     def module_call(self, function: str, parent: Span) -> Iterator[Span]:
         """The span of one module call (usable from the module's thread)."""
+        if not self.tracing:
+            yield INVALID_SPAN
+            return
         with TRACER.start_as_current_span(
             f"module {function}",
             context=trace.set_span_in_context(parent),
@@ -143,6 +178,9 @@ class StepTelemetry:
     @contextmanager
     def publish(self, subject: str, parent: Span) -> Iterator[Span]:
         """A PRODUCER span for one publish."""
+        if not self.tracing:
+            yield INVALID_SPAN
+            return
         with TRACER.start_as_current_span(
             f"publish {subject}",
             context=trace.set_span_in_context(parent),
@@ -159,6 +197,8 @@ class StepTelemetry:
         self, outcome: str, seconds: float, *, outputs: int = 0, kind: str | None = None
     ) -> None:
         """Count an outcome (ok, filtered, retry, dead) and its duration."""
+        if not self.metering:
+            return
         m = self.metrics
         m.step_duration.record(seconds, {**self.attributes, "deadlift.outcome": outcome})
         if outcome == "ok":
@@ -172,7 +212,8 @@ class StepTelemetry:
 
     def record_module_time(self, seconds: float) -> None:
         """The time spent inside one module call."""
-        self.metrics.module_duration.record(seconds, self.attributes)
+        if self.metering:
+            self.metrics.module_duration.record(seconds, self.attributes)
 
 
 def fail_span(span: Span, kind: str, message: str) -> None:
@@ -185,6 +226,9 @@ def fail_span(span: Span, kind: str, message: str) -> None:
 @contextmanager
 def host_function_span(context: Any, name: str) -> Iterator[Span]:
     """A span for one host-function call, made in the module's thread."""
+    if context is None:  # not tracing
+        yield INVALID_SPAN
+        return
     with TRACER.start_as_current_span(
         f"host_function {name}",
         context=context,

@@ -90,6 +90,7 @@ class Worker:
         self._runners: dict[tuple[str, str], list[StepRunner]] = {}
         self._state: dict[str, Any] = {}
         self._watch_task: asyncio.Task[None] | None = None
+        self._trim_task: asyncio.Task[None] | None = None
         self._closed = asyncio.Event()
         self._shutting_down = False
         self._lock = asyncio.Lock()
@@ -140,6 +141,7 @@ class Worker:
         for workflow in await self.registry.workflows():
             await self._reconcile(workflow.key, workflow)
         self._watch_task = asyncio.create_task(self._watch(), name="deadlift-registry-watch")
+        self._trim_task = asyncio.create_task(self._trim(), name="deadlift-pool-trim")
         if self.advertise:
             from deadlift.monitor import advertise
 
@@ -163,6 +165,10 @@ class Worker:
         if self._service is not None:
             with contextlib.suppress(Exception):
                 await self._service.stop()
+        if self._trim_task is not None:
+            self._trim_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._trim_task
         if self._watch_task is not None:
             self._watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -181,6 +187,12 @@ class Worker:
             )
         self.executor.shutdown(wait=False, cancel_futures=True)
         self._closed.set()
+
+    async def _trim(self) -> None:
+        """Give back the instances of steps that went quiet (memory)."""
+        while True:
+            await asyncio.sleep(1.0)
+            self.host.trim(idle_for=2.0)
 
     def _selected(self, workflow: Workflow) -> bool:
         return not self.selection or bool({workflow.key, workflow.name} & set(self.selection))

@@ -5,6 +5,7 @@ processes of two orgs losing one of them, and orgs on their own servers joined b
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import nats.errors
@@ -66,6 +68,16 @@ def stop_worker(process: subprocess.Popen[str]) -> str:
         process.kill()
         _, log = process.communicate()
     return log
+
+
+def deadlift_cli(url: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "deadlift.cli", "--server", url, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 def log_tail(log: str, chars: int = 3000) -> str:
@@ -223,6 +235,20 @@ async def test_sigkill_of_the_stream_leader_loses_nothing_and_stores_every_outpu
     print(f"\nelection stall seen by the producer: {stall:.1f} s; all done {recovered:.1f} s after")
     assert stall < 15
 
+    # The killed node comes back with its store and catches up as a follower.
+    cluster.restart(leader)
+    nc = await bus.connect(settings, name="deadlift-test")
+    try:
+
+        async def caught_up() -> bool:
+            info = await nc.jetstream().stream_info(bus.EVENTS_STREAM)
+            replicas = info.cluster.replicas or [] if info.cluster else []
+            return len(replicas) == 2 and all(r.current and not r.offline for r in replicas)
+
+        await eventually(caught_up, timeout=20, message="restarted node current again")
+    finally:
+        await nc.close()
+
 
 # -- 2. many worker processes of two orgs, one of each killed --------------------------
 
@@ -327,6 +353,10 @@ async def test_four_workers_of_two_orgs_share_steps_and_a_sigkill_loses_nothing(
         producer = asyncio.gather(produce(), charge_alice())
         await eventually(lambda: count_outputs(acme, "calc.out", 40), timeout=30)
         await eventually(lambda: count_outputs(stripe, "stripe.out.acme.discounts", 5), timeout=30)
+        healthy = await asyncio.to_thread(
+            deadlift_cli, org_server.url, "--org", "acme", "health", "--worker", "--streams"
+        )
+        assert healthy.returncode == 0, healthy.stderr
         victims = [workers["acme"][0], workers["stripe"][0]]
         for victim in victims:
             victim.kill()  # SIGKILL mid-stream: in-flight events come back after ack_wait
@@ -432,3 +462,48 @@ async def test_an_event_published_on_stripes_server_reaches_acmes_server_through
     assert update.data == {"customer": "alice", "discounts": 1, "total": 1}
     assert seen and all(m.subject == "acme.in.stripe.discounts" for m in seen)
     assert seen[0].headers and seen[0].headers.get("ce-id") == "leaf-1"
+
+
+# -- 4. the CLI: deadlift cluster and deadlift health ------------------------------------
+
+
+def test_cluster_command_runs_three_nodes_until_sigterm_and_health_probes_them(
+    tmp_path: Path,
+) -> None:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "deadlift.cli",
+            "cluster",
+            "--port",
+            "0",
+            "--store-dir",
+            str(tmp_path / "cluster"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert process.stdout is not None
+        urls = process.stdout.readline().strip()  # the first line: --server material
+        assert len(urls.split(",")) == 3 and all(
+            u.startswith("nats://127.0.0.1:") for u in urls.split(",")
+        )
+        probe = deadlift_cli(urls, "health", "--json")
+        assert probe.returncode == 0, probe.stderr
+        assert json.loads(probe.stdout)["ok"] is True
+        no_worker = deadlift_cli(urls, "health", "--worker", "--timeout", "2")
+        assert no_worker.returncode == 1 and "no live worker" in no_worker.stderr
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=30)
+    assert process.returncode == 0, err
+    assert {p.name for p in (tmp_path / "cluster").iterdir()} == {"n1", "n2", "n3"}
+    assert all(
+        (tmp_path / "cluster" / n / "store" / "jetstream").is_dir() for n in ("n1", "n2", "n3")
+    )
+    down = deadlift_cli(urls, "health", "--timeout", "2")
+    assert down.returncode == 1 and "unhealthy" in down.stderr

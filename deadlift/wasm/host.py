@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,7 @@ class _Pool:
         self.exports = exports  # checked here: plugin.function_exists is an FFI call
         self.idle: list[extism.Plugin] = []
         self.created = 0
+        self.last_used = time.monotonic()
 
 
 class ModuleHost:
@@ -71,6 +73,23 @@ class ModuleHost:
         """(idle, created) instance counts per spec."""
         with self._lock:
             return {k: (len(p.idle), p.created) for k, p in self._pools.items()}
+
+    def trim(self, idle_for: float = 2.0, keep: int = 1) -> int:
+        """Drop idle instances beyond ``keep`` from pools unused for ``idle_for`` seconds.
+
+        A busy step holds one instance per thread; once it goes quiet, the extra
+        instances (about 2 MB each) are given back. Returns how many were dropped.
+        """
+        now = time.monotonic()
+        dropped: list[extism.Plugin] = []
+        with self._lock:
+            for pool in self._pools.values():
+                if now - pool.last_used >= idle_for and len(pool.idle) > keep:
+                    dropped.extend(pool.idle[keep:])
+                    del pool.idle[keep:]
+        for plugin in dropped:
+            logs.unbind(plugin)
+        return len(dropped)
 
     def prepare(self, spec: PluginSpec) -> None:
         """Compile the module for ``spec`` now (so link errors surface before any event)."""
@@ -127,6 +146,7 @@ class ModuleHost:
 
     def _take(self, pool: _Pool, context: HostCall) -> extism.Plugin:
         with self._lock:
+            pool.last_used = time.monotonic()
             plugin = pool.idle.pop() if pool.idle else None
         if plugin is None:
             try:
