@@ -40,6 +40,11 @@ BACKLOG_WAIT_S = 0.05  # how long a batch fetch may wait for stragglers
 # the step runs again (its outputs are deduplicated) rather than being
 # dead-lettered; only a failed run on or after the last attempt is.
 CRASH_LOOP_DELIVERIES = 10
+# NATS trouble while publishing (a stream with no leader during an election answers
+# "no responders" at once; 4-8 s on a 3-node cluster) is not the module's failure:
+# publish again in place (same Nats-Msg-Id: deduplicated) for at most this long,
+# instead of spending the step's retry attempts on it.
+OUTAGE_RETRY_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,8 +250,7 @@ class StepRunner:
         heartbeat = self._keep_alive([job.msg for job in jobs])
         try:
             await self._call_all(jobs)
-            await self._publish_all(jobs)
-            await self._confirm(jobs)
+            await self._publish_through_outages(jobs)
         finally:
             if heartbeat is not None:
                 heartbeat.cancel()
@@ -341,6 +345,31 @@ class StepRunner:
                     job.error = StepError(f"internal error: {exc!r}", kind="error")
                 finally:
                     self.telemetry.record_module_time(time.perf_counter() - begun)
+
+    async def _publish_through_outages(self, jobs: list[_Job]) -> None:
+        """Publish and confirm; publish again while NATS cannot store the outputs."""
+        await self._publish_all(jobs)
+        await self._confirm(jobs)
+        deadline = time.monotonic() + OUTAGE_RETRY_S
+        delay = 0.25
+        while not self._stopping:
+            stuck = [j for j in jobs if j.error is not None and j.error.kind == "publish"]
+            if not stuck or time.monotonic() + delay > deadline:
+                return
+            log.warning(
+                "%s: %d output(s) not stored (%s); publishing again in %.2f s",
+                self.binding.consumer,
+                len(stuck),
+                stuck[0].error,
+                delay,
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            for job in stuck:
+                job.error, job.acks = None, []
+                await _settle(job.msg.in_progress(), "in_progress")
+            await self._publish_all(stuck)
+            await self._confirm(stuck)
 
     async def _publish_all(self, jobs: list[_Job]) -> None:
         """Start publishing every output (PubAcks are awaited in :meth:`_confirm`)."""

@@ -28,7 +28,7 @@ from deadlift.orgs import load_orgs
 from deadlift.registry import Registry
 from deadlift.server import EmbeddedServer
 from deadlift.settings import Settings
-from deadlift.workflow import Retry, Workflow, parse_workflow
+from deadlift.workflow import parse_workflow
 from tests.conftest import ROOT, eventually, module_path, stored
 
 pytestmark = pytest.mark.slow
@@ -141,27 +141,11 @@ async def pulling(nc: Client, stream: str, consumer: str, workers: int = 1) -> b
     return (info.num_waiting or 0) >= workers
 
 
-def outlasting_elections(workflow: Workflow) -> Workflow:
-    """The workflow with a retry budget longer than a leader election (~30 s of backoff).
-
-    Workaround: the worker counts NATS trouble while publishing (a stream with no
-    leader answers "no responders" at once) as a failed attempt, so with
-    calculator.yaml's own budget (3 attempts, 0.5 + 2 s apart) a 4-8 s election
-    dead-letters a few events, and one whose dead-lettering also fails on its last
-    delivery is dropped by the server. Remove this once the step rides out
-    outages in place instead (see deploy/README.md, "The exactly-once bound").
-    """
-    retry = Retry(max_attempts=10, backoff=[1.0, 2.0, 4.0])
-    return workflow.model_copy(
-        update={"steps": [s.model_copy(update={"retry": retry}) for s in workflow.steps]}
-    )
-
-
 async def setup_calculator(nc: Client, settings: Settings) -> None:
     registry = await Registry.open(nc.jetstream())
     for name in ("add_ten", "multiply_by_five"):
         await push_module_file(registry, module_path(name))
-    workflow = outlasting_elections(parse_workflow(CALCULATOR, source="calculator.yaml"))
+    workflow = parse_workflow(CALCULATOR, source="calculator.yaml")
     await apply_workflows(nc.jetstream(), registry, settings, [(workflow, "calculator.yaml")])
 
 
