@@ -301,6 +301,7 @@ class StepRunner:
             granted=self.granted,
             loop=asyncio.get_running_loop(),
             services=self.services,
+            traceparent=event.traceparent,
         )
         return job
 

@@ -315,7 +315,11 @@ class Worker:
                     events.STEP: step.name,
                 },
                 # Emitted events belong to the run's trace, like the step's output.
-                traceparent=telemetry.traceparent_of(call.trace_context),
+                traceparent=(
+                    telemetry.traceparent_of(call.trace_context)
+                    if call.trace_context is not None
+                    else call.traceparent
+                ),
             )
             headers, body = events.encode(event)
             headers[events.MSG_ID] = f"{event.id}:{subject}"

@@ -77,6 +77,7 @@ class HostCall:
     calls: int = 0
     emitted: int = 0
     trace_context: Any = None  # the module call's span context, for host-function spans
+    traceparent: str | None = None  # the input event's, passed on when not tracing
 
     def run_async(self, awaitable: Awaitable[Any], timeout: float = 30.0) -> Any:
         """Run a coroutine on the worker's loop from the module's thread and wait for it."""
