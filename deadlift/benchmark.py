@@ -240,9 +240,7 @@ async def worker_processes(count: int, processes: int) -> Result:
     with EmbeddedServer() as server:
         nc, _ = await _setup(server, 1)
         js = nc.jetstream()
-        await _prefill(js, "bench.in", count)
         env = {**os.environ, "DEADLIFT_NATS_URL": server.url, "DEADLIFT_ORGS_FILE": "/nonexistent"}
-        started = time.perf_counter()
         workers = [
             subprocess.Popen(  # noqa: ASYNC220 (a child process, started once)
                 [
@@ -252,14 +250,16 @@ async def worker_processes(count: int, processes: int) -> Result:
                     "--log-level",
                     "WARNING",
                     "worker",
-                    "--concurrency",
-                    "64",
                 ],
                 env=env,
             )
             for _ in range(processes)
         ]
         try:
+            # Every process pulling before the events arrive: start-up is not measured.
+            await _until(lambda: _pulling(js, "bench--bench--s0--trigger", processes), 120)
+            started = time.perf_counter()
+            await _prefill(js, "bench.in", count)
             await _until(lambda: _full(js, count), timeout=300)
             seconds = time.perf_counter() - started
         finally:
@@ -269,6 +269,11 @@ async def worker_processes(count: int, processes: int) -> Result:
                 worker.wait(30)
         await nc.drain()
     return Result(f"deadlift 1 step, {processes} processes", count, seconds)
+
+
+async def _pulling(js: Any, consumer: str, workers: int) -> bool:
+    info = await js.consumer_info(bus.EVENTS_STREAM, consumer)
+    return (info.num_waiting or 0) >= workers
 
 
 async def _full(js: Any, count: int) -> bool:
