@@ -73,7 +73,7 @@ def with_registry(
     async def wrapper(settings: Settings, *args: Any, **kwargs: Any) -> T:
         nc = await bus.connect(settings, name="deadlift-cli")
         try:
-            registry = await Registry.open(nc.jetstream())
+            registry = await Registry.open(nc.jetstream(), replicas=settings.stream_replicas)
             return await func(settings, nc, registry, *args, **kwargs)
         finally:
             await nc.drain()
@@ -475,9 +475,16 @@ def worker(
     """Run workflow steps until SIGTERM/SIGINT, then finish in-flight events and drain."""
     from deadlift.commands import run_worker
 
+    # Until the worker installs its own handlers (once connected), a SIGTERM means
+    # "never mind": nothing is in flight yet, so exit cleanly rather than die by signal.
+    signal.signal(signal.SIGTERM, _exit_before_start)
     run_async(
         run_worker(settings_of(ctx), workflows=workflows, concurrency=concurrency, packs=packs)
     )
+
+
+def _exit_before_start(signum: int, frame: Any) -> None:
+    raise SystemExit(0)
 
 
 # -- events -------------------------------------------------------------------

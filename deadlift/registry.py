@@ -65,16 +65,16 @@ class Registry:
         self._workflows = workflows
 
     @classmethod
-    async def open(cls, js: JetStreamContext) -> Registry:
-        """Open the registry buckets, creating them on first use."""
+    async def open(cls, js: JetStreamContext, *, replicas: int = 1) -> Registry:
+        """Open the registry buckets, creating them on first use (``replicas`` on a cluster)."""
         try:
             binaries = await js.object_store(BINARIES)
         except nats.js.errors.NotFoundError:
             binaries = await js.create_object_store(
-                BINARIES, config=ObjectStoreConfig(storage=StorageType.FILE)
+                BINARIES, config=ObjectStoreConfig(storage=StorageType.FILE, replicas=replicas)
             )
-        modules = await _kv(js, MODULES, history=5)
-        workflows = await _kv(js, WORKFLOWS, history=10)
+        modules = await _kv(js, MODULES, history=5, replicas=replicas)
+        workflows = await _kv(js, WORKFLOWS, history=10, replicas=replicas)
         return cls(js, binaries, modules, workflows)
 
     # -- modules -------------------------------------------------------------
@@ -344,12 +344,14 @@ def _validate(wasm: bytes, *, name: str, version: str | None, codec: str, source
     return info
 
 
-async def _kv(js: JetStreamContext, bucket: str, *, history: int) -> Any:
+async def _kv(js: JetStreamContext, bucket: str, *, history: int, replicas: int = 1) -> Any:
     try:
         return await js.key_value(bucket)
     except nats.js.errors.BucketNotFoundError:
         return await js.create_key_value(
-            config=KeyValueConfig(bucket=bucket, history=history, storage=StorageType.FILE)
+            config=KeyValueConfig(
+                bucket=bucket, history=history, storage=StorageType.FILE, replicas=replicas
+            )
         )
 
 

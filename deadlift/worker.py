@@ -137,7 +137,7 @@ class Worker:
 
     async def start(self) -> None:
         """Load the workflows, start their steps, and follow registry changes."""
-        self.registry = await Registry.open(self.js)
+        self.registry = await Registry.open(self.js, replicas=self.settings.stream_replicas)
         for workflow in await self.registry.workflows():
             await self._reconcile(workflow.key, workflow)
         self._watch_task = asyncio.create_task(self._watch(), name="deadlift-registry-watch")
@@ -334,7 +334,12 @@ class Worker:
                 self._state[org] = await self.js.key_value(bucket)
             except nats.js.errors.BucketNotFoundError:
                 self._state[org] = await self.js.create_key_value(
-                    config=KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE)
+                    config=KeyValueConfig(
+                        bucket=bucket,
+                        history=1,
+                        storage=StorageType.FILE,
+                        replicas=self.settings.stream_replicas,
+                    )
                 )
         return self._state[org]
 

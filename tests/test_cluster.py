@@ -491,3 +491,15 @@ def test_cluster_command_runs_three_nodes_until_sigterm_and_health_probes_them(
     )
     down = deadlift_cli(urls, "health", "--timeout", "2")
     assert down.returncode == 1 and "unhealthy" in down.stderr
+
+
+async def test_registry_and_state_buckets_get_the_streams_replicas(cluster: LocalCluster) -> None:
+    settings = Settings(nats_url=",".join(cluster.urls), stream_replicas=3)
+    nc = await bus.connect(settings)
+    try:
+        await Registry.open(nc.jetstream(), replicas=settings.stream_replicas)
+        for stream in ("KV_deadlift_workflows", "KV_deadlift_module_meta", "OBJ_deadlift_modules"):
+            info = await nc.jetstream().stream_info(stream)
+            assert info.config.num_replicas == 3, stream
+    finally:
+        await nc.drain()
