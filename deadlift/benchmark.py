@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import statistics
 import subprocess
@@ -127,8 +128,6 @@ async def bare_loop(count: int, *, per_message_plugin: bool = False) -> Result:
 
 
 def _json(data: Any) -> bytes:
-    import json
-
     return json.dumps(data, separators=(",", ":")).encode()
 
 

@@ -155,7 +155,6 @@ class StepRunner:
             *step.publish,
         ]
         self._inflight: set[asyncio.Task[None]] = set()
-        self._room = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._sub: Any = None
@@ -172,7 +171,6 @@ class StepRunner:
     async def stop(self) -> None:
         """Stop pulling and wait for in-flight events to finish (acked or nak'd)."""
         self._stopping = True
-        self._room.set()
         if self._task is not None:
             await self._task
         if self._inflight:
@@ -236,7 +234,6 @@ class StepRunner:
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
-        self._room.set()
         if not task.cancelled() and task.exception() is not None:
             log.error(
                 "step %s crashed on a batch", self.binding.consumer, exc_info=task.exception()
