@@ -356,7 +356,11 @@ async def _kv(js: JetStreamContext, bucket: str, *, history: int, replicas: int 
 
 
 async def _values(js: JetStreamContext, bucket: str, kv: Any) -> list[bytes]:
-    """Every current value in a KV bucket.
+    return [value for _, value in await kv_entries(js, bucket, kv)]
+
+
+async def kv_entries(js: JetStreamContext, bucket: str, kv: Any) -> list[tuple[str, bytes]]:
+    """Every current ``(key, value)`` of a KV bucket, by key.
 
     Keys come from the bucket stream's subjects, not from ``kv.keys()``: that
     opens an ordered consumer which nats-py never deletes (it lingers for its
@@ -365,15 +369,16 @@ async def _values(js: JetStreamContext, bucket: str, kv: Any) -> list[bytes]:
     """
     prefix = f"$KV.{bucket}."
     info = await js.stream_info(f"KV_{bucket}", subjects_filter=f"{prefix}>")
-    values = []
+    entries = []
     for subject in sorted(info.state.subjects or {}):
+        key = subject.removeprefix(prefix)
         try:
-            entry = await kv.get(subject.removeprefix(prefix))
+            entry = await kv.get(key)
         except nats.js.errors.KeyNotFoundError:
             continue  # deleted or purged (its marker keeps the subject), or gone meanwhile
         if entry.value:
-            values.append(entry.value)
-    return values
+            entries.append((key, entry.value))
+    return entries
 
 
 def _module_key(name: str, version: str) -> str:

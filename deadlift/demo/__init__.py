@@ -16,8 +16,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import nats.errors
-import nats.js.errors
 from rich.console import Console
 from rich.table import Table
 
@@ -27,7 +25,7 @@ from deadlift.control import apply_files, push_module_file
 from deadlift.demo import stripe
 from deadlift.errors import DeadliftError
 from deadlift.orgs import load_orgs
-from deadlift.registry import Registry
+from deadlift.registry import Registry, kv_entries
 from deadlift.server import EmbeddedServer
 from deadlift.settings import Settings
 from deadlift.worker import StepReport, Worker
@@ -218,21 +216,12 @@ async def _send_charges(org: OrgSession) -> None:
 
 async def _read_counts(js: Any) -> dict[str, int]:
     """Acme's discount counters, read back from Acme's own KV bucket."""
-    kv = await js.key_value(state_bucket("acme"))
-    for attempt in range(3):
-        try:
-            keys = await kv.keys()
-            break
-        except nats.js.errors.NoKeysError:
-            return {}
-        except (nats.errors.TimeoutError, TimeoutError) as exc:
-            if attempt == 2:
-                raise DeadliftError(f"could not list Acme's state bucket: {exc}") from None
+    bucket = state_bucket("acme")
     counts = {}
-    for key in keys:
+    for key, value in await kv_entries(js, bucket, await js.key_value(bucket)):
         name = decode_key(key)
         if name.startswith("discounts."):
-            counts[name.removeprefix("discounts.")] = int((await kv.get(key)).value)
+            counts[name.removeprefix("discounts.")] = int(value)
     return counts
 
 
