@@ -310,6 +310,16 @@ class OutputEncoder:
             static.pop(f"{PREFIX}{name}")
         self._static = static
 
+    @classmethod
+    def for_step(cls, org: str, workflow: str, step: str, *, kind: str = "") -> OutputEncoder:
+        """The encoder of a step's events: source ``deadlift://org/workflow/step``,
+        type ``deadlift.org.workflow.step`` (plus ``.kind``, e.g. ``emit``)."""
+        return cls(
+            source=f"deadlift://{org}/{workflow}/{step}",
+            type=f"deadlift.{org}.{workflow}.{step}" + (f".{kind}" if kind else ""),
+            extensions={ORG: org, WORKFLOW: workflow, STEP: step},
+        )
+
     def encode(
         self, data: Any, *, id: str, time: str, run: str, traceparent: str | None
     ) -> tuple[dict[str, str], bytes]:

@@ -136,20 +136,10 @@ class StepRunner:
         self.signature = step_signature(workflow, step)
         self.concurrency = step.concurrency or worker.concurrency
         self.granted = {n: worker.functions[n] for n in step.host_functions}
-        self.source = f"deadlift://{workflow.org}/{workflow.name}/{step.name}"
         self.telemetry = telemetry.StepTelemetry(
             org=workflow.org, workflow=workflow.name, step=step.name, module_sha256=spec.sha256
         )
-        self.type = f"deadlift.{workflow.org}.{workflow.name}.{step.name}"
-        self.outputs = events.OutputEncoder(
-            source=self.source,
-            type=self.type,
-            extensions={
-                events.ORG: workflow.org,
-                events.WORKFLOW: workflow.name,
-                events.STEP: step.name,
-            },
-        )
+        self.outputs = events.OutputEncoder.for_step(workflow.org, workflow.name, step.name)
         self.targets = [
             *(step_subject(workflow.org, workflow.name, n) for n in step.next),
             *step.publish,

@@ -297,23 +297,17 @@ class Worker:
         return services
 
     def _emitter(self, workflow: Workflow, step: Step) -> Any:
-        source = f"deadlift://{workflow.org}/{workflow.name}/{step.name}"
+        encoder = events.OutputEncoder.for_step(workflow.org, workflow.name, step.name, kind="emit")
 
         async def publish(call: HostCall, subject: str, data: Any) -> None:
             call.emitted += 1
-            event = events.Event(
-                data=data,
-                # Deterministic: a retried call emits with the same ids (deduplicated).
-                id=events.derive_id(call.event_id, workflow.key, step.name, str(call.emitted)),
-                source=source,
-                type=f"deadlift.{workflow.org}.{workflow.name}.{step.name}.emit",
+            # Deterministic: a retried call emits with the same ids (deduplicated).
+            event_id = events.derive_id(call.event_id, workflow.key, step.name, str(call.emitted))
+            headers, body = encoder.encode(
+                data,
+                id=event_id,
                 time=events.now_rfc3339(),
-                extensions={
-                    events.RUN: call.run,
-                    events.ORG: workflow.org,
-                    events.WORKFLOW: workflow.name,
-                    events.STEP: step.name,
-                },
+                run=call.run,
                 # Emitted events belong to the run's trace, like the step's output.
                 traceparent=(
                     telemetry.traceparent_of(call.trace_context)
@@ -321,8 +315,7 @@ class Worker:
                     else call.traceparent
                 ),
             )
-            headers, body = events.encode(event)
-            headers[events.MSG_ID] = f"{event.id}:{subject}"
+            headers[events.MSG_ID] = f"{event_id}:{subject}"
             await bus.publish(self.js, self.nc, subject, body, headers)
 
         return publish
