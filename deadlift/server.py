@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
+from typing import Any, Self
 
 from deadlift.errors import DeadliftError
 from deadlift.orgs import OrgManifest, render_nats_config
@@ -45,7 +46,71 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class EmbeddedServer:
+def get_json(url: str, timeout: float = 1.0) -> dict[str, Any] | None:
+    """GET a monitoring endpoint; None when the server does not answer (yet)."""
+    with (
+        contextlib.suppress(OSError, urllib.error.URLError, ValueError),
+        urllib.request.urlopen(url, timeout=timeout) as response,
+    ):
+        data = json.loads(response.read())
+        return data if isinstance(data, dict) else None
+    return None
+
+
+def spawn_server(args: list[str], log_file: str | Path | None) -> subprocess.Popen[bytes]:
+    """Start a nats-server process in its own session, logging to ``log_file`` if given.
+
+    Own session: a Ctrl-C meant for the parent must not kill the server before
+    the workers have drained; the parent stops it explicitly.
+    """
+    out = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
+    try:
+        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    finally:
+        if out is not subprocess.DEVNULL:
+            out.close()  # type: ignore[union-attr]
+
+
+def stop_server(process: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
+    """SIGTERM (then SIGKILL after ``timeout``) and wait."""
+    if process is not None and process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def kill_server(process: subprocess.Popen[bytes] | None) -> None:
+    """SIGKILL and wait (the store is kept, as after a crash)."""
+    if process is not None:
+        process.kill()
+        process.wait()
+
+
+class Managed:
+    """``with`` support for things that ``start()`` and ``stop()``."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class EmbeddedServer(Managed):
     """A nats-server child process with JetStream on loopback.
 
     Use as a context manager; the store is a temp dir unless ``store_dir`` is given.
@@ -79,7 +144,7 @@ class EmbeddedServer:
         """The client URL."""
         return f"nats://{self.host}:{self.port}"
 
-    def start(self, timeout: float = 20.0) -> EmbeddedServer:
+    def start(self, timeout: float = 20.0) -> Self:
         """Start the server and wait until JetStream is ready."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
         args = [
@@ -104,18 +169,13 @@ class EmbeddedServer:
             args += ["-c", str(rendered)]
         elif self.config_file:
             args += ["-c", str(self.config_file)]
-        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
-        # Own session: a Ctrl-C meant for the parent must not kill the server
-        # before the workers have drained; the parent stops it explicitly.
-        self.process = subprocess.Popen(
-            args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        self.process = spawn_server(args, self.log_file)
         self._wait_ready(timeout)
         return self
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        url = f"http://127.0.0.1:{self.monitor_port}/healthz?js-enabled-only=true"
+        url = f"http://{self.host}:{self.monitor_port}/healthz?js-enabled-only=true"
         while time.monotonic() < deadline:
             assert self.process is not None
             if self.process.poll() is not None:
@@ -123,25 +183,15 @@ class EmbeddedServer:
                     f"nats-server exited with code {self.process.returncode} at start "
                     f"(port {self.port} taken, or a bad config?)"
                 )
-            with (
-                contextlib.suppress(OSError, urllib.error.URLError, ValueError),
-                urllib.request.urlopen(url, timeout=1) as response,
-            ):
-                if json.loads(response.read()).get("status") == "ok":
-                    return
+            if (get_json(url) or {}).get("status") == "ok":
+                return
             time.sleep(0.05)
         self.stop()
         raise DeadliftError(f"nats-server did not become ready within {timeout:.0f} s")
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the server (SIGTERM, then SIGKILL) and remove a temp store."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_server(self.process, timeout)
         self.process = None
         if self._tmp is not None:
             self._tmp.cleanup()
@@ -149,18 +199,5 @@ class EmbeddedServer:
 
     def kill(self) -> None:
         """SIGKILL the server, keeping its store (for crash tests)."""
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait()
-            self.process = None
-
-    def __enter__(self) -> EmbeddedServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+        kill_server(self.process)
+        self.process = None
