@@ -4,7 +4,8 @@
 (``deadlift_state_<org>``); keys are free text for the module, escaped into
 NATS's key alphabet here. ``emit`` publishes an extra event, only to subjects
 the step declares. ``config_get`` / ``secret_get`` read the org's values from
-the org manifest; secret values are never logged.
+the org manifest; secret values are never logged. ``http_request`` reaches only
+the step's ``allowed_hosts`` (see :mod:`deadlift.http`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 import nats.js.errors
 
 from deadlift.errors import HostFunctionError
+from deadlift.http import HTTP_SERVICE as HTTP_SERVICE  # services key: the step's HttpPolicy
+from deadlift.http import http_request
 from deadlift.wasm.hostfns import HostCall, HostFunction, host_function
 from deadlift.workflow import check_subject, subject_covers
 
@@ -172,5 +175,5 @@ def secret_get(call: HostCall, request: Any) -> Any:
 
 
 BUILTINS: dict[str, HostFunction] = {
-    f.name: f for f in (kv_get, kv_set, kv_incr, emit, config_get, secret_get)
+    f.name: f for f in (kv_get, kv_set, kv_incr, emit, config_get, secret_get, http_request)
 }

@@ -28,7 +28,9 @@ from nats.js.api import (
     StreamConfig,
 )
 
+from deadlift import names
 from deadlift.errors import ConfigError, DeadliftError, PayloadTooLargeError, PermissionDeniedError
+from deadlift.orgs import account_name
 from deadlift.settings import Settings
 from deadlift.workflow import (
     STEP_PREFIX,
@@ -45,6 +47,55 @@ STEPS_STREAM = "DEADLIFT_STEPS"
 EVENTS_STREAM = "DEADLIFT_EVENTS"
 DLQ_STREAM = "DEADLIFT_DLQ"
 DLQ_PREFIX = "deadlift.dlq"
+# Events another org exports to this one are captured per exporter, apart from
+# the org's own: a stream's duplicate window is keyed by Nats-Msg-Id, which the
+# sender chooses, so a shared stream would let an exporter pre-occupy (and so
+# silently drop) the ids of the org's own events, or of another exporter's.
+IMPORT_STREAM_PREFIX = "DEADLIFT_IN_"
+
+
+def import_stream(exporter: str) -> str:
+    """The stream capturing the events ``exporter`` sends to this org."""
+    return IMPORT_STREAM_PREFIX + account_name(exporter)
+
+
+@dataclass(frozen=True, slots=True)
+class StepInput:
+    """One durable consumer feeding a step: its stream, name, subjects, and provenance."""
+
+    stream: str
+    consumer: str
+    filters: tuple[str, ...]
+    origin: str | None = None  # the exporting org, for a trigger arriving through an import
+
+
+def step_inputs(workflow: Workflow, step: Step) -> list[StepInput]:
+    """The consumers of a step: its own input subject, and for an entry step its triggers.
+
+    Every step reads ``deadlift.step.<org>.<workflow>.<step>`` (fed by the steps
+    before it and by ``dlq replay``). Entry steps also read the workflow's own
+    triggers from the events stream, and each import's triggers from that
+    import's stream, so the org that sent an event is known from where it arrived.
+    """
+    name = consumer_name(workflow.org, workflow.name, step.name)
+    inputs = [
+        StepInput(STEPS_STREAM, name, (step_subject(workflow.org, workflow.name, step.name),))
+    ]
+    if step not in workflow.entry_steps():
+        return inputs
+    own = [t for t in workflow.trigger if t not in workflow.imports]
+    if own:
+        inputs.append(StepInput(EVENTS_STREAM, f"{name}--trigger", tuple(minimal_subjects(own))))
+    for exporter, subjects in sorted(workflow.imported_triggers().items()):
+        inputs.append(
+            StepInput(
+                import_stream(exporter),
+                f"{name}--from-{exporter}",
+                tuple(minimal_subjects(subjects)),
+                origin=exporter,
+            )
+        )
+    return inputs
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +105,7 @@ class StepBinding:
     stream: str
     consumer: str
     ack_wait: float = 30.0
+    origin: str | None = None  # set for an import's trigger: the exporting org
 
 
 class DeadliftClient(Client):
@@ -70,8 +122,9 @@ class DeadliftClient(Client):
 
     def denied(self, subject: str) -> str | None:
         """The violation reported for ``subject``, if any."""
+        wanted = f'"{subject}"'.lower()  # nats-py lowercases the server's -ERR text
         for message in reversed(self.permission_errors):
-            if f'"{subject}"' in message:
+            if wanted in message.lower():
                 return message
         return None
 
@@ -145,10 +198,17 @@ async def connect(settings: Settings, *, name: str = "deadlift") -> DeadliftClie
         # The server closes the socket after refusing a login; name the refusal.
         auth = [e for e in client.errors if "authoriz" in e.lower() or "authent" in e.lower()]
         cause = (auth or list(client.errors) or [str(exc) or type(exc).__name__])[-1]
+        if "maximum account active connections" in cause:
+            advice = "the org's max_connections limit is reached (org manifest, limits:)"
+        elif auth:
+            advice = "check the credentials (--org, --creds, --user/--password)"
+        else:
+            advice = (
+                "start one with `deadlift server`, set --server / DEADLIFT_NATS_URL, "
+                "and check the credentials"
+            )
         raise DeadliftError(
-            f"cannot connect to NATS at {settings.nats_url}{who}: {cause}; "
-            "start one with `deadlift server`, set --server / DEADLIFT_NATS_URL, "
-            "and check the credentials"
+            f"cannot connect to NATS at {settings.nats_url}{who}: {cause}; {advice}"
         ) from None
 
 
@@ -159,7 +219,10 @@ def with_org_credentials(settings: Settings) -> Settings:
     from deadlift.orgs import load_orgs
 
     manifest = load_orgs(settings.orgs_file)
-    users = [u for u in manifest.org(settings.org).users if u.user and u.password]
+    users = sorted(  # an admin first: commands and workers manage the account
+        (u for u in manifest.org(settings.org).users if u.user and u.password),
+        key=lambda u: u.role != "admin",
+    )
     if not users:
         raise ConfigError(
             f"org {settings.org!r} has no password users in {settings.orgs_file}; "
@@ -169,9 +232,16 @@ def with_org_credentials(settings: Settings) -> Settings:
 
 
 async def ensure_streams(
-    js: JetStreamContext, settings: Settings, event_subjects: list[str]
+    js: JetStreamContext,
+    settings: Settings,
+    event_subjects: list[str],
+    imported: Mapping[str, list[str]] | None = None,
 ) -> None:
-    """Create or extend Deadlift's streams so every subject it uses is captured durably."""
+    """Create or extend Deadlift's streams so every subject it uses is captured durably.
+
+    ``imported`` maps an exporting org to the trigger subjects that arrive from it
+    through an import; each exporter gets its own stream (see ``import_stream``).
+    """
 
     def config(name: str, subjects: list[str]) -> StreamConfig:
         return StreamConfig(
@@ -188,6 +258,8 @@ async def ensure_streams(
     await _ensure_stream(js, config(DLQ_STREAM, [f"{DLQ_PREFIX}.>"]))
     if event_subjects:
         await _ensure_stream(js, config(EVENTS_STREAM, event_subjects), merge=True)
+    for exporter, subjects in sorted((imported or {}).items()):
+        await _ensure_stream(js, config(import_stream(exporter), subjects), merge=True)
 
 
 async def _ensure_stream(
@@ -243,27 +315,21 @@ def _stream_conflict(config: StreamConfig, exc: Exception) -> ConfigError:
 async def ensure_consumers(
     js: JetStreamContext, settings: Settings, workflow: Workflow, step: Step
 ) -> list[StepBinding]:
-    """Create or update the durable pull consumers a step's workers share.
-
-    Every step reads its own input subject (``deadlift.step.<org>.<workflow>.<step>``,
-    fed by the steps before it and by ``dlq replay``); entry steps also read the
-    workflow's trigger subjects.
-    """
-    name = consumer_name(workflow.org, workflow.name, step.name)
-    wanted = [(STEPS_STREAM, name, [step_subject(workflow.org, workflow.name, step.name)])]
-    if step in workflow.entry_steps():
-        wanted.append((EVENTS_STREAM, f"{name}--trigger", minimal_subjects(workflow.trigger)))
+    """Create or update the durable pull consumers a step's workers share (``step_inputs``)."""
     bindings = []
-    for stream, consumer, filters in wanted:
+    for wanted in step_inputs(workflow, step):
+        config = consumer_config(wanted.consumer, list(wanted.filters), step, settings)
         try:
-            info = await js.add_consumer(stream, consumer_config(consumer, filters, step, settings))
+            info = await js.add_consumer(wanted.stream, config)
         except nats.js.errors.APIError as exc:
             raise ConfigError(
                 f"workflow {workflow.key} step {step.name!r}: cannot create consumer "
-                f"{consumer}: {exc}"
+                f"{wanted.consumer}: {exc}"
             ) from None
         ack_wait = info.config.ack_wait or settings.ack_wait_s
-        bindings.append(StepBinding(stream=stream, consumer=consumer, ack_wait=ack_wait))
+        bindings.append(
+            StepBinding(wanted.stream, wanted.consumer, ack_wait=ack_wait, origin=wanted.origin)
+        )
     return bindings
 
 
@@ -292,10 +358,14 @@ def consumer_config(
 
 async def delete_consumers(js: JetStreamContext, workflow: Workflow, step: Step) -> None:
     """Remove a step's consumers (ignoring ones already gone)."""
-    name = consumer_name(workflow.org, workflow.name, step.name)
-    for stream, consumer in ((STEPS_STREAM, name), (EVENTS_STREAM, f"{name}--trigger")):
-        with contextlib.suppress(nats.js.errors.NotFoundError):
-            await js.delete_consumer(stream, consumer)
+    for wanted in step_inputs(workflow, step):
+        await delete_consumer(js, wanted.stream, wanted.consumer)
+
+
+async def delete_consumer(js: JetStreamContext, stream: str, consumer: str) -> None:
+    """Remove one consumer (ignoring one already gone, or its stream)."""
+    with contextlib.suppress(nats.js.errors.NotFoundError):
+        await js.delete_consumer(stream, consumer)
 
 
 def check_size(nc: Client, subject: str, headers: Mapping[str, str], body: bytes) -> None:
@@ -322,7 +392,17 @@ async def publish(
     *,
     timeout: float = 5.0,
 ) -> PubAck:
-    """Publish durably (awaiting the PubAck), refusing oversized messages first."""
+    """Publish durably (awaiting the PubAck), refusing bad input before nats-py sees it.
+
+    Raises:
+        ConfigError: the subject is not one a message can be published to
+            (see :func:`deadlift.names.check_subject`: a newline would corrupt the
+            protocol, an over-long subject would make the server drop the
+            connection) or a header would break the header block.
+        PayloadTooLargeError: over the server's max_payload (which closes the connection).
+    """
+    names.check_subject(subject, field="subject", wildcards=False)
+    names.check_headers(headers)
     check_size(nc, subject, headers, body)
     try:
         return await js.publish(subject, body, headers=headers, timeout=timeout)

@@ -11,15 +11,16 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from deadlift import bus, events
+from deadlift import bus, events, names
 from deadlift.control import apply_files, push_module_file
-from deadlift.errors import ConfigError, DeadliftError
+from deadlift.errors import ConfigError, DeadliftError, ModuleError
 from deadlift.registry import Registry, dump_json
 from deadlift.settings import Settings
 
@@ -37,11 +38,36 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
     try:
         return _event_loop_runner()(coro)
     except ConfigError as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
-        sys.exit(2)
+        refuse(exc)
     except DeadliftError as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
+        # Escaped: a message quoting user input ("[/x]") is text, not rich markup.
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         sys.exit(1)
+
+
+def refuse(exc: ConfigError) -> NoReturn:
+    """Report invalid input (as given, never as rich markup) and exit 2."""
+    err_console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+    sys.exit(2)
+
+
+def checked(check: Callable[..., str], **options: Any) -> Callable[..., Any]:
+    """A click callback validating a value with a :mod:`deadlift.names` check.
+
+    Bad input is refused before anything connects: one line naming the flag or
+    argument and what it allows, exit code 2.
+    """
+
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is None or ctx.resilient_parsing:
+            return value
+        field = param.opts[0] if isinstance(param, click.Option) else param.human_readable_name
+        try:
+            return check(value, field=field, **options)
+        except ConfigError as exc:
+            refuse(exc)
+
+    return callback
 
 
 def _event_loop_runner() -> Callable[[Coroutine[Any, Any, T]], T]:
@@ -180,6 +206,14 @@ def main(
 # -- server -------------------------------------------------------------------
 
 
+SINGLE_TENANT_WARNING = (
+    "[bold red]WARNING: single-tenant development mode.[/bold red] No authentication: "
+    "every client is in one account and can read, change and remove every org's "
+    "workflows, modules, events and state. Never use it for more than one org or "
+    "outside a development machine."
+)
+
+
 @main.command()
 @click.option("--port", "-p", default=4222, show_default=True, help="client port")
 @click.option(
@@ -196,26 +230,37 @@ def main(
     help="extra nats-server config file",
 )
 @click.option(
-    "--accounts/--no-accounts",
-    default=False,
-    help="one NATS account per org, from the org manifest (--orgs)",
+    "--single-tenant",
+    is_flag=True,
+    help="development only: one shared account, no authentication (default: one "
+    "account per org from the org manifest, --orgs)",
 )
+@click.option("--accounts", is_flag=True, hidden=True, help="the default; kept for scripts")
 @click.pass_context
 def server(
-    ctx: click.Context, port: int, store_dir: str, config_file: str | None, accounts: bool
+    ctx: click.Context,
+    port: int,
+    store_dir: str,
+    config_file: str | None,
+    single_tenant: bool,
+    accounts: bool,
 ) -> None:
-    """Run the bundled nats-server with JetStream until Ctrl-C."""
+    """Run the bundled nats-server with JetStream until Ctrl-C (one account per org)."""
     from deadlift.orgs import load_orgs
     from deadlift.server import EmbeddedServer
 
+    if single_tenant and accounts:
+        raise click.UsageError("--single-tenant and --accounts exclude each other")
+    if single_tenant:
+        err_console.print(SINGLE_TENANT_WARNING)
     try:
-        orgs = load_orgs(settings_of(ctx).orgs_file) if accounts else None
+        orgs = None if single_tenant else load_orgs(settings_of(ctx).orgs_file)
         embedded = EmbeddedServer(
             port=port, store_dir=store_dir, config_file=config_file, orgs=orgs
         )
         embedded.start()
     except DeadliftError as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}")
         sys.exit(2 if isinstance(exc, ConfigError) else 1)
     console.print(f"nats-server with JetStream on [bold]{embedded.url}[/bold], store {store_dir}")
     if orgs is not None:
@@ -244,7 +289,7 @@ def nats_config(ctx: click.Context) -> None:
     try:
         click.echo(render_nats_config(load_orgs(settings_of(ctx).orgs_file)), nl=False)
     except ConfigError as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}")
         sys.exit(2)
 
 
@@ -258,8 +303,16 @@ def module() -> None:
 
 @module.command("push")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
-@click.option("--name", "-n", help="module name (default: the file name)")
-@click.option("--version", "-v", "version", help="version (default: next integer)")
+@click.option(
+    "--name", "-n", callback=checked(names.check_name), help="module name (default: the file name)"
+)
+@click.option(
+    "--version",
+    "-v",
+    "version",
+    callback=checked(names.check_version),
+    help="version (default: next integer)",
+)
 @click.option(
     "--codec",
     type=click.Choice(["json", "msgpack", "raw"]),
@@ -273,11 +326,19 @@ def module() -> None:
 )
 @click.pass_context
 def module_push(ctx: click.Context, file: str, **options: Any) -> None:
-    """Validate FILE.wasm with Extism and store it in the registry."""
+    """Validate FILE.wasm with Extism and store it in the registry.
+
+    It is instantiated in a child process first, killed after DEADLIFT_PROBE_TIMEOUT_S.
+    """
 
     @with_registry
     async def push(settings: Settings, nc: Any, registry: Registry) -> None:
-        meta, changed = await push_module_file(registry, file, **options)
+        try:
+            meta, changed = await push_module_file(
+                registry, file, probe_timeout_s=settings.probe_timeout_s, **options
+            )
+        except ModuleError as exc:  # a module that cannot run is invalid input: exit 2
+            raise ConfigError(str(exc)) from None
         verb = "pushed" if changed else "unchanged"
         console.print(
             f"{verb} [bold]{meta.ref}[/bold] sha256:{meta.sha256[:12]} {meta.size} bytes, "
@@ -342,7 +403,8 @@ def module_inspect(ctx: click.Context, ref: str, as_json: bool) -> None:
             return
         for key, value in info.items():
             shown = ", ".join(value) if isinstance(value, list) else value
-            console.print(f"[bold]{key:>16}[/bold] {shown if shown not in (None, '') else '-'}")
+            shown = shown if shown not in (None, "") else "-"
+            console.print(f"[bold]{key:>16}[/bold] {escape(str(shown))}")
 
     run_async(inspect(settings_of(ctx)))
 
@@ -380,7 +442,10 @@ def workflow_apply(ctx: click.Context, files: tuple[str, ...]) -> None:
         applied = await apply_files(nc.jetstream(), registry, settings, files)
         for w in applied:
             steps = ", ".join(f"{s.name}={s.module}" for s in w.steps)
-            console.print(f"applied [bold]{w.key}[/bold] (trigger {', '.join(w.trigger)}): {steps}")
+            console.print(
+                f"applied [bold]{w.key}[/bold] (trigger {escape(', '.join(w.trigger))}): "
+                f"{escape(steps)}"
+            )
 
     run_async(apply(settings_of(ctx)))
 
@@ -402,8 +467,8 @@ def workflow_ls(ctx: click.Context, as_json: bool) -> None:
             table.add_row(
                 w.org,
                 w.name,
-                ", ".join(w.trigger),
-                " → ".join(f"{s.name}({s.module})" for s in w.steps),
+                escape(", ".join(w.trigger)),
+                escape(" → ".join(f"{s.name}({s.module})" for s in w.steps)),
             )
         console.print(table)
 
@@ -491,12 +556,21 @@ def _exit_before_start(signum: int, frame: Any) -> None:
 
 
 @main.command()
-@click.argument("subject")
+@click.argument("subject", callback=checked(names.check_subject, wildcards=False))
 @click.argument("data")
 @click.option(
-    "--id", "event_id", help="event id (default: random); resending an id is deduplicated"
+    "--id",
+    "event_id",
+    callback=checked(names.check_header_value),
+    help="event id (default: random); resending an id is deduplicated",
 )
-@click.option("--type", "event_type", default="deadlift.publish", show_default=True)
+@click.option(
+    "--type",
+    "event_type",
+    default="deadlift.publish",
+    show_default=True,
+    callback=checked(names.check_header_value),
+)
 @click.pass_context
 def publish(
     ctx: click.Context, subject: str, data: str, event_id: str | None, event_type: str
@@ -516,7 +590,9 @@ def publish(
             ack = await bus.publish(nc.jetstream(), nc, subject, body, headers)
             note = " (duplicate, dropped)" if ack.duplicate else ""
             console.print(
-                f"published {event.id} to {subject}: stream {ack.stream} seq {ack.seq}{note}"
+                f"published {escape(event.id)} to {escape(subject)}: stream {ack.stream} "
+                f"seq {ack.seq}{note}",
+                soft_wrap=True,
             )
         finally:
             await nc.drain()
@@ -533,8 +609,13 @@ def dlq() -> None:
 
 
 def _dlq_scope(func: Callable[..., Any]) -> Callable[..., Any]:
-    func = click.option("--step", help="only this step")(func)
-    return click.option("--workflow", "-w", help="only this workflow (ORG.NAME or NAME)")(func)
+    func = click.option("--step", callback=checked(names.check_name), help="only this step")(func)
+    return click.option(
+        "--workflow",
+        "-w",
+        callback=checked(names.check_workflow_ref),
+        help="only this workflow (ORG.NAME or NAME)",
+    )(func)
 
 
 @dlq.command("ls")

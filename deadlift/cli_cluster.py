@@ -1,8 +1,10 @@
-"""CLI commands for running beyond one machine: a local NATS cluster, and a health probe.
+"""CLI commands for running beyond one machine: a local NATS cluster, certificates, a probe.
 
 ``deadlift cluster`` runs a JetStream cluster on loopback (what the fail-over
-tests use); ``deadlift health`` is the exec probe of worker containers and
-systemd units (the worker has no HTTP endpoint): exit 0 when healthy, 1 when not.
+tests use); ``deadlift certs`` makes the TLS certificates of routes and leaf
+nodes for the static configs of deploy/; ``deadlift health`` is the exec probe
+of worker containers and systemd units (the worker has no HTTP endpoint): exit 0
+when healthy, 1 when not.
 ``deadlift.cli`` is imported inside the commands (see :mod:`deadlift.cli_monitor`).
 """
 
@@ -45,27 +47,41 @@ err_console = Console(stderr=True, highlight=False)
     type=click.Path(file_okay=False),
     default=".deadlift/cluster",
     show_default=True,
-    help="one sub-directory per node (n1, n2, …): config, log, JetStream store",
+    help="one sub-directory per node (n1, n2, …): config, log, JetStream store; "
+    "tls/: the routes' CA and certificates",
 )
 @click.option(
-    "--accounts/--no-accounts",
-    default=False,
-    help="one NATS account per org, from the org manifest (--orgs)",
+    "--single-tenant",
+    is_flag=True,
+    help="development only: one shared account, no authentication (default: one "
+    "account per org from the org manifest, --orgs)",
 )
+@click.option("--accounts", is_flag=True, hidden=True, help="the default; kept for scripts")
 @click.pass_context
-def cluster(ctx: click.Context, size: int, port: int, store_dir: str, accounts: bool) -> None:
+def cluster(
+    ctx: click.Context, size: int, port: int, store_dir: str, single_tenant: bool, accounts: bool
+) -> None:
     """Run a local JetStream cluster of SIZE nats-servers on loopback until Ctrl-C.
+
+    One NATS account per org from the org manifest (--orgs): connect with
+    --org NAME or the org's credentials. The routes between the nodes use mutual
+    TLS with a CA made for this cluster and a random route password; monitoring
+    listens on 127.0.0.1 only.
 
     The first line printed is the client URLs, comma-separated, usable as
     --server (DEADLIFT_NATS_URL). Set DEADLIFT_STREAM_REPLICAS=3 for R3 streams.
     """
-    from deadlift.cli import settings_of
+    from deadlift.cli import SINGLE_TENANT_WARNING, settings_of
     from deadlift.cluster import LocalCluster
     from deadlift.orgs import load_orgs
 
+    if single_tenant and accounts:
+        raise click.UsageError("--single-tenant and --accounts exclude each other")
+    if single_tenant:
+        err_console.print(SINGLE_TENANT_WARNING)
     settings = settings_of(ctx)
     try:
-        orgs = load_orgs(settings.orgs_file) if accounts else None
+        orgs = None if single_tenant else load_orgs(settings.orgs_file)
         ports = [port + i for i in range(size)] if port else None
         running = LocalCluster(size, store_dir=store_dir, orgs=orgs, ports=ports).start()
     except DeadliftError as exc:
@@ -79,11 +95,19 @@ def cluster(ctx: click.Context, size: int, port: int, store_dir: str, accounts: 
     )
     for node in running.nodes:
         err_console.print(f"  {node.name}: {node.url}  monitor {node.monitor_url}")
+    if running.ca is not None:
+        err_console.print(
+            f"routes: mutual TLS (CA {running.ca.cert}) and a route password made for this run"
+        )
     if orgs is not None:
-        err_console.print(f"accounts: {', '.join(orgs.orgs)} (from {settings.orgs_file})")
+        err_console.print(
+            f"accounts: {', '.join(orgs.orgs)} (from {settings.orgs_file}); "
+            "connect with --org NAME or the org's credentials"
+        )
+    org = "" if orgs is None else f"--org {next(iter(orgs.orgs))} "
     click.echo(
-        f"try: DEADLIFT_STREAM_REPLICAS={min(size, 3)} deadlift --server {running.url} worker\n"
-        "Ctrl-C to stop",
+        f"try: DEADLIFT_STREAM_REPLICAS={min(size, 3)} deadlift --server {running.url} "
+        f"{org}worker\nCtrl-C to stop",
         err=True,
     )
     stop = {"now": False}
@@ -103,6 +127,50 @@ def cluster(ctx: click.Context, size: int, port: int, store_dir: str, accounts: 
             time.sleep(0.2)
     finally:
         running.stop()
+
+
+@click.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.argument("names", nargs=-1, required=True)
+@click.option(
+    "--host",
+    "hosts",
+    multiple=True,
+    help="another name or IP address every certificate is valid for (repeatable)",
+)
+@click.option(
+    "--common-name",
+    help="the certificates' subject CN (default: each NAME); a route identity for "
+    "verify_and_map, e.g. deadlift-route",
+)
+@click.option("--days", type=click.IntRange(1, 3650), default=825, show_default=True)
+def certs(
+    directory: str,
+    names: tuple[str, ...],
+    hosts: tuple[str, ...],
+    common_name: str | None,
+    days: int,
+) -> None:
+    """Make TLS certificates for NATS routes or leaf nodes: DIRECTORY/NAME.pem, NAME-key.pem.
+
+    They are signed by DIRECTORY/ca.pem (made with ca-key.pem when absent, reused
+    otherwise), valid for NAME and every --host, for both server and client use
+    (a route both accepts and dials). Private keys are readable by their owner only.
+    Needs the openssl CLI. See deploy/README.md.
+    """
+    from deadlift.cluster import CertificateAuthority
+
+    try:
+        authority = CertificateAuthority(directory)
+        for name in names:
+            files = authority.issue(name, hosts=hosts, common_name=common_name, days=days)
+            click.echo(f"{files.cert}  {files.key}")
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    except DeadliftError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        sys.exit(1)
+    click.echo(f"CA: {authority.cert} (keep {authority.key} offline once done)", err=True)
 
 
 # -- health ---------------------------------------------------------------------
@@ -150,9 +218,13 @@ async def check_health(
             host = socket.gethostname()
             found = await discover_workers(nc, timeout=min(timeout, 2.0))
             mine = [w for w in found if w.host == host and not w.error]
-            report["workers_here"] = [{"pid": w.pid, "steps": len(w.steps)} for w in mine]
+            report["workers_here"] = [
+                {"pid": w.pid, "steps": len(w.steps), "healthy": w.healthy} for w in mine
+            ]
             if not mine:
                 problems.append(f"no live worker on host {host} answered")
+            for sick in (w for w in mine if not w.healthy):
+                problems.extend(f"worker pid {sick.pid}: {p}" for p in sick.problems or ["?"])
         report["problems"] = problems
         report["ok"] = not problems
         return report
@@ -212,4 +284,4 @@ def health(ctx: click.Context, worker: bool, streams: bool, timeout: float, as_j
     sys.exit(0 if report["ok"] else 1)
 
 
-COMMANDS: list[click.Command] = [cluster, health]
+COMMANDS: list[click.Command] = [cluster, certs, health]

@@ -21,7 +21,7 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from deadlift import monitor
+from deadlift import monitor, names
 from deadlift.errors import EventDecodeError
 from deadlift.settings import Settings
 
@@ -35,6 +35,17 @@ def _run(ctx: click.Context, command: Any, *args: Any, **kwargs: Any) -> None:
 
     coro: Coroutine[Any, Any, None] = command(settings_of(ctx), *args, **kwargs)
     run_async(coro)
+
+
+def _checked(check: Any, **options: Any) -> Any:
+    """``deadlift.cli.checked`` (imported when called: see the module docstring)."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        from deadlift.cli import checked
+
+        return checked(check, **options)(ctx, param, value)
+
+    return callback
 
 
 def _stop_on_signals(stop: asyncio.Event) -> None:
@@ -215,7 +226,14 @@ def _duration(seconds: float | None) -> str:
 @click.option(
     "--all-orgs",
     is_flag=True,
-    help="connect as each org of the org manifest (--orgs) and merge: follow the run across",
+    help="operator command: connect as each org of the org manifest (--orgs) and merge, "
+    "following the run across orgs; needs the system account's credentials",
+)
+@click.option(
+    "--system-creds",
+    type=click.Path(exists=True, dir_okay=False),
+    envvar="DEADLIFT_SYSTEM_CREDS",
+    help="with --all-orgs: the system account's credentials (or DEADLIFT_SYSTEM_USER/PASSWORD)",
 )
 @click.option(
     "--scan",
@@ -225,8 +243,18 @@ def _duration(seconds: float | None) -> str:
     help="read at most the last N messages of each stream",
 )
 @click.pass_context
-def trace(ctx: click.Context, run_id: str, as_json: bool, all_orgs: bool, scan: int) -> None:
+def trace(
+    ctx: click.Context,
+    run_id: str,
+    as_json: bool,
+    all_orgs: bool,
+    system_creds: str | None,
+    scan: int,
+) -> None:
     """Show the events of run RUN_ID (its trigger's event id) in order, across steps."""
+    if system_creds:
+        settings = ctx.obj["settings"]
+        ctx.obj["settings"] = settings.model_copy(update={"system_creds": system_creds})
     _run(ctx, _trace, run_id, as_json=as_json, all_orgs=all_orgs, scan=scan)
 
 
@@ -294,10 +322,11 @@ def _preview(data: Any, width: int = 60) -> str:
 
 
 @click.command()
-@click.argument("subject", required=False)
+@click.argument("subject", required=False, callback=_checked(names.check_subject, wildcards=True))
 @click.option(
     "--workflow",
     "-w",
+    callback=_checked(names.check_workflow_ref),
     help="every subject of this workflow (ORG.NAME or NAME): triggers, steps, outputs, DLQ",
 )
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per line")

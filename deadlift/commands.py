@@ -6,14 +6,21 @@ Part of the CLI layer: this is where signal handlers are installed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import nats.errors
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from deadlift import bus, dlq, events
@@ -21,6 +28,7 @@ from deadlift.errors import DeadliftError, EventDecodeError
 from deadlift.orgs import load_orgs
 from deadlift.settings import Settings
 from deadlift.wasm.hostfns import HostFunction, load_pack
+from deadlift.watchdog import EXIT_STUCK, Stuck
 from deadlift.worker import Worker
 
 log = logging.getLogger("deadlift.cli")
@@ -80,7 +88,9 @@ async def run_worker(
         concurrency=concurrency,
         orgs=orgs,
     )
-    on_stop_signals(lambda: asyncio.ensure_future(worker.shutdown()))
+    bound = settings.shutdown_timeout_s + EXIT_MARGIN_S
+    worker.watchdog.on_stuck = lambda stuck: _exit_when_stuck(worker, stuck, bound)
+    _on_worker_signals(worker, bound)
     try:
         await _start_patiently(worker)
         log.info(
@@ -100,6 +110,98 @@ async def run_worker(
     stats = " ".join(f"{k}={worker.stats[k]}" for k in names)
     log.info("worker stopped: %s", stats)
     flush_telemetry()
+    # Calls still running now were given up on (their events are redelivered), and
+    # one stuck where nothing can interrupt it would keep the interpreter from ever
+    # exiting (executor threads are joined at exit): leave without them.
+    left = [str(s) for s in worker.watchdog.stuck] or worker.watchdog.running()
+    if left:
+        log.error("exiting with status %d; module calls left running: %s", EXIT_STUCK, left)
+        hard_exit(EXIT_STUCK)
+
+
+# Beyond DEADLIFT_SHUTDOWN_TIMEOUT_S, how long a stopping worker may take to drain
+# its connection and flush before it is ended regardless.
+EXIT_MARGIN_S = 5.0
+
+
+def flush_logs() -> None:
+    """Flush every logging handler and the standard streams (before ``os._exit``)."""
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+    # A broken stream must not keep the process alive.
+    for logger in loggers:
+        for handler in logger.handlers:
+            with contextlib.suppress(Exception):
+                handler.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+
+
+def hard_exit(code: int) -> NoReturn:
+    """Flush logs and end the process now, without joining threads (a stuck one never ends)."""
+    flush_logs()
+    os._exit(code)
+
+
+def exit_after(seconds: float, code: int, why: Callable[[], str]) -> None:
+    """End the process with ``code`` after ``seconds`` unless it has exited by then.
+
+    A daemon thread: it works whatever the event loop or the module threads are doing.
+    """
+
+    def wait_then_exit() -> None:
+        time.sleep(seconds)
+        try:
+            log.error("%s; exiting now with status %d", why(), code)
+        finally:
+            hard_exit(code)
+
+    threading.Thread(target=wait_then_exit, name="deadlift-exit-deadline", daemon=True).start()
+
+
+def _exit_when_stuck(worker: Worker, stuck: list[Stuck], bound: float) -> None:
+    """The watchdog found a stuck module call (in its thread): stop, then exit 70."""
+    log.error(
+        "this worker exits with status %d once in-flight events are settled (at most %.0f s)",
+        EXIT_STUCK,
+        bound,
+    )
+    exit_after(bound, EXIT_STUCK, lambda: f"shutdown did not finish within {bound:.0f} s")
+
+
+def _on_worker_signals(worker: Worker, bound: float) -> None:
+    """SIGTERM/SIGINT: a graceful shutdown, ended by force after ``bound`` seconds.
+
+    The first signal starts the shutdown (stop pulling, finish in-flight events,
+    drain), and a deadline: a module thread stuck where nothing can interrupt it
+    would otherwise keep the process alive forever. A second signal exits at once.
+    """
+    loop = asyncio.get_running_loop()
+    state: dict[str, Any] = {"seen": 0}
+
+    def why() -> str:
+        running = worker.watchdog.running()
+        stuck = f" (module calls still running: {'; '.join(running)})" if running else ""
+        return f"shutdown did not finish within {bound:.0f} s{stuck}"
+
+    def handle(signum: int) -> None:
+        state["seen"] += 1
+        name = signal.Signals(signum).name
+        if state["seen"] == 1:
+            log.info("%s: finishing in-flight events, then exiting (at most %.0f s)", name, bound)
+            exit_after(bound, EXIT_STUCK, why)
+            state["shutdown"] = asyncio.ensure_future(worker.shutdown())
+        else:
+            log.warning(
+                "second signal (%s): exiting now; unacked events are redelivered to other workers",
+                name,
+            )
+            hard_exit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, handle, sig)
 
 
 WORKER_STARTUP_S = 60.0  # a worker (a service) waits this long for NATS at start
@@ -203,8 +305,8 @@ def _show_letter(letter: dlq.DeadLetter, as_json: bool) -> None:
         return
     for key, value in letter.summary().items():
         if key != "headers":
-            console.print(f"[bold]{key:>9}[/bold] {value}")
+            console.print(f"[bold]{key:>9}[/bold] {escape(str(value))}")
     console.print("[bold]  headers[/bold]")
     for key, value in letter.headers.items():
-        console.print(f"           {key}: {value}")
-    console.print(f"[bold]     data[/bold] {json.dumps(data, default=str)}")
+        console.print(f"           {escape(str(key))}: {escape(str(value))}")
+    console.print(f"[bold]     data[/bold] {escape(json.dumps(data, default=str))}")

@@ -7,11 +7,20 @@ from pathlib import Path
 
 from nats.js import JetStreamContext
 
-from deadlift import bus
+from deadlift import bus, names
 from deadlift.errors import ConfigError, ModuleError, NotFoundError
+from deadlift.http import parse_allowed_host
+from deadlift.identity import Identity, whoami
+from deadlift.orgs import OrgManifest, load_orgs
 from deadlift.registry import ModuleMeta, Registry
 from deadlift.settings import Settings
-from deadlift.workflow import Step, Workflow, load_workflow
+from deadlift.workflow import (
+    Step,
+    Workflow,
+    load_workflow,
+    subject_covers,
+    subjects_overlap,
+)
 
 
 async def push_module_file(
@@ -23,21 +32,34 @@ async def push_module_file(
     codec: str = "json",
     timeout_ms: int | None = None,
     max_memory_pages: int | None = None,
+    probe_timeout_s: float | None = None,
 ) -> tuple[ModuleMeta, bool]:
-    """Push a ``.wasm`` file; the module name defaults to the file's stem."""
+    """Push a ``.wasm`` file; the module name defaults to the file's stem.
+
+    The binary is instantiated in a child process first, killed after
+    ``probe_timeout_s`` (default ``DEADLIFT_PROBE_TIMEOUT_S``): a start function
+    that loops or crashes is refused with a ModuleError, never a hang or a crash.
+    """
     path = Path(path)
     try:
         wasm = path.read_bytes()
     except OSError as exc:
         raise ModuleError(f"{path}: cannot read module: {exc.strerror}") from None
+    if name is None:
+        name = path.stem.replace(".", "_")
+        try:
+            names.check_name(name, field=f"{path}: module name (from the file name)")
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}; or name the module with --name") from None
     return await registry.push_module(
         wasm,
-        name=name or path.stem.replace(".", "_"),
+        name=name,
         version=version,
         codec=codec,
         timeout_ms=timeout_ms,
         max_memory_pages=max_memory_pages,
         source=str(path),
+        probe_timeout_s=probe_timeout_s or Settings().probe_timeout_s,
     )
 
 
@@ -46,25 +68,36 @@ async def apply_workflows(
     registry: Registry,
     settings: Settings,
     workflows: Iterable[tuple[Workflow, str]],
+    *,
+    orgs: OrgManifest | None = None,
 ) -> list[Workflow]:
     """Validate workflows against the registry, then create streams, consumers, and store them.
 
-    Nothing is stored unless every workflow is valid.
+    Nothing is stored unless every workflow is valid. A workflow must belong to
+    the org of the connection's account; with an org manifest (``orgs``, else
+    ``settings.orgs_file`` when it exists), triggers that arrive through an
+    import are recorded with their exporter and captured apart.
     """
+    # The org comes from the connection: a workflow claiming another org is refused.
+    identity = await whoami(js._nc)  # the JetStream context's own connection
+    manifest = orgs if orgs is not None else load_orgs_if_present(settings.orgs_file)
+    workflows = list(workflows)
+    _check_documents(workflows, identity, settings)
     resolved = [(await registry.resolve_workflow(w, source=src), src) for w, src in workflows]
+    if manifest is not None and not identity.single_tenant:
+        resolved = [(resolve_imports(w, manifest, source=src), src) for w, src in resolved]
     keys = [w.key for w, _ in resolved]
     duplicates = {k for k in keys if keys.count(k) > 1}
     if duplicates:
         raise ConfigError(f"workflow {', '.join(sorted(duplicates))} is defined more than once")
     for workflow, source in resolved:
         check_redelivery_horizon(workflow, settings, source=source)
-        if settings.org and workflow.org != settings.org:
-            raise ConfigError(
-                f"{source}: org: the workflow belongs to {workflow.org!r} but you act as org "
-                f"{settings.org!r}; apply it with --org {workflow.org}"
-            )
     subjects = [s for w, _ in resolved for s in w.event_subjects()]
-    await bus.ensure_streams(js, settings, subjects)
+    imported: dict[str, list[str]] = {}
+    for workflow, _ in resolved:
+        for exporter, triggers in workflow.imported_triggers().items():
+            imported.setdefault(exporter, []).extend(triggers)
+    await bus.ensure_streams(js, settings, subjects, imported)
     for workflow, _ in resolved:
         for step in workflow.steps:
             await bus.ensure_consumers(js, settings, workflow, step)
@@ -73,11 +106,73 @@ async def apply_workflows(
         if previous is not None:
             # Steps that left the workflow: workers stop them (finishing in-flight
             # events); their consumers, and any backlog only they would read, go.
-            current = {s.name for s in workflow.steps}
+            # So do the inputs a step no longer has (a trigger that moved).
+            current = {
+                (i.stream, i.consumer) for s in workflow.steps for i in bus.step_inputs(workflow, s)
+            }
             for step in previous.steps:
-                if step.name not in current:
-                    await bus.delete_consumers(js, previous, step)
+                for old in bus.step_inputs(previous, step):
+                    if (old.stream, old.consumer) not in current:
+                        await bus.delete_consumer(js, old.stream, old.consumer)
     return [w for w, _ in resolved]
+
+
+def _check_documents(
+    workflows: list[tuple[Workflow, str]], identity: Identity, settings: Settings
+) -> None:
+    """Refuse a workflow of another org than the connection's, or a bad HTTP allow-list."""
+    for workflow, source in workflows:
+        identity.check(workflow.org, what=source)
+        for step in workflow.steps:
+            for entry in step.allowed_hosts:
+                try:
+                    parse_allowed_host(entry)
+                except ConfigError as exc:
+                    raise ConfigError(f"{source}: step {step.name!r}: {exc}") from None
+        if settings.org and workflow.org != settings.org:
+            raise ConfigError(
+                f"{source}: org: the workflow belongs to {workflow.org!r} but you act as org "
+                f"{settings.org!r}; apply it with --org {workflow.org}"
+            )
+
+
+def load_orgs_if_present(path: str | Path) -> OrgManifest | None:
+    """The org manifest at ``path``, or None when there is no such file."""
+    return load_orgs(path) if Path(path).is_file() else None
+
+
+def resolve_imports(workflow: Workflow, manifest: OrgManifest, *, source: str) -> Workflow:
+    """Record which triggers arrive through an import; refuse writing to an import.
+
+    Only the exporting org's events arrive on an import's subjects (the org's
+    own users may not publish there), so a step may not publish or emit to one,
+    and a trigger must lie wholly inside one import or wholly outside all.
+    """
+    if workflow.org not in manifest.orgs:
+        return workflow
+    patterns = manifest.org(workflow.org).imports
+    imports: dict[str, str] = {}
+    for trigger in workflow.trigger:
+        for imp in patterns:
+            if subject_covers(imp.local_subject, trigger):
+                imports[trigger] = imp.org
+                break
+            if subjects_overlap(imp.local_subject, trigger):
+                raise ConfigError(
+                    f"{source}: trigger: {trigger} overlaps {imp.local_subject}, where "
+                    f"{imp.org}'s events arrive; trigger on the org's own subjects and on "
+                    "that import separately"
+                )
+    for step in workflow.steps:
+        for subject in [*step.publish, *step.emit]:
+            for imp in patterns:
+                if subjects_overlap(imp.local_subject, subject):
+                    raise ConfigError(
+                        f"{source}: step {step.name!r}: {subject} lies in "
+                        f"{imp.local_subject}, where only {imp.org}'s export delivers; "
+                        "publish to one of the org's own subjects"
+                    )
+    return workflow.model_copy(update={"imports": imports})
 
 
 async def _stored(registry: Registry, key: str) -> Workflow | None:

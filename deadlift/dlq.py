@@ -16,7 +16,7 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from deadlift import bus, events
+from deadlift import bus, events, names
 from deadlift.errors import NotFoundError
 from deadlift.workflow import step_subject
 
@@ -137,7 +137,14 @@ async def letters(
     step: str | None = None,
     limit: int = 10_000,
 ) -> list[DeadLetter]:
-    """Dead letters, oldest first, optionally of one org, workflow or step."""
+    """Dead letters, oldest first, optionally of one org, workflow or step.
+
+    Raises:
+        ConfigError: ``org``, ``workflow`` or ``step`` is not a valid name.
+    """
+    for label, value in (("org", org), ("workflow", workflow), ("step", step)):
+        if value is not None:
+            names.check_name(value, field=label)
     filter_subject = subject_for(org or "*", workflow or "*", step or "*")
     try:
         info = await js.stream_info(bus.DLQ_STREAM)

@@ -32,6 +32,10 @@ RUN = "deadliftrun"
 ORG = "deadliftorg"
 WORKFLOW = "deadliftworkflow"
 STEP = "deadliftstep"
+# The org a run came from when it entered this org through an import. Stamped by
+# the receiving worker from the import the event arrived on; a value sent by the
+# producer is never trusted.
+ORIGIN = "deadliftorigin"
 
 _REQUIRED = ("specversion", "id", "source", "type")
 _KNOWN = frozenset({*_REQUIRED, "time", "subject", "datacontenttype", "dataschema"})
@@ -68,6 +72,11 @@ class Event:
     def run(self) -> str:
         """The run this event belongs to (its own id if it starts a run)."""
         return self.extensions.get(RUN) or self.id
+
+    @property
+    def origin(self) -> str | None:
+        """The org this run came from through an import (as stamped on arrival), if any."""
+        return self.extensions.get(ORIGIN) or None
 
     def with_data(self, data: Any) -> Event:
         """A copy carrying other data."""
@@ -321,12 +330,21 @@ class OutputEncoder:
         )
 
     def encode(
-        self, data: Any, *, id: str, time: str, run: str, traceparent: str | None
+        self,
+        data: Any,
+        *,
+        id: str,
+        time: str,
+        run: str,
+        traceparent: str | None,
+        origin: str | None = None,
     ) -> tuple[dict[str, str], bytes]:
         """Headers and body of one output event."""
         headers = {**self._static, f"{PREFIX}id": id, f"{PREFIX}time": time}
         _check_header_value(f"{PREFIX}{RUN}", run)
         headers[f"{PREFIX}{RUN}"] = run
+        if origin:
+            headers[f"{PREFIX}{ORIGIN}"] = origin  # an org name: validated by the manifest
         if traceparent:
             _check_header_value(TRACEPARENT, traceparent)
             headers[TRACEPARENT] = traceparent

@@ -29,11 +29,11 @@ from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service
 
-from deadlift import bus, dlq, events
+from deadlift import bus, dlq, events, names
 from deadlift.errors import DeadliftError, EventDecodeError, NotFoundError, PermissionDeniedError
 from deadlift.registry import Registry
 from deadlift.settings import Settings
-from deadlift.workflow import STEP_PREFIX, Workflow, consumer_name, minimal_subjects
+from deadlift.workflow import STEP_PREFIX, Workflow, minimal_subjects
 
 if TYPE_CHECKING:
     from deadlift.worker import Worker
@@ -135,6 +135,8 @@ class WorkerInfo:
     uptime_s: float | None = None
     describe_subject: str | None = None
     error: str | None = None
+    healthy: bool = True  # false once its watchdog found a module call stuck
+    problems: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-friendly fields."""
@@ -182,6 +184,8 @@ async def _describe(nc: Client, info: dict[str, Any], timeout: float) -> WorkerI
         stats={k: int(v) for k, v in (described.get("stats") or {}).items()},
         in_flight=int(described.get("in_flight", 0)),
         uptime_s=described.get("uptime_s"),
+        healthy=bool(described.get("healthy", True)),
+        problems=[str(p) for p in described.get("problems") or []],
     )
 
 
@@ -263,16 +267,13 @@ class StatusReport:
 
 
 def step_consumers(workflow: Workflow) -> dict[StepKey, list[tuple[str, str]]]:
-    """``(stream, consumer)`` of every step: its input, and the trigger for entry steps."""
-    entry = {s.name for s in workflow.entry_steps()}
-    found = {}
-    for step in workflow.steps:
-        name = consumer_name(workflow.org, workflow.name, step.name)
-        consumers = [(bus.STEPS_STREAM, name)]
-        if step.name in entry:
-            consumers.append((bus.EVENTS_STREAM, f"{name}--trigger"))
-        found[(workflow.org, workflow.name, step.name)] = consumers
-    return found
+    """``(stream, consumer)`` of every step: its input, and the triggers for entry steps."""
+    return {
+        (workflow.org, workflow.name, step.name): [
+            (i.stream, i.consumer) for i in bus.step_inputs(workflow, step)
+        ]
+        for step in workflow.steps
+    }
 
 
 async def consumer_counts(js: JetStreamContext, stream: str, consumer: str) -> Counts:
@@ -631,9 +632,12 @@ def _plain(data: Any) -> Any:
 async def scan_run(
     js: JetStreamContext, run_id: str, *, scan: int = DEFAULT_SCAN, account: str | None = None
 ) -> list[TraceEntry]:
-    """The run's messages in the events, steps and dead-letter streams (unordered)."""
+    """The run's messages in the events, imports, steps and dead-letter streams (unordered)."""
+    names = [info.config.name or "" for info in await js.streams_info()]
+    imports = [n for n in names if n.startswith(bus.IMPORT_STREAM_PREFIX)]
+    streams = [*TRACE_STREAMS, *imports]
     found = await asyncio.gather(
-        *(scan_stream(js, s, run_id, scan=scan, account=account) for s in TRACE_STREAMS)
+        *(scan_stream(js, s, run_id, scan=scan, account=account) for s in streams)
     )
     return [entry for entries in found for entry in entries]
 
@@ -642,12 +646,17 @@ def order_trace(entries: Sequence[TraceEntry]) -> list[TraceEntry]:
     """Drop duplicates, sort by event time, and set each entry's offset from the first."""
     unique = {e.dedupe_key: e for e in reversed(entries)}  # keeps the first of equals
     ordered = sorted(
-        unique.values(), key=lambda e: (e.at, e.stored or e.at, TRACE_STREAMS.index(e.stream))
+        unique.values(), key=lambda e: (e.at, e.stored or e.at, _stream_rank(e.stream))
     )
     if not ordered:
         return []
     first = ordered[0].at
     return [replace(e, offset_ms=round((e.at - first).total_seconds() * 1000, 3)) for e in ordered]
+
+
+def _stream_rank(stream: str) -> int:
+    """Ties in time: triggers (own or imported) first, then step inputs, then dead letters."""
+    return TRACE_STREAMS.index(stream) if stream in TRACE_STREAMS else 0
 
 
 async def trace_run(
@@ -681,8 +690,10 @@ async def trace_across_orgs(
     Raises:
         RunNotFoundError: no org has anything of the run.
     """
+    from deadlift.identity import require_operator
     from deadlift.orgs import load_orgs
 
+    await require_operator(settings, command="trace --all-orgs")
     orgs = list(load_orgs(settings.orgs_file).orgs)
     results = await asyncio.gather(
         *(_scan_as(settings, org, run_id, scan, connect or _connect) for org in orgs)
@@ -779,7 +790,14 @@ def decode_record(msg: Msg) -> dict[str, Any]:
 async def subscribe_all(
     nc: Client, subjects: Sequence[str], cb: Callable[[Msg], Awaitable[None]]
 ) -> list[Any]:
-    """Subscribe to every subject with one callback; raise if the server refuses one."""
+    """Subscribe to every subject with one callback; raise if the server refuses one.
+
+    Raises:
+        ConfigError: a subject is not valid (checked before any subscription).
+        PermissionDeniedError: the server refused one.
+    """
+    for subject in subjects:
+        names.check_subject(subject, field="subject", wildcards=True)
     subs = [await nc.subscribe(s, cb=cb) for s in subjects]
     if isinstance(nc, bus.DeadliftClient):
         await asyncio.gather(*(nc.check_allowed(s) for s in subjects))

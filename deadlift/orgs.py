@@ -10,11 +10,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from deadlift.errors import ConfigError
 from deadlift.workflow import NAME_PATTERN, check_subject, subject_covers
@@ -33,18 +42,29 @@ INTERNAL_PUBLISH = [
     "$O.>",
     "_INBOX.>",
     "$SRV.>",
+    # The server tells a client which account (so which org) it is: identity
+    # comes from the connection, never from a document.
+    "$SYS.REQ.USER.INFO",
 ]
 INTERNAL_SUBSCRIBE = ["deadlift.>", "_INBOX.>", "$SRV.>"]
 
 
 class User(BaseModel):
-    """A NATS user of an org: a password for development, an nkey for production."""
+    """A NATS user of an org: a password for development, an nkey for production.
+
+    ``role: admin`` (the default) runs workers and manages the org's account
+    (JetStream: streams, consumers, the registry). ``role: publisher`` may only
+    publish events on the org's own subjects (a partner system, a web hook
+    relay): it cannot touch JetStream's API, so it cannot make the server write
+    on its behalf (a stream that republishes or sources into an import, say).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     user: str | None = None
     password: str | None = None
     nkey: str | None = Field(None, pattern=r"^U[A-Z2-7]{55}$")
+    role: Literal["admin", "publisher"] = "admin"
 
     @model_validator(mode="after")
     def _one_kind(self) -> User:
@@ -108,8 +128,33 @@ class Secret(BaseModel):
         return self.value
 
 
+class Limits(BaseModel):
+    """What one org may take of the shared server, so one org cannot starve another.
+
+    Enforced by nats-server per account: JetStream storage, streams and consumers,
+    and client connections. Sizes accept units (``512MiB``, ``2GB``).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_storage: ByteSize = Field(ByteSize(1 << 30), gt=0, description="JetStream file storage")
+    max_memory: ByteSize = Field(ByteSize(64 << 20), gt=0, description="JetStream memory storage")
+    max_streams: int = Field(64, gt=0)
+    max_consumers: int = Field(10_000, gt=0)
+    max_connections: int = Field(256, gt=0)
+
+    def jetstream(self) -> dict[str, int]:
+        """The account's ``jetstream`` block."""
+        return {
+            "max_file": int(self.max_storage),
+            "max_mem": int(self.max_memory),
+            "max_streams": self.max_streams,
+            "max_consumers": self.max_consumers,
+        }
+
+
 class Org(BaseModel):
-    """One organization: its users, subjects, exports, imports, config and secrets."""
+    """One organization: its users, subjects, exports, imports, config, secrets and limits."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -120,6 +165,7 @@ class Org(BaseModel):
     imports: list[Import] = Field(default_factory=list)
     config: dict[str, str] = Field(default_factory=dict)
     secrets: dict[str, Secret] = Field(default_factory=dict)
+    limits: Limits = Field(default_factory=Limits)
 
     @field_validator("subjects")
     @classmethod
@@ -132,21 +178,27 @@ class OrgManifest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    system: User = Field(default_factory=lambda: User(user="sys", password="sys"))
+    # No system user unless declared (an nkey in production): nothing ships a
+    # system password, and Deadlift itself never needs one.
+    system: User | None = None
     orgs: dict[str, Org] = Field(min_length=1)
 
     @field_validator("orgs")
     @classmethod
     def _names(cls, value: dict[str, Org]) -> dict[str, Org]:
-        import re
-
         for name in value:
-            if not re.match(NAME_PATTERN, name):
+            if not re.fullmatch(NAME_PATTERN, name):
                 raise ValueError(f"org name {name!r}: use lowercase letters, digits, _ and -")
         return value
 
     @model_validator(mode="after")
     def _links(self) -> OrgManifest:
+        accounts = [account_name(name) for name in self.orgs]
+        if len(accounts) != len(set(accounts)):
+            raise ValueError(
+                "two org names map to one NATS account (names differing only in - and _); "
+                "rename one"
+            )
         users = [u.user for org in self.orgs.values() for u in org.users if u.user]
         if len(users) != len(set(users)):
             raise ValueError("a user name is used twice; every user belongs to one org")
@@ -193,6 +245,28 @@ class OrgManifest(BaseModel):
         local_imports = [i.local_subject for i in org.imports]
         return [f"{name}.>", *org.subjects, *local_imports]
 
+    def import_subjects(self, name: str) -> list[str]:
+        """Where other orgs' events arrive in ``name``'s account: only the server writes here.
+
+        An org's own users may subscribe to them but never publish on them, so an
+        event on one of these subjects came through the import, from its exporter.
+        """
+        return [i.local_subject for i in self.org(name).imports]
+
+    def org_of_account(self, account: str) -> str | None:
+        """The org whose NATS account is ``account``."""
+        for name in self.orgs:
+            if account_name(name) == account:
+                return name
+        return None
+
+    def origin_of(self, org: str, subject: str) -> str | None:
+        """The org an event on ``subject`` came from, by ``org``'s import, or None (its own)."""
+        for imp in self.org(org).imports:
+            if subject_covers(imp.local_subject, subject):
+                return imp.org
+        return None
+
 
 def account_name(org: str) -> str:
     """The NATS account of an org."""
@@ -223,14 +297,16 @@ def load_orgs(path: str | Path) -> OrgManifest:
         raise ConfigError(f"{path}: invalid org manifest: {problems}") from None
 
 
-def _user_entry(user: User, allow_pub: list[str], allow_sub: list[str]) -> dict[str, Any]:
+def _user_entry(
+    user: User, allow_pub: list[str], allow_sub: list[str], deny_pub: list[str]
+) -> dict[str, Any]:
     entry: dict[str, Any] = (
         {"nkey": user.nkey} if user.nkey else {"user": user.user, "password": user.password}
     )
-    entry["permissions"] = {
-        "publish": {"allow": allow_pub},
-        "subscribe": {"allow": allow_sub},
-    }
+    publish: dict[str, Any] = {"allow": allow_pub}
+    if deny_pub:
+        publish["deny"] = deny_pub
+    entry["permissions"] = {"publish": publish, "subscribe": {"allow": allow_sub}}
     return entry
 
 
@@ -239,10 +315,16 @@ def nats_accounts(manifest: OrgManifest) -> dict[str, Any]:
     accounts: dict[str, Any] = {}
     for name, org in manifest.orgs.items():
         own = manifest.own_subjects(name)
+        # Import subjects: readable, never writable by the org's own users.
+        imported = manifest.import_subjects(name)
         account: dict[str, Any] = {
-            "jetstream": "enabled",
+            "jetstream": org.limits.jetstream(),
+            "limits": {"max_connections": org.limits.max_connections},
             "users": [
-                _user_entry(u, [*own, *INTERNAL_PUBLISH], [*own, *INTERNAL_SUBSCRIBE])
+                _user_entry(u, [*own, *INTERNAL_PUBLISH], [*own, *INTERNAL_SUBSCRIBE], imported)
+                if u.role == "admin"
+                # A publisher: its own subjects, and an inbox for the PubAcks.
+                else _user_entry(u, own, ["_INBOX.>"], imported)
                 for u in org.users
             ],
         }
@@ -261,13 +343,13 @@ def nats_accounts(manifest: OrgManifest) -> dict[str, Any]:
             ]
         accounts[account_name(name)] = account
     system = manifest.system
-    accounts[SYSTEM_ACCOUNT] = {
-        "users": [
+    accounts[SYSTEM_ACCOUNT] = {}
+    if system is not None:
+        accounts[SYSTEM_ACCOUNT]["users"] = [
             {"nkey": system.nkey}
             if system.nkey
             else {"user": system.user, "password": system.password}
         ]
-    }
     return {"accounts": accounts, "system_account": SYSTEM_ACCOUNT}
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,18 +18,22 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, ObjectStoreConfig, StorageType
 from pydantic import BaseModel, ConfigDict, Field
 
+from deadlift import names
 from deadlift.errors import ConfigError, InUseError, ModuleError, NotFoundError
 from deadlift.wasm.codecs import CODECS
-from deadlift.wasm.host import check_loadable
 from deadlift.wasm.hostfns import NAMESPACE
 from deadlift.wasm.inspect import WasmInfo, inspect_wasm
+from deadlift.wasm.probe import DEFAULT_MAX_PAGES, DEFAULT_TIMEOUT_S, probe_module
 from deadlift.workflow import NAME_PATTERN, Workflow
 
 BINARIES = "deadlift_modules"
 MODULES = "deadlift_module_meta"
 WORKFLOWS = "deadlift_workflows"
 MAX_MODULE_BYTES = 32 * 1024 * 1024
-VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+# New versions follow deadlift.names (no '..', no trailing '.', not "latest");
+# metadata already stored is read with the looser rule it was written under.
+VERSION_PATTERN = names.VERSION_PATTERN
+_STORED_VERSION = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
 class ModuleMeta(BaseModel):
@@ -39,7 +42,7 @@ class ModuleMeta(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     name: str = Field(pattern=NAME_PATTERN)
-    version: str = Field(pattern=VERSION_PATTERN)
+    version: str = Field(pattern=_STORED_VERSION)
     sha256: str
     codec: str = "json"
     size: int
@@ -89,11 +92,14 @@ class Registry:
         timeout_ms: int | None = None,
         max_memory_pages: int | None = None,
         source: str = "<module>",
+        probe_timeout_s: float | None = None,
     ) -> tuple[ModuleMeta, bool]:
         """Validate and store a module; return its metadata and whether anything changed.
 
         Pushing the same binary again is a no-op; a different binary under an
-        existing version is refused (versions are immutable).
+        existing version is refused (versions are immutable). The binary is
+        instantiated in a child process (:mod:`deadlift.wasm.probe`) that is killed
+        after ``probe_timeout_s``: its start function may loop or crash.
 
         Raises:
             ModuleError: not Wasm, too large, or Extism cannot load it.
@@ -101,6 +107,15 @@ class Registry:
         """
         info = _validate(wasm, name=name, version=version, codec=codec, source=source)
         host_imports = info.host_imports(NAMESPACE)
+        try:
+            await probe_module(
+                wasm,
+                host_functions=host_imports,
+                max_pages=max_memory_pages or DEFAULT_MAX_PAGES,
+                timeout_s=probe_timeout_s or DEFAULT_TIMEOUT_S,
+            )
+        except ModuleError as exc:
+            raise ModuleError(f"{source}: {exc}") from None
         sha = hashlib.sha256(wasm).hexdigest()
         wanted = version
         while True:
@@ -160,6 +175,7 @@ class Registry:
         Raises:
             NotFoundError: naming what exists instead.
         """
+        names.check_module_ref(ref, field="module")
         if ref.startswith("sha256:"):
             sha = ref.removeprefix("sha256:")
             for meta in reversed(await self.modules()):
@@ -188,6 +204,7 @@ class Registry:
             ConfigError: a workflow still uses it (naming the workflow and step).
             NotFoundError: no such module or version.
         """
+        names.check_module_ref(ref, field="module")
         if ref.startswith("sha256:"):
             raise ConfigError(f"module rm {ref}: name the module as NAME or NAME@VERSION")
         name, _, version = ref.partition("@")
@@ -323,22 +340,17 @@ class Registry:
 
 
 def _validate(wasm: bytes, *, name: str, version: str | None, codec: str, source: str) -> WasmInfo:
-    if not re.match(NAME_PATTERN, name):
-        raise ConfigError(f"{source}: module name {name!r}: use lowercase letters, digits, _ and -")
+    names.check_name(name, field=f"{source}: module name")
+    if version is not None:
+        names.check_version(version, field=f"{source}: version")
     if codec not in CODECS:
         raise ConfigError(f"{source}: codec {codec!r}: use one of {', '.join(CODECS)}")
-    if version is not None and not re.match(VERSION_PATTERN, version):
-        raise ConfigError(
-            f"{source}: version {version!r}: use letters, digits, '.', '_' and '-' "
-            "(starting with a letter or digit, at most 64)"
-        )
     if len(wasm) > MAX_MODULE_BYTES:
         raise ModuleError(
             f"{source}: {len(wasm)} bytes is over the {MAX_MODULE_BYTES}-byte module limit"
         )
     try:
-        info = inspect_wasm(wasm)
-        check_loadable(wasm, tuple(info.host_imports(NAMESPACE)))
+        info = inspect_wasm(wasm)  # a fast parse; loading it is the probe's (a subprocess)
     except ModuleError as exc:
         raise ModuleError(f"{source}: {exc}") from None
     return info

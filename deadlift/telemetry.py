@@ -59,6 +59,11 @@ class _Instruments:
         self.in_flight = METER.create_up_down_counter(
             "deadlift.events.in_flight", unit="{event}", description="events being processed"
         )
+        self.log_dropped = METER.create_counter(
+            "deadlift.module.log_dropped",
+            unit="By",
+            description="module log bytes dropped over DEADLIFT_MODULE_LOG_BYTES per call",
+        )
 
 
 _instruments: _Instruments | None = None

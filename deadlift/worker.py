@@ -29,18 +29,23 @@ from deadlift.builtins import (
     BUILTINS,
     CONFIG_SERVICE,
     EMIT_SERVICE,
+    HTTP_SERVICE,
     SECRETS_SERVICE,
     STATE_SERVICE,
     EmitTarget,
     state_bucket,
 )
 from deadlift.errors import DeadliftError
+from deadlift.http import http_policy
+from deadlift.identity import Identity, whoami
 from deadlift.orgs import OrgManifest
 from deadlift.registry import Registry
 from deadlift.settings import Settings
 from deadlift.step import Observer, StepReport, StepRunner, step_signature
 from deadlift.wasm.host import ModuleHost, PluginSpec
 from deadlift.wasm.hostfns import HostCall, HostFunction
+from deadlift.wasm.probe import probe_module
+from deadlift.watchdog import Watchdog
 from deadlift.workflow import Step, Workflow
 
 log = logging.getLogger("deadlift.worker")
@@ -86,7 +91,14 @@ class Worker:
         self.executor = ThreadPoolExecutor(
             max_workers=self.threads, thread_name_prefix="deadlift-wasm"
         )
+        # Module calls stuck past timeout + grace (nothing can interrupt them) make the
+        # worker unhealthy and shut it down; `deadlift worker` sets on_stuck to exit.
+        self.watchdog = Watchdog(
+            grace_s=self.settings.watchdog_grace_s, phase_s=self.settings.probe_timeout_s
+        )
         self.registry: Registry | None = None
+        self.identity: Identity | None = None
+        self._refused: set[str] = set()  # workflows refused for claiming another org
         self._runners: dict[tuple[str, str], list[StepRunner]] = {}
         self._state: dict[str, Any] = {}
         self._watch_task: asyncio.Task[None] | None = None
@@ -128,6 +140,8 @@ class Worker:
             "in_flight": sum(len(r._inflight) for rs in self._runners.values() for r in rs),
             "started_at": self.started_at,
             "uptime_s": round(time.time() - self.started_at, 1),
+            "healthy": self.watchdog.healthy,
+            "problems": self.watchdog.problems,
         }
 
     @property
@@ -137,6 +151,14 @@ class Worker:
 
     async def start(self) -> None:
         """Load the workflows, start their steps, and follow registry changes."""
+        self.watchdog.start(asyncio.get_running_loop(), self.shutdown)
+        # Which org this worker is comes from its connection, never from a document.
+        self.identity = await whoami(self.nc)
+        if self.identity.single_tenant:
+            log.warning(
+                "single-tenant server (no accounts): this worker runs every org's workflows "
+                "with their config and secrets; use one NATS account per org in production"
+            )
         self.registry = await Registry.open(self.js, replicas=self.settings.stream_replicas)
         for workflow in await self.registry.workflows():
             await self._reconcile(workflow.key, workflow)
@@ -162,9 +184,6 @@ class Worker:
             await self._closed.wait()
             return
         self._shutting_down = True
-        if self._service is not None:
-            with contextlib.suppress(Exception):
-                await self._service.stop()
         if self._trim_task is not None:
             self._trim_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -185,7 +204,13 @@ class Worker:
                 "in-flight events did not finish within %.0f s; leaving them for redelivery",
                 self.settings.shutdown_timeout_s,
             )
+        # Answer `deadlift workers` / `health --worker` until now: a worker shut down
+        # by its watchdog reports why (unhealthy, the stuck step) while it stops.
+        if self._service is not None:
+            with contextlib.suppress(Exception):
+                await self._service.stop()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.watchdog.stop()
         self._closed.set()
 
     async def _trim(self) -> None:
@@ -196,6 +221,23 @@ class Worker:
 
     def _selected(self, workflow: Workflow) -> bool:
         return not self.selection or bool({workflow.key, workflow.name} & set(self.selection))
+
+    def _admitted(self, workflow: Workflow) -> bool:
+        """Whether the workflow belongs to this worker's org (whatever client stored it)."""
+        assert self.identity is not None
+        if self.identity.admits(workflow.org):
+            self._refused.discard(workflow.key)
+            return True
+        if workflow.key not in self._refused:
+            self._refused.add(workflow.key)
+            log.error(
+                "workflow %s not run: it claims org %r but this worker connects as NATS "
+                "account %s; an org's workflows run only with that org's credentials",
+                workflow.key,
+                workflow.org,
+                self.identity.account,
+            )
+        return False
 
     async def _watch(self) -> None:
         assert self.registry is not None
@@ -215,7 +257,7 @@ class Worker:
             if self._shutting_down:
                 return
             wanted: dict[tuple[str, str], Step] = {}
-            if workflow is not None and self._selected(workflow):
+            if workflow is not None and self._selected(workflow) and self._admitted(workflow):
                 wanted = {(key, s.name): s for s in workflow.steps}
             stale = [
                 k
@@ -228,7 +270,9 @@ class Worker:
             if workflow is None or not wanted:
                 return
             try:
-                await bus.ensure_streams(self.js, self.settings, workflow.event_subjects())
+                await bus.ensure_streams(
+                    self.js, self.settings, workflow.event_subjects(), workflow.imported_triggers()
+                )
             except DeadliftError as exc:
                 log.error("workflow %s not started: %s", key, exc)
                 return
@@ -259,10 +303,20 @@ class Worker:
             assert self.registry is not None
             if not self.host.has_binary(step.module_sha256):
                 wasm = await self.registry.binary(step.module_sha256)
+                # Instantiation runs its start function, unbounded: try it in a child first.
+                what = f"module {step.module} (sha256 {step.module_sha256[:12]})"
+                pages = step.max_memory_pages or self.settings.default_max_pages
+                await probe_module(
+                    wasm, max_pages=pages, timeout_s=self.settings.probe_timeout_s, what=what
+                )
                 self.host.add_binary(step.module_sha256, wasm)
             spec = PluginSpec(
                 sha256=step.module_sha256,
                 org=workflow.org,
+                # Instances are pooled per step: no module state crosses workflows,
+                # steps or orgs, even when they run the same binary.
+                workflow=workflow.name,
+                step=step.name,
                 timeout_ms=step.timeout_ms or self.settings.default_timeout_ms,
                 max_pages=step.max_memory_pages or self.settings.default_max_pages,
                 host_functions=tuple(sorted(step.host_functions)),
@@ -283,10 +337,19 @@ class Worker:
         return runners
 
     async def _services(self, workflow: Workflow, step: Step) -> dict[str, Any]:
-        """What the built-in host functions of one step work with, scoped to its org."""
+        """What the built-in host functions of one step work with, scoped to its org.
+
+        ``workflow.org`` was checked against the connection's account (``_admitted``).
+        """
         org = workflow.org
         services: dict[str, Any] = {
             EMIT_SERVICE: EmitTarget(tuple(step.emit), self._emitter(workflow, step)),
+            # Extism cannot interrupt a blocking host function: the policy's deadline
+            # keeps an HTTP call within the step's timeout.
+            HTTP_SERVICE: http_policy(
+                step.allowed_hosts,
+                call_timeout_ms=step.timeout_ms or self.settings.default_timeout_ms,
+            ),
         }
         if self.orgs is not None and org in self.orgs.orgs:
             declared = self.orgs.orgs[org]
@@ -302,7 +365,11 @@ class Worker:
         async def publish(call: HostCall, subject: str, data: Any) -> None:
             call.emitted += 1
             # Deterministic: a retried call emits with the same ids (deduplicated).
-            event_id = events.derive_id(call.event_id, workflow.key, step.name, str(call.emitted))
+            # A run from an import derives apart (its input id was the exporter's choice).
+            scope = (call.origin,) if call.origin else ()
+            event_id = events.derive_id(
+                *scope, call.event_id, workflow.key, step.name, str(call.emitted)
+            )
             headers, body = encoder.encode(
                 data,
                 id=event_id,
@@ -314,6 +381,7 @@ class Worker:
                     if call.trace_context is not None
                     else call.traceparent
                 ),
+                origin=call.origin,
             )
             headers[events.MSG_ID] = f"{event_id}:{subject}"
             await bus.publish(self.js, self.nc, subject, body, headers)

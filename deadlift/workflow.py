@@ -2,44 +2,71 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from deadlift import names
 from deadlift.errors import ConfigError
 
-NAME_PATTERN = r"^[a-z][a-z0-9_]*(-[a-z0-9_]+)*$"
-_NAME = re.compile(NAME_PATTERN)
-MODULE_REF = re.compile(r"^(sha256:[0-9a-f]{64}|[a-z][a-z0-9_]*(-[a-z0-9_]+)*(@[A-Za-z0-9._-]+)?)$")
+# The rules live in deadlift.names (one validation for every entry point).
+NAME_PATTERN = names.NAME_PATTERN
 STEP_PREFIX = "deadlift.step"
 RESERVED_PREFIXES = ("deadlift.step.", "deadlift.dlq.", "$")
 # Subjects captured by Deadlift's own streams: no trigger may overlap them.
 _RESERVED_PATTERNS = ("deadlift.step.>", "deadlift.dlq.>")
 
-Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
+
+def _name(value: str) -> str:
+    return names.check_name(value, field="")
 
 
-def check_subject(subject: str, *, wildcards: bool) -> str:
-    """Validate a NATS subject; return it unchanged or raise ValueError saying why."""
-    if not subject or subject != subject.strip() or any(c.isspace() for c in subject):
-        raise ValueError(f"invalid subject {subject!r}: empty or contains whitespace")
-    tokens = subject.split(".")
-    if any(t == "" for t in tokens):
-        raise ValueError(f"invalid subject {subject!r}: empty token (leading, trailing or '..')")
-    for i, token in enumerate(tokens):
-        if token in ("*", ">") or ("*" in token or ">" in token):
-            if not wildcards:
-                raise ValueError(f"invalid subject {subject!r}: wildcards are not allowed here")
-            if token not in ("*", ">") or (token == ">" and i != len(tokens) - 1):
-                raise ValueError(f"invalid subject {subject!r}: misplaced wildcard")
+def _is_name(value: str) -> bool:
+    try:
+        names.check_name(value)
+    except ConfigError:
+        return False
+    return True
+
+
+def _function(value: str) -> str:
+    return names.check_token(value, field="", max_length=255)
+
+
+def _host_function(value: str) -> str:
+    return names.check_token(value, field="", max_length=128)
+
+
+Name = Annotated[str, AfterValidator(_name)]
+
+
+def check_subject(subject: str, *, wildcards: bool, field: str = "") -> str:
+    """Validate a subject a workflow uses; return it unchanged.
+
+    The syntax is :func:`deadlift.names.check_subject`'s; on top of it, subjects
+    Deadlift or NATS use internally (``deadlift.step.…``, ``deadlift.dlq.…``,
+    ``$…``) are refused.
+
+    Raises:
+        ConfigError: (a ValueError) saying why.
+    """
+    names.check_subject(subject, field=field, wildcards=wildcards)
     if subject.startswith(RESERVED_PREFIXES) or any(
         subjects_overlap(subject, reserved) for reserved in _RESERVED_PATTERNS
     ):
-        raise ValueError(f"subject {subject!r} is reserved for Deadlift or NATS internals")
+        prefix = f"{field}: " if field else ""
+        raise ConfigError(f"{prefix}subject {subject!r} is reserved for Deadlift or NATS internals")
     return subject
 
 
@@ -97,10 +124,12 @@ class Step(BaseModel):
 
     name: Name
     module: str
-    function: str = Field("_main", min_length=1, max_length=255)
+    function: Annotated[str, AfterValidator(_function)] = "_main"
     next: list[Name] = Field(default_factory=list)
     publish: list[str] = Field(default_factory=list)
-    host_functions: list[str] = Field(default_factory=list)
+    host_functions: list[Annotated[str, AfterValidator(_host_function)]] = Field(
+        default_factory=list
+    )
     timeout_ms: int | None = Field(None, gt=0, le=3_600_000)
     max_memory_pages: int | None = Field(None, gt=0, le=65536)
     concurrency: int | None = Field(None, gt=0, le=1024)
@@ -115,11 +144,7 @@ class Step(BaseModel):
     @field_validator("module")
     @classmethod
     def _module_ref(cls, value: str) -> str:
-        if not MODULE_REF.match(value):
-            raise ValueError(
-                f"invalid module reference {value!r}: use NAME, NAME@VERSION or sha256:<64 hex>"
-            )
-        return value
+        return names.check_module_ref(value, field="")
 
     @field_validator("publish")
     @classmethod
@@ -142,6 +167,9 @@ class Workflow(BaseModel):
     description: str = ""
     trigger: list[str] = Field(min_length=1)
     steps: list[Step] = Field(min_length=1)
+    # Filled in by `workflow apply` from the org manifest: trigger subjects that
+    # arrive through an import, each mapped to the org that exports them.
+    imports: dict[str, Name] = Field(default_factory=dict)
 
     @field_validator("trigger", mode="before")
     @classmethod
@@ -152,6 +180,13 @@ class Workflow(BaseModel):
     @classmethod
     def _trigger_subjects(cls, value: list[str]) -> list[str]:
         return [check_subject(s, wildcards=True) for s in value]
+
+    @model_validator(mode="after")
+    def _imports_are_triggers(self) -> Workflow:
+        stray = sorted(set(self.imports) - set(self.trigger))
+        if stray:
+            raise ValueError(f"imports: {', '.join(stray)} is not a trigger of the workflow")
+        return self
 
     @property
     def key(self) -> str:
@@ -170,10 +205,17 @@ class Workflow(BaseModel):
         targets = {n for s in self.steps for n in s.next}
         return [s for s in self.steps if s.name not in targets]
 
+    def imported_triggers(self) -> dict[str, list[str]]:
+        """Trigger subjects that arrive through imports, per exporting org."""
+        found: dict[str, list[str]] = {}
+        for subject, exporter in self.imports.items():
+            found.setdefault(exporter, []).append(subject)
+        return found
+
     def event_subjects(self) -> list[str]:
-        """Trigger and publish subjects: captured by the events stream."""
+        """The org's own trigger and publish subjects: captured by the events stream."""
         return [
-            *self.trigger,
+            *(t for t in self.trigger if t not in self.imports),
             *(s for step in self.steps for s in step.publish),
             *(s for step in self.steps for s in step.emit),
         ]
@@ -249,6 +291,8 @@ def _location(raw: dict[str, Any], loc: list[Any]) -> str:
             label = f"[{item}]"
             if i > 0 and loc[i - 1] == "steps" and isinstance(node, list) and item < len(node):
                 name = node[item].get("name") if isinstance(node[item], dict) else None
+                if name is not None and not (isinstance(name, str) and _is_name(name)):
+                    name = names.shown(name)  # a hostile name stays on one, short line
                 label = f"[{item}] ({name})" if name else label
             parts.append(label)
         else:

@@ -94,22 +94,31 @@ async def publish(nc: Client, subject: str, data: Any, *, id: str | None = None)
     return event
 
 
-async def stored(nc: Client, subject: str, stream: str = bus.EVENTS_STREAM) -> list[events.Event]:
-    """Every event stored on ``subject`` in ``stream``, decoded, in order."""
+async def raw_messages(nc: Client, stream: str, subject: str) -> list[Any]:
+    """Every raw message (headers and body) stored on ``subject`` in ``stream``, in order."""
     js = nc.jetstream()
-    info = await js.stream_info(stream, subjects_filter=subject)
-    found = []
-    if not info.state.messages:
-        return found
+    try:
+        info = await js.stream_info(stream, subjects_filter=subject)
+    except nats.js.errors.NotFoundError:
+        return []
+    found: list[Any] = []
     seq = info.state.first_seq
-    while seq <= info.state.last_seq:
+    while info.state.messages and seq <= info.state.last_seq:
         try:
             msg = await js.get_msg(stream, seq=seq, subject=subject, next=True)
         except nats.js.errors.NotFoundError:
             break
-        found.append(events.decode(msg.headers, msg.data, fallback_id="-", fallback_source="-"))
+        found.append(msg)
         seq = msg.seq + 1
     return found
+
+
+async def stored(nc: Client, subject: str, stream: str = bus.EVENTS_STREAM) -> list[events.Event]:
+    """Every event stored on ``subject`` in ``stream``, decoded, in order."""
+    return [
+        events.decode(msg.headers, msg.data, fallback_id="-", fallback_source="-")
+        for msg in await raw_messages(nc, stream, subject)
+    ]
 
 
 async def eventually(

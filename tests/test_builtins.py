@@ -1,16 +1,14 @@
 """Built-in host functions on a real nats-server with the real modules from workers/.
 
 emit (declared subjects only, deterministic ids), config_get / secret_get (per org,
-secrets never leak), per-org instance pools, allowed_hosts for Extism HTTP, and the
-kv built-ins on one account per org.
+secrets never leak), per-org instance pools, and the kv built-ins on one account per
+org. http_request and allowed_hosts: tests/test_attack_http.py.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import AsyncIterator, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import nats.js.errors
@@ -27,7 +25,7 @@ from deadlift.server import EmbeddedServer
 from deadlift.settings import Settings
 from deadlift.worker import StepReport, Worker
 from deadlift.workflow import parse_workflow
-from tests.conftest import ROOT, eventually, module_path, publish, stored
+from tests.conftest import ROOT, eventually, module_path, publish, raw_messages, stored
 
 ORGS_FILE = ROOT / "config" / "orgs.yaml"
 
@@ -46,25 +44,6 @@ steps:
     publish: [acme.emit.out]
     retry: {{max_attempts: {attempts}, backoff: [0.05]}}
 """
-
-
-async def raw_messages(nc: Client, stream: str, subject: str) -> list[Any]:
-    """Every raw message (headers and body) stored on ``subject`` in ``stream``."""
-    js = nc.jetstream()
-    try:
-        info = await js.stream_info(stream, subjects_filter=subject)
-    except nats.js.errors.NotFoundError:
-        return []
-    found: list[Any] = []
-    seq = info.state.first_seq
-    while info.state.messages and seq <= info.state.last_seq:
-        try:
-            msg = await js.get_msg(stream, seq=seq, subject=subject, next=True)
-        except nats.js.errors.NotFoundError:
-            break
-        found.append(msg)
-        seq = msg.seq + 1
-    return found
 
 
 async def listen(nc: Client, *subjects: str) -> list[str]:
@@ -361,77 +340,6 @@ async def test_instance_state_never_crosses_orgs(
     assert [e.data for e in stripe] == [{"calls": 1}]  # a fresh instance: acme's count is not seen
     assert sorted(s.org for s in specs) == ["acme", "stripe"]
     assert pools == {"acme": (1, 1), "stripe": (1, 1)}  # (idle, created): one instance each
-
-
-# -- allowed_hosts ---------------------------------------------------------------
-
-
-@pytest.fixture
-def http_server() -> Iterator[tuple[str, list[str]]]:
-    """A tiny HTTP server on 127.0.0.1: its base URL and the paths it was asked for."""
-    requested: list[str] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            requested.append(self.path)
-            body = b"hello from the test server"
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, name="test-http", daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", requested
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
-
-
-def fetch_workflow(name: str, allowed: str | None) -> str:
-    hosts = f"\n    allowed_hosts: {allowed}" if allowed is not None else ""
-    return f"""
-name: {name}
-org: acme
-trigger: acme.{name}.in
-steps:
-  - name: get
-    module: fetcher
-    function: fetch
-    publish: [acme.{name}.out]
-    retry: {{max_attempts: 1}}{hosts}
-"""
-
-
-async def test_http_reaches_only_the_hosts_a_step_allows(
-    nc: Client, settings: Settings, push: Any, apply: Any, http_server: tuple[str, list[str]]
-) -> None:
-    base, requested = http_server
-    await push("fetcher")
-    await apply(fetch_workflow("allowed", '["127.0.0.1"]'))
-    await apply(fetch_workflow("denied", None))
-    await apply(fetch_workflow("localhost", '["localhost"]'))  # names the host, not the IP
-    async with Worker(nc, settings=settings):
-        await publish(nc, "acme.denied.in", {"url": f"{base}/denied"})
-        await publish(nc, "acme.localhost.in", {"url": f"{base}/localhost"})
-        await publish(nc, "acme.allowed.in", {"url": f"{base}/allowed"})
-        out = await eventually(lambda: stored(nc, "acme.allowed.out"), message="fetch output")
-        letters = await eventually(lambda: _letters(nc, 2), message="two dead letters")
-    assert [e.data for e in out] == [{"status": 200, "body": "hello from the test server"}]
-    by_workflow = {letter.workflow: letter for letter in letters}
-    assert set(by_workflow) == {"denied", "localhost"}
-    for name, letter in by_workflow.items():
-        assert letter.kind in ("trap", "error"), letter.error
-        assert f"HTTP request to {base}/{name} is not allowed" in letter.error, letter.error
-    assert requested == ["/allowed"]  # refused requests never left the host
-    assert await stored(nc, "acme.denied.out") == []
 
 
 # -- kv built-ins with one account per org ---------------------------------------

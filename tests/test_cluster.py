@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -34,6 +36,7 @@ from tests.conftest import ROOT, eventually, module_path, stored
 pytestmark = pytest.mark.slow
 CALCULATOR = (ROOT / "config" / "workflows" / "calculator.yaml").read_text()
 ORGS_FILE = ROOT / "config" / "orgs.yaml"
+FROM_STRIPE = bus.import_stream("stripe")  # where Acme's stream captures Stripe's events
 
 
 # -- helpers ----------------------------------------------------------------------
@@ -125,9 +128,11 @@ async def publish_until_acked(
             await asyncio.sleep(0.1)
 
 
-async def count_outputs(nc: Client, subject: str, count: int) -> list[events.Event] | None:
+async def count_outputs(
+    nc: Client, subject: str, count: int, stream: str = bus.EVENTS_STREAM
+) -> list[events.Event] | None:
     try:
-        found = await stored(nc, subject)
+        found = await stored(nc, subject, stream)
     except (nats.errors.Error, TimeoutError):
         return None  # the stream is electing a leader: ask again
     return found if len(found) >= count else None
@@ -356,7 +361,7 @@ async def test_four_workers_of_two_orgs_share_steps_and_a_sigkill_loses_nothing(
             message="stripe discount notices",
         )
         received = await eventually(
-            lambda: count_outputs(acme, "acme.in.stripe.discounts", charges),
+            lambda: count_outputs(acme, "acme.in.stripe.discounts", charges, FROM_STRIPE),
             timeout=20,
             message="notices received by acme",
         )
@@ -368,7 +373,7 @@ async def test_four_workers_of_two_orgs_share_steps_and_a_sigkill_loses_nothing(
         await asyncio.sleep(0.5)  # late duplicates would show up here
         calc = await stored(acme, "calc.out")
         notices = await stored(stripe, "stripe.out.acme.discounts")
-        received = await stored(acme, "acme.in.stripe.discounts")
+        received = await stored(acme, "acme.in.stripe.discounts", FROM_STRIPE)
         updated = await stored(acme, "acme.loyalty.updated")
         letters = await dlq.letters(acme.jetstream()) + await dlq.letters(stripe.jetstream())
     finally:
@@ -428,7 +433,7 @@ async def test_an_event_published_on_stripes_server_reaches_acmes_server_through
                     await publish_until_acked(
                         stripe, "stripe.out.acme.discounts", notice, "leaf-1", deadline=deadline
                     )
-                    return await count_outputs(acme, "acme.in.stripe.discounts", 1)
+                    return await count_outputs(acme, "acme.in.stripe.discounts", 1, FROM_STRIPE)
 
                 [event] = await eventually(arrived, timeout=20, message="event on acme's server")
                 [update] = await eventually(
@@ -451,10 +456,8 @@ async def test_an_event_published_on_stripes_server_reaches_acmes_server_through
 # -- 4. the CLI: deadlift cluster and deadlift health ------------------------------------
 
 
-def test_cluster_command_runs_three_nodes_until_sigterm_and_health_probes_them(
-    tmp_path: Path,
-) -> None:
-    process = subprocess.Popen(
+def run_cluster(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
         [
             sys.executable,
             "-m",
@@ -464,33 +467,65 @@ def test_cluster_command_runs_three_nodes_until_sigterm_and_health_probes_them(
             "0",
             "--store-dir",
             str(tmp_path / "cluster"),
+            *args,
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
     )
+
+
+def test_cluster_command_runs_three_nodes_with_org_accounts_until_sigterm_and_health_probes_them(
+    tmp_path: Path,
+) -> None:
+    process = run_cluster(tmp_path)
     try:
         assert process.stdout is not None
         urls = process.stdout.readline().strip()  # the first line: --server material
         assert len(urls.split(",")) == 3 and all(
             u.startswith("nats://127.0.0.1:") for u in urls.split(",")
         )
-        probe = deadlift_cli(urls, "health", "--json")
+        probe = deadlift_cli(urls, "--org", "acme", "health", "--json")
         assert probe.returncode == 0, probe.stderr
         assert json.loads(probe.stdout)["ok"] is True
-        no_worker = deadlift_cli(urls, "health", "--worker", "--timeout", "2")
+        # One account per org by default: a client without credentials is refused.
+        anonymous = deadlift_cli(urls, "health", "--timeout", "3")
+        assert anonymous.returncode == 1 and "authoriz" in anonymous.stderr.lower()
+        no_worker = deadlift_cli(urls, "--org", "acme", "health", "--worker", "--timeout", "2")
         assert no_worker.returncode == 1 and "no live worker" in no_worker.stderr
     finally:
         process.send_signal(signal.SIGTERM)
         _, err = process.communicate(timeout=30)
     assert process.returncode == 0, err
-    assert {p.name for p in (tmp_path / "cluster").iterdir()} == {"n1", "n2", "n3"}
-    assert all(
-        (tmp_path / "cluster" / n / "store" / "jetstream").is_dir() for n in ("n1", "n2", "n3")
-    )
-    down = deadlift_cli(urls, "health", "--timeout", "2")
+    assert "single-tenant" not in err.lower()
+    assert "accounts: acme, stripe, globex" in err
+    assert "routes: mutual TLS" in err
+    # Monitoring (no authentication) is on loopback only.
+    monitors = re.findall(r"monitor (\S+)", err)
+    assert len(monitors) == 3 and all(m.startswith("http://127.0.0.1:") for m in monitors)
+    cluster_dir = tmp_path / "cluster"
+    assert {p.name for p in cluster_dir.iterdir()} == {"n1", "n2", "n3", "tls"}
+    assert all((cluster_dir / n / "store" / "jetstream").is_dir() for n in ("n1", "n2", "n3"))
+    for n in ("n1", "n2", "n3"):  # the configs hold the route and org passwords
+        assert stat.S_IMODE((cluster_dir / n / f"{n}.conf").stat().st_mode) == 0o600
+    down = deadlift_cli(urls, "--org", "acme", "health", "--timeout", "2")
     assert down.returncode == 1 and "unhealthy" in down.stderr
+
+
+def test_cluster_command_single_tenant_is_explicit_and_says_so_loudly(tmp_path: Path) -> None:
+    process = run_cluster(tmp_path, "--size", "1", "--single-tenant")
+    try:
+        assert process.stdout is not None
+        url = process.stdout.readline().strip()
+        anonymous = deadlift_cli(url, "health", "--timeout", "3")
+        assert anonymous.returncode == 0, anonymous.stderr  # no authentication at all
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=30)
+    assert process.returncode == 0, err
+    assert "single-tenant development mode" in err.lower()
+    assert "no authentication" in err.lower()
 
 
 async def test_registry_and_state_buckets_get_the_streams_replicas(cluster: LocalCluster) -> None:

@@ -244,7 +244,7 @@ def test_only_the_imported_trigger_gets_an_import_edge(fmt: str) -> None:
 
 # -- escaping --------------------------------------------------------------------
 
-ODD_FUNCTION = 'say "hi" \\n C:\\dir\\ {x}; a->b'  # quotes, a literal backslash-n, braces
+ODD_FUNCTION = 'say"hi"\\nC:\\dir\\{x};a->b'  # quotes, a literal backslash-n, braces
 ODD = Workflow.model_validate(
     {
         "name": "odd",

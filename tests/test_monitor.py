@@ -10,9 +10,11 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from click.testing import CliRunner
 from nats.aio.client import Client
 from rich.console import Console
@@ -310,13 +312,32 @@ steps:
 
 
 @pytest.fixture(scope="module")
-def accounts_server() -> Iterator[EmbeddedServer]:
-    with EmbeddedServer(orgs=load_orgs(ORGS)) as server:
+def operator_orgs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped manifest plus a system-account user: following a run across
+    orgs is the operator's job."""
+    manifest = yaml.safe_load(ORGS.read_text())
+    manifest["system"] = {"user": "operator", "password": "operator-test"}
+    path = tmp_path_factory.mktemp("orgs") / "orgs.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    return path
+
+
+@pytest.fixture(scope="module")
+def accounts_server(operator_orgs: Path) -> Iterator[EmbeddedServer]:
+    with EmbeddedServer(orgs=load_orgs(operator_orgs)) as server:
         yield server
 
 
-async def test_trace_follows_a_run_across_orgs(accounts_server: EmbeddedServer) -> None:
-    base = Settings(nats_url=accounts_server.url, orgs_file=str(ORGS), ack_wait_s=5.0)
+async def test_trace_follows_a_run_across_orgs(
+    accounts_server: EmbeddedServer, operator_orgs: Path
+) -> None:
+    base = Settings(
+        nats_url=accounts_server.url,
+        orgs_file=str(operator_orgs),
+        ack_wait_s=5.0,
+        system_user="operator",
+        system_password="operator-test",
+    )
     clients = {}
     for org, text in (("stripe", RELAY), ("acme", INBOX)):
         settings = monitor.as_org(base, org)

@@ -133,7 +133,7 @@ async def test_cli_errors_name_the_file_step_and_field(
     not_wasm.write_bytes(b"hello")
     result = deadlift(settings, "module", "push", str(not_wasm))
     assert (
-        result.returncode == 1 and "junk.wasm" in result.stderr and "WebAssembly" in result.stderr
+        result.returncode == 2 and "junk.wasm" in result.stderr and "WebAssembly" in result.stderr
     )
 
     result = deadlift(settings, "publish", "nowhere.at.all", '{"a": 1}')
@@ -221,7 +221,10 @@ def test_server_command_serves_jetstream_until_sigterm(tmp_path: Path) -> None:
         assert f"127.0.0.1:{port}" in process.stdout.readline()  # type: ignore[union-attr]
 
         async def account() -> Any:
-            client = await nats.connect(f"nats://127.0.0.1:{port}")
+            # One account per org by default: connect as one (the shipped manifest's).
+            client = await nats.connect(
+                f"nats://127.0.0.1:{port}", user="acme", password="acme-dev"
+            )
             try:
                 return await client.jetstream().account_info()
             finally:

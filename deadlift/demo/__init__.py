@@ -258,7 +258,13 @@ async def run_dev(*, port: int = 4222, store_dir: str = ".deadlift/nats") -> Non
     from deadlift.commands import on_stop_signals
 
     manifest = load_orgs(_require(ORGS, "org manifest"))
-    modules = sorted(p.stem for p in _require(MODULES, "workers/dist").glob("*.wasm"))
+    # hostile_start_*: the attack suite's modules whose start function loops or
+    # crashes; no registry accepts them (module push refuses them).
+    modules = sorted(
+        p.stem
+        for p in _require(MODULES, "workers/dist").glob("*.wasm")
+        if not p.stem.startswith("hostile_start_")
+    )
     flows = {p: load_workflow(p) for p in sorted(WORKFLOWS.glob("*.yaml"))}
     with EmbeddedServer(port=port, store_dir=store_dir, orgs=manifest) as server:
         sessions = [await OrgSession.open(server.url, org, ORGS) for org in manifest.orgs]

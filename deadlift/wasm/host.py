@@ -5,7 +5,8 @@ concurrent calls returns the *other* call's output, so every call takes an
 instance from a pool and returns it only if the call succeeded; nothing is
 limited unless the manifest says so, so every instance gets a timeout and a
 memory cap; an instance keeps its heap and globals after a failure, so a failed
-instance is dropped, and pools are keyed by org so no state crosses orgs.
+instance is dropped, and pools are keyed by org, workflow and step so no module
+state crosses them (the compiled code, which holds no state, is shared).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import extism
 from extism.extism import CompiledPlugin
 
+from deadlift import watchdog
 from deadlift.errors import ModuleError, StepError
 from deadlift.wasm import logs
 from deadlift.wasm.hostfns import NAMESPACE, HostCall, extism_functions
@@ -28,7 +30,11 @@ from deadlift.wasm.inspect import inspect_wasm
 
 @dataclass(frozen=True, slots=True)
 class PluginSpec:
-    """Everything that makes two instances interchangeable (the pool key)."""
+    """Everything that makes two instances interchangeable (the pool key).
+
+    ``org``, ``workflow`` and ``step`` are part of it: an instance keeps its
+    globals and heap between calls, so two steps never share one.
+    """
 
     sha256: str
     org: str
@@ -38,6 +44,13 @@ class PluginSpec:
     config: tuple[tuple[str, str], ...] = ()
     max_output_bytes: int = 512 * 1024
     allowed_hosts: tuple[str, ...] = ()
+    workflow: str = ""
+    step: str = ""
+
+    @property
+    def compiled_key(self) -> tuple[Any, ...]:
+        """What the compiled code depends on: binary, limits, linked functions, config."""
+        return (self.sha256, self.timeout_ms, self.max_pages, self.host_functions, self.config)
 
 
 class _Pool:
@@ -55,6 +68,7 @@ class ModuleHost:
 
     def __init__(self, *, max_idle_per_spec: int = 64) -> None:
         self._binaries: dict[str, bytes] = {}
+        self._compiled: dict[tuple[Any, ...], tuple[CompiledPlugin, frozenset[str]]] = {}
         self._pools: dict[PluginSpec, _Pool] = {}
         self._lock = threading.Lock()
         self._max_idle = max_idle_per_spec
@@ -74,19 +88,24 @@ class ModuleHost:
         with self._lock:
             return {k: (len(p.idle), p.created) for k, p in self._pools.items()}
 
-    def trim(self, idle_for: float = 2.0, keep: int = 1) -> int:
+    def trim(self, idle_for: float = 2.0, keep: int = 1, release_after: float = 60.0) -> int:
         """Drop idle instances beyond ``keep`` from pools unused for ``idle_for`` seconds.
 
         A busy step holds one instance per thread; once it goes quiet, the extra
-        instances (about 2 MB each) are given back. Returns how many were dropped.
+        instances (about 2 MB each) are given back, and a step unused for
+        ``release_after`` seconds gives back its last one too (pools are per step:
+        memory must not grow with the number of idle steps). Returns how many
+        were dropped.
         """
         now = time.monotonic()
         dropped: list[extism.Plugin] = []
         with self._lock:
             for pool in self._pools.values():
-                if now - pool.last_used >= idle_for and len(pool.idle) > keep:
-                    dropped.extend(pool.idle[keep:])
-                    del pool.idle[keep:]
+                quiet = now - pool.last_used
+                kept = 0 if quiet >= release_after else keep
+                if quiet >= idle_for and len(pool.idle) > kept:
+                    dropped.extend(pool.idle[kept:])
+                    del pool.idle[kept:]
         for plugin in dropped:
             logs.unbind(plugin)
         return len(dropped)
@@ -137,12 +156,14 @@ class ModuleHost:
             if pool is not None:
                 return pool
             wasm = self._binaries.get(spec.sha256)
-        if wasm is None:
-            raise ModuleError(f"module binary {spec.sha256} is not loaded")
-        compiled = compile_module(wasm, spec)
-        exports = frozenset(inspect_wasm(wasm).exports)
+            compiled = self._compiled.get(spec.compiled_key)
+        if compiled is None:
+            if wasm is None:
+                raise ModuleError(f"module binary {spec.sha256} is not loaded")
+            compiled = (compile_module(wasm, spec), frozenset(inspect_wasm(wasm).exports))
         with self._lock:
-            return self._pools.setdefault(spec, _Pool(compiled, spec, exports))
+            code, exports = self._compiled.setdefault(spec.compiled_key, compiled)
+            return self._pools.setdefault(spec, _Pool(code, spec, exports))
 
     def _take(self, pool: _Pool, context: HostCall) -> extism.Plugin:
         with self._lock:
@@ -150,7 +171,9 @@ class ModuleHost:
             plugin = pool.idle.pop() if pool.idle else None
         if plugin is None:
             try:
-                plugin = extism.Plugin(pool.compiled, functions=None)
+                # Runs the start function, which no timeout bounds: the watchdog's.
+                with watchdog.phase(f"instantiating module {pool.spec.sha256[:12]}"):
+                    plugin = extism.Plugin(pool.compiled, functions=None)
             except extism.Error as exc:
                 raise StepError(
                     f"cannot instantiate module {pool.spec.sha256[:12]}: {exc}", kind="error"
@@ -177,8 +200,10 @@ def manifest(wasm: bytes, spec: PluginSpec) -> dict[str, Any]:
         "timeout_ms": spec.timeout_ms,
         "memory": {"max_pages": spec.max_pages},
         "config": dict(spec.config),
-        # Outbound HTTP only to the hosts the step allows (none by default).
-        "allowed_hosts": list(spec.allowed_hosts),
+        # Extism's own HTTP is off for every host: it follows redirects without
+        # re-checking them. Modules reach the network through Deadlift's granted
+        # `http_request` host function, which checks every hop.
+        "allowed_hosts": [],
     }
 
 

@@ -78,9 +78,23 @@ class HostCall:
     emitted: int = 0
     trace_context: Any = None  # the module call's span context, for host-function spans
     traceparent: str | None = None  # the input event's, passed on when not tracing
+    origin: str | None = None  # the org the run came from through an import, if any
+    host_timeout_s: float = 30.0  # how long an async host function may take (the step's timeout)
+    # The module's log lines during this call (see deadlift.wasm.logs): at most
+    # log_limit bytes pass (None: DEADLIFT_MODULE_LOG_BYTES); the rest is counted.
+    log_limit: int | None = None
+    log_bytes: int = 0
+    log_dropped_lines: int = 0
+    log_dropped_bytes: int = 0
 
-    def run_async(self, awaitable: Awaitable[Any], timeout: float = 30.0) -> Any:
-        """Run a coroutine on the worker's loop from the module's thread and wait for it."""
+    def run_async(self, awaitable: Awaitable[Any], timeout: float | None = None) -> Any:
+        """Run a coroutine on the worker's loop from the module's thread and wait for it.
+
+        It may take at most ``timeout`` seconds, by default the step's call timeout:
+        Extism cannot interrupt a call blocked in a host function, so the host
+        function must end in time itself (else the worker's watchdog sees a stuck call).
+        """
+        timeout = self.host_timeout_s if timeout is None else timeout
         try:
             on_loop = asyncio.get_running_loop() is self.loop
         except RuntimeError:

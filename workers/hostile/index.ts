@@ -1,7 +1,8 @@
 // hostile: misbehaving exports for Deadlift's fault-isolation tests.
+import { Host, LogLevel, Memory } from "@extism/as-pdk";
 import {
   fail as failWith, fieldNumber, inputBytes, inputString,
-  outputBytes, parseObject,
+  output, outputBytes, parseObject,
 } from "../lib/deadlift";
 
 let spins: u64 = 0;
@@ -66,5 +67,40 @@ export function fail(): i32 {
 /** Returns the input unchanged. */
 export function ok(): i32 {
   outputBytes(inputBytes());
+  return 0;
+}
+
+/**
+ * Logs its input bytes as one info line exactly as given (not decoded): newlines,
+ * carriage returns, ANSI escapes, invalid UTF-8 and all. Outputs nothing.
+ */
+export function say(): i32 {
+  Host.logMemory(LogLevel.Info, Memory.allocateBytes(inputBytes()));
+  return 0;
+}
+
+const FLOOD_MAX_LINES: f64 = 1000000.0;
+const FLOOD_MAX_SIZE: f64 = 16777216.0;
+
+/**
+ * {"lines": N, "size": S} -> logs N info lines of S bytes each ("xx…x"), then
+ * outputs {"logged": N*S}.
+ */
+export function flood(): i32 {
+  const usage = 'flood: input must be {"lines": integer in [0, 1000000], "size": integer in [1, 16777216]}';
+  const obj = parseObject(inputString(), "flood: input");
+  if (obj === null) return failWith(usage);
+  const lines = fieldNumber(obj, "lines", "flood", true);
+  const size = fieldNumber(obj, "size", "flood", true);
+  if (isNaN(lines) || lines < 0 || lines > FLOOD_MAX_LINES) return failWith(usage);
+  if (isNaN(size) || size < 1 || size > FLOOD_MAX_SIZE) return failWith(usage);
+  const text = new Uint8Array(<i32>size);
+  memory.fill(text.dataStart, 0x78 /* x */, <usize>size);
+  const count = <i32>lines;
+  for (let i = 0; i < count; i++) {
+    // Extism frees a logged block, so each line needs its own copy.
+    Host.logMemory(LogLevel.Info, Memory.allocateBytes(text));
+  }
+  output('{"logged":' + (<i64>lines * <i64>size).toString() + "}");
   return 0;
 }
