@@ -64,13 +64,16 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
-from deadlift import bus, dlq, events
-from deadlift.control import apply_workflows, push_module_file
+from deadlift import bus
+from deadlift.bus import dlq
+from deadlift.bus.registry import Registry
 from deadlift.errors import DeadliftError
-from deadlift.registry import Registry
-from deadlift.server import EmbeddedServer
+from deadlift.model.topology import Stream
+from deadlift.model.workflow import parse_workflow
+from deadlift.ops.control import apply_workflows, push_module_file
+from deadlift.ops.server import EmbeddedServer
 from deadlift.settings import Settings
-from deadlift.workflow import parse_workflow
+from deadlift.wire import events
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = ROOT / "workers" / "dist"
@@ -125,7 +128,7 @@ FAULT_KINDS = ("kill_worker", "term_worker", "restart_server", "hostile")
 FAULT_COUNTS = ("kill", "sigterm", "server_restart", "hostile", "worker_crash")
 HOSTILE_KINDS = ("bad_msgpack", "missing_id", "foreign_non_json", "not_a_number", "trap")
 WORKER_COMMAND = (sys.executable, "-m", "deadlift.cli")
-STREAMS = (bus.EVENTS_STREAM, bus.STEPS_STREAM)
+STREAMS = (Stream.EVENTS, Stream.STEPS)
 QUIET_CHECKS = 5  # idle polls (1 s apart) after which missing outputs will never come
 NATS_TROUBLE = (TimeoutError, OSError, nats.errors.Error, DeadliftError)
 
@@ -321,7 +324,7 @@ async def publish_durable(
     deadline = time.monotonic() + within
     while True:
         try:
-            ack = await bus.publish(nc.jetstream(), nc, subject, body, headers, timeout=2.0)
+            ack = await bus.JetStreamPublisher(nc, timeout=2.0).publish(subject, body, headers)
         except NATS_TROUBLE as exc:
             if time.monotonic() > deadline:
                 raise SoakError(
@@ -486,12 +489,12 @@ class Stored:
 
 async def read_outputs(js: JetStreamContext) -> list[Stored]:
     """Every message stored on soak.out, in order (as tests/conftest.py ``stored()`` reads)."""
-    info = await js.stream_info(bus.EVENTS_STREAM, subjects_filter=GOOD_OUT)
+    info = await js.stream_info(Stream.EVENTS, subjects_filter=GOOD_OUT)
     found: list[Stored] = []
     seq = info.state.first_seq
     while info.state.messages and seq <= info.state.last_seq:
         try:
-            msg = await js.get_msg(bus.EVENTS_STREAM, seq=seq, subject=GOOD_OUT, next=True)
+            msg = await js.get_msg(Stream.EVENTS, seq=seq, subject=GOOD_OUT, next=True)
         except nats.js.errors.NotFoundError:
             break
         assert msg.seq is not None
@@ -504,7 +507,7 @@ async def read_outputs(js: JetStreamContext) -> list[Stored]:
 
 
 async def output_count(js: JetStreamContext) -> int:
-    info = await js.stream_info(bus.EVENTS_STREAM, subjects_filter=GOOD_OUT)
+    info = await js.stream_info(Stream.EVENTS, subjects_filter=GOOD_OUT)
     return int((info.state.subjects or {}).get(GOOD_OUT, 0))
 
 

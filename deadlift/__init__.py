@@ -13,11 +13,11 @@ from deadlift.errors import (
     PermissionDeniedError,
     StepError,
 )
-from deadlift.events import Event
+from deadlift.model.workflow import Step, Workflow, load_workflow, parse_workflow
+from deadlift.runtime.worker import StepReport, Worker
 from deadlift.settings import Settings
 from deadlift.wasm.hostfns import HostCall, HostFunction, host_function
-from deadlift.worker import StepReport, Worker
-from deadlift.workflow import Step, Workflow, load_workflow, parse_workflow
+from deadlift.wire.events import Event
 
 __version__ = "0.1.0"
 

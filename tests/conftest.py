@@ -13,12 +13,14 @@ import nats.js.errors
 import pytest
 from nats.aio.client import Client
 
-from deadlift import bus, events
-from deadlift.control import apply_workflows, push_module_file
-from deadlift.registry import Registry
-from deadlift.server import EmbeddedServer
+from deadlift import bus
+from deadlift.bus.registry import Registry
+from deadlift.model.topology import Stream
+from deadlift.model.workflow import Workflow, parse_workflow
+from deadlift.ops.control import apply_workflows, push_module_file
+from deadlift.ops.server import EmbeddedServer
 from deadlift.settings import Settings
-from deadlift.workflow import Workflow, parse_workflow
+from deadlift.wire import events
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = ROOT / "workers" / "dist"
@@ -90,7 +92,7 @@ async def publish(nc: Client, subject: str, data: Any, *, id: str | None = None)
     event = events.new_event(data, source="test", type="test.event", id=id)
     headers, body = events.encode(event)
     headers[events.MSG_ID] = event.id
-    await bus.publish(nc.jetstream(), nc, subject, body, headers)
+    await bus.JetStreamPublisher(nc).publish(subject, body, headers)
     return event
 
 
@@ -113,7 +115,7 @@ async def raw_messages(nc: Client, stream: str, subject: str) -> list[Any]:
     return found
 
 
-async def stored(nc: Client, subject: str, stream: str = bus.EVENTS_STREAM) -> list[events.Event]:
+async def stored(nc: Client, subject: str, stream: str = Stream.EVENTS) -> list[events.Event]:
     """Every event stored on ``subject`` in ``stream``, decoded, in order."""
     return [
         events.decode(msg.headers, msg.data, fallback_id="-", fallback_source="-")

@@ -20,7 +20,8 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from deadlift.cluster import (
+from deadlift.model.orgs import account_name, load_orgs
+from deadlift.ops.cluster import (
     MONITOR_HOST,
     ROUTE_USER,
     CertificateAuthority,
@@ -30,8 +31,7 @@ from deadlift.cluster import (
     TlsFiles,
     leaf_user,
 )
-from deadlift.orgs import account_name, load_orgs
-from deadlift.server import free_port
+from deadlift.ops.server import free_port
 from tests.conftest import ROOT, eventually
 
 pytestmark = pytest.mark.slow

@@ -3,7 +3,7 @@
 Issue 11, class 2: Extism's HTTP checked ``allowed_hosts`` only on the first URL
 and followed a redirect from an allowed host to a private address (the NATS
 monitor port). Deadlift now gives Extism an empty allow-list and offers its own
-``http_request`` host function (deadlift/http.py). The first half of this file
+``http_request`` host function (deadlift/runtime/http.py). The first half of this file
 runs the real ``fetcher`` module through a real worker on a real nats-server;
 the second half checks the policy directly, with test HTTP servers on 127.0.0.1
 and an injected resolver.
@@ -28,11 +28,12 @@ from typing import Any
 import pytest
 from nats.aio.client import Client
 
-import deadlift.http
-from deadlift import dlq
-from deadlift.builtins import BUILTINS, HTTP_SERVICE
+import deadlift.runtime.http
+from deadlift.bus import dlq
 from deadlift.errors import ConfigError, HostFunctionError
-from deadlift.http import (
+from deadlift.ops.server import EmbeddedServer
+from deadlift.runtime.builtins import BUILTINS, HTTP_SERVICE
+from deadlift.runtime.http import (
     HttpPolicy,
     address_problem,
     http_policy,
@@ -40,10 +41,9 @@ from deadlift.http import (
     parse_allowed_host,
     perform,
 )
-from deadlift.server import EmbeddedServer
+from deadlift.runtime.worker import Worker
 from deadlift.settings import Settings
 from deadlift.wasm.hostfns import HostCall, invoke
-from deadlift.worker import Worker
 from tests.conftest import eventually, publish, stored
 
 MiB = 1024 * 1024
@@ -373,9 +373,9 @@ async def test_a_refused_request_fails_the_step_and_reaches_nothing(
         }
     )
     # The cloud metadata address, as a DNS answer an attacker controls would give it.
-    real = deadlift.http.system_resolver
+    real = deadlift.runtime.http.system_resolver
     monkeypatch.setattr(
-        deadlift.http,
+        deadlift.runtime.http,
         "system_resolver",
         lambda host, port: ["169.254.169.254"] if host == "metadata.example" else real(host, port),
     )

@@ -25,12 +25,12 @@ import pytest
 from nats.aio.client import Client
 
 from deadlift.errors import StepError
+from deadlift.runtime.step import StepReport
+from deadlift.runtime.worker import Worker
 from deadlift.settings import Settings
-from deadlift.step import StepReport
 from deadlift.wasm import logs
 from deadlift.wasm.host import ModuleHost, PluginSpec
 from deadlift.wasm.hostfns import HostCall, host_function
-from deadlift.worker import Worker
 from tests.conftest import ROOT, eventually, module_path, publish, stored
 
 WASM = module_path("hostile").read_bytes()

@@ -19,12 +19,15 @@ import pytest
 from click.testing import CliRunner, Result
 from nats.aio.client import Client
 
-from deadlift import bus, dlq, events, monitor
+from deadlift import bus
+from deadlift.bus import dlq
+from deadlift.bus.registry import Registry
 from deadlift.cli import main
 from deadlift.errors import ConfigError
-from deadlift.registry import Registry
+from deadlift.model.workflow import parse_workflow
+from deadlift.ops import monitor
 from deadlift.settings import Settings
-from deadlift.workflow import parse_workflow
+from deadlift.wire import events
 from tests.conftest import module_path
 
 STREAM = "ATTACK_NAMES"
@@ -218,7 +221,7 @@ async def still_works(nc: Client) -> None:
     event = events.new_event({"ok": True}, source="test", type="test.attack")
     headers, body = events.encode(event)
     headers[events.MSG_ID] = event.id
-    ack = await bus.publish(nc.jetstream(), nc, VALID, body, headers)
+    ack = await bus.JetStreamPublisher(nc).publish(VALID, body, headers)
     assert ack.stream == STREAM and not ack.duplicate
     msg = await nc.jetstream().get_msg(STREAM, seq=ack.seq)
     assert msg.subject == VALID and msg.headers and msg.headers[events.MSG_ID] == event.id
@@ -229,7 +232,7 @@ async def test_bus_publish_refuses_hostile_subjects_and_the_client_keeps_working
     nc: Client, stream: str, subject: str, why: str
 ) -> None:
     with pytest.raises(ConfigError) as caught:
-        await bus.publish(nc.jetstream(), nc, subject, b"\x80", {})
+        await bus.JetStreamPublisher(nc).publish(subject, b"\x80", {})
     message = str(caught.value)
     one_line(message)
     assert message.startswith("subject: ") and why in message
@@ -253,7 +256,7 @@ async def test_bus_publish_refuses_headers_that_break_the_header_block(
     nc: Client, stream: str, headers: dict[str, str], why: str
 ) -> None:
     with pytest.raises(ConfigError) as caught:
-        await bus.publish(nc.jetstream(), nc, VALID, b"\x80", headers)
+        await bus.JetStreamPublisher(nc).publish(VALID, b"\x80", headers)
     one_line(str(caught.value))
     assert str(caught.value).startswith("headers: ") and why in str(caught.value)
     await still_works(nc)

@@ -25,18 +25,20 @@ import yaml
 from nats.aio.client import Client
 from nats.js.api import RePublish, StreamConfig
 
-from deadlift import bus, events
-from deadlift.control import apply_workflows, push_module_file
+from deadlift import bus
+from deadlift.bus.identity import require_operator, whoami
+from deadlift.bus.registry import Registry
 from deadlift.errors import ConfigError, DeadliftError, PermissionDeniedError
-from deadlift.identity import require_operator, whoami
-from deadlift.monitor import trace_across_orgs
-from deadlift.orgs import load_orgs, nats_accounts
-from deadlift.registry import Registry
-from deadlift.server import EmbeddedServer, free_port
+from deadlift.model.orgs import load_orgs, nats_accounts
+from deadlift.model.topology import Stream
+from deadlift.model.workflow import parse_workflow
+from deadlift.ops.control import apply_workflows, push_module_file
+from deadlift.ops.monitor import trace_across_orgs
+from deadlift.ops.server import EmbeddedServer, free_port
+from deadlift.runtime.step import StepReport
+from deadlift.runtime.worker import Worker
 from deadlift.settings import Settings
-from deadlift.step import StepReport
-from deadlift.worker import Worker
-from deadlift.workflow import parse_workflow
+from deadlift.wire import events
 from tests.conftest import ROOT, eventually, module_path, raw_messages
 
 SECRET = "acme-crm-token-do-not-leak"
@@ -65,7 +67,11 @@ def manifest() -> dict[str, Any]:
             },
             "globex": {
                 "users": [{"user": "globex", "password": "g"}],
-                "limits": {"max_storage": "256KiB", "max_connections": 3},
+                "limits": {"max_storage": "256KiB"},
+            },
+            "initech": {  # only the connection-limit test connects as initech
+                "users": [{"user": "initech", "password": "i"}],
+                "limits": {"max_connections": 3},
             },
         },
     }
@@ -174,7 +180,7 @@ async def test_worker_never_runs_a_stored_workflow_claiming_another_org(
         request = {"config": ["program"], "secrets": ["crm_token"]}
         event = events.new_event(request, source="test", type="t")
         headers, body = events.encode(event)
-        await bus.publish(globex.jetstream(), globex, "globex.read.in", body, headers)
+        await bus.JetStreamPublisher(globex).publish("globex.read.in", body, headers)
         await eventually(lambda: reports, message="globex's own step ran")
     assert own.org == "globex"
     # Globex's own step gets globex's (empty) config and secrets, never acme's.
@@ -230,7 +236,7 @@ async def test_the_importer_may_not_publish_on_its_import_subjects(acme_inbox: A
     acme, _, _ = acme_inbox
     headers, body = forged_headers({"n": 1}, id="fake", msg_id="fake")
     with pytest.raises(PermissionDeniedError, match=r"acme\.in\.stripe\.charge"):
-        await bus.publish(acme.jetstream(), acme, "acme.in.stripe.charge", body, headers)
+        await bus.JetStreamPublisher(acme).publish("acme.in.stripe.charge", body, headers)
 
 
 async def test_provenance_comes_from_the_import_not_from_headers(
@@ -244,11 +250,11 @@ async def test_provenance_comes_from_the_import_not_from_headers(
     await stripe.flush()
     own_headers, own_body = forged_headers({"from": "acme"}, id="e2", msg_id="m2")
     own_headers[f"ce-{events.ORIGIN}"] = "stripe"
-    await bus.publish(acme.jetstream(), acme, "acme.own.in", own_body, own_headers)
+    await bus.JetStreamPublisher(acme).publish("acme.own.in", own_body, own_headers)
     await eventually(lambda: len(reports) == 2, message="both events processed")
     origin = {r.output["from"]: r.origin for r in reports}
     assert origin == {"stripe": "stripe", "acme": None}
-    outputs = await raw_messages(acme, bus.EVENTS_STREAM, "acme.inbox.out")
+    outputs = await raw_messages(acme, Stream.EVENTS, "acme.inbox.out")
     stamped = {
         json.dumps(events.unpack(m.data)): m.headers.get(f"ce-{events.ORIGIN}") for m in outputs
     }
@@ -270,10 +276,10 @@ async def test_an_exporter_cannot_preoccupy_the_importers_message_ids(
     await stripe.flush()
     await eventually(lambda: reports, message="stripe's event processed")
     own_headers, own_body = forged_headers({"from": "acme"}, id="same-id", msg_id="same-msg-id")
-    ack = await bus.publish(acme.jetstream(), acme, "acme.own.in", own_body, own_headers)
+    ack = await bus.JetStreamPublisher(acme).publish("acme.own.in", own_body, own_headers)
     assert not ack.duplicate
     await eventually(lambda: len(reports) == 2, message="acme's own event processed")
-    outputs = await raw_messages(acme, bus.EVENTS_STREAM, "acme.inbox.out")
+    outputs = await raw_messages(acme, Stream.EVENTS, "acme.inbox.out")
     assert sorted(events.unpack(m.data)["from"] for m in outputs) == ["acme", "stripe"]
 
 
@@ -285,9 +291,9 @@ async def test_a_publisher_user_cannot_make_the_server_write_into_an_import(
     try:
         event = events.new_event({"n": 1}, source="hook", type="t")
         headers, body = events.encode(event)
-        await bus.publish(hook.jetstream(), hook, "acme.own.in", body, headers)  # allowed
+        await bus.JetStreamPublisher(hook).publish("acme.own.in", body, headers)  # allowed
         with pytest.raises(PermissionDeniedError):
-            await bus.publish(hook.jetstream(), hook, "acme.in.stripe.x", body, headers)
+            await bus.JetStreamPublisher(hook).publish("acme.in.stripe.x", body, headers)
         with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
             await hook.jetstream(timeout=1).add_stream(name="EVIL", subjects=["acme.evil.>"])
         assert hook.denied("$JS.API.STREAM.CREATE.EVIL")
@@ -313,7 +319,7 @@ async def test_an_import_written_by_the_importers_own_stream_is_refused(
     await js.publish("acme.evil.charge", body, headers=headers)
     await eventually(lambda: reports, message="the forged import handled")
     assert [(r.outcome, r.error_kind) for r in reports] == [("dead", "provenance")]
-    assert await raw_messages(acme, bus.EVENTS_STREAM, "acme.inbox.out") == []
+    assert await raw_messages(acme, Stream.EVENTS, "acme.inbox.out") == []
 
 
 async def test_a_workflow_may_not_publish_into_an_import(
@@ -357,7 +363,7 @@ async def test_one_org_filling_its_storage_does_not_starve_another(connect: Any)
 
 
 async def test_an_org_has_a_connection_limit(server: EmbeddedServer, orgs_file: Path) -> None:
-    settings = as_org(server, orgs_file, "globex")
+    settings = as_org(server, orgs_file, "initech")
     clients = [await bus.connect(settings) for _ in range(3)]
     try:
         with pytest.raises(

@@ -12,9 +12,9 @@ from typing import Any
 
 from nats.aio.client import Client
 
+from deadlift.runtime.step import StepReport
+from deadlift.runtime.worker import Worker
 from deadlift.settings import Settings
-from deadlift.step import StepReport
-from deadlift.worker import Worker
 from tests.conftest import eventually, publish
 
 FLOW = """

@@ -24,15 +24,15 @@ from typing import Any
 import pytest
 from nats.aio.client import Client
 
-import deadlift.registry
-from deadlift.cli_cluster import check_health
-from deadlift.control import push_module_file
+import deadlift.bus.registry
+from deadlift.bus.registry import Registry
+from deadlift.cli.cluster import check_health
 from deadlift.errors import ModuleError
-from deadlift.registry import Registry
+from deadlift.ops.control import push_module_file
+from deadlift.runtime.watchdog import EXIT_STUCK, Stuck, Watchdog, phase
+from deadlift.runtime.worker import Worker
 from deadlift.settings import Settings
 from deadlift.wasm.hostfns import HostCall, host_function
-from deadlift.watchdog import EXIT_STUCK, Stuck, Watchdog, phase
-from deadlift.worker import Worker
 from tests.conftest import ROOT, eventually, module_path, publish, stored
 
 LOOP = module_path("hostile_start_loop")
@@ -196,7 +196,7 @@ async def test_worker_never_instantiates_a_module_whose_start_hangs_or_crashes(
         return None
 
     with monkeypatch.context() as patched:
-        patched.setattr(deadlift.registry, "probe_module", no_probe)
+        patched.setattr(deadlift.bus.registry, "probe_module", no_probe)
         await push("hostile_start_loop")
         await push("hostile_start_kernel")
     for name in ("add_ten", "multiply_by_five"):
@@ -279,7 +279,7 @@ def test_a_phase_has_its_own_allowance_and_stops_the_calls_clock() -> None:
 
 INSTANTIATE = """
 import hashlib, os, sys
-from deadlift.watchdog import Watchdog
+from deadlift.runtime.watchdog import Watchdog
 from deadlift.wasm.host import ModuleHost, PluginSpec
 from deadlift.wasm.hostfns import HostCall
 

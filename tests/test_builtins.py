@@ -15,16 +15,19 @@ import nats.js.errors
 import pytest
 from nats.aio.client import Client
 
-from deadlift import bus, dlq, events
-from deadlift.builtins import state_bucket
-from deadlift.control import apply_workflows, push_module_file
+from deadlift import bus
+from deadlift.bus import dlq
+from deadlift.bus.registry import Registry
 from deadlift.errors import ConfigError
-from deadlift.orgs import Org, OrgManifest, Secret, User, load_orgs
-from deadlift.registry import Registry
-from deadlift.server import EmbeddedServer
+from deadlift.model.orgs import Org, OrgManifest, Secret, User, load_orgs
+from deadlift.model.topology import Stream
+from deadlift.model.workflow import parse_workflow
+from deadlift.ops.control import apply_workflows, push_module_file
+from deadlift.ops.server import EmbeddedServer
+from deadlift.runtime.builtins import state_bucket
+from deadlift.runtime.worker import StepReport, Worker
 from deadlift.settings import Settings
-from deadlift.worker import StepReport, Worker
-from deadlift.workflow import parse_workflow
+from deadlift.wire import events
 from tests.conftest import ROOT, eventually, module_path, publish, raw_messages, stored
 
 ORGS_FILE = ROOT / "config" / "orgs.yaml"
@@ -92,7 +95,7 @@ async def test_emit_stores_each_event_once_with_the_run_and_the_steps_source(
     assert len(set(ids)) == 4  # every emitted event is its own event
     # The de-duplication key is the event id plus the subject.
     for subject in emitted:
-        for msg in await raw_messages(nc, bus.EVENTS_STREAM, subject):
+        for msg in await raw_messages(nc, Stream.EVENTS, subject):
             assert msg.headers[events.MSG_ID] == f"{msg.headers['ce-id']}:{subject}"
 
 
@@ -139,7 +142,7 @@ async def test_emit_outside_the_declared_subjects_fails_and_publishes_nothing(
     assert sorted(e.run for e in before) == sorted(e.id for e in sent.values())
     assert await stored(nc, "acme.emit.out") == []
     assert await stored(nc, "acme.secret.x") == []
-    assert await stored(nc, "deadlift.step.acme.other.run", stream=bus.STEPS_STREAM) == []
+    assert await stored(nc, "deadlift.step.acme.other.run", stream=Stream.STEPS) == []
     assert [s for s in seen if s != "acme.audit.before"] == []  # not even a core publish
 
 
@@ -189,7 +192,7 @@ async def test_emitted_events_belong_to_the_inputs_trace(
     headers, body = events.encode(sent)
     headers[events.MSG_ID] = sent.id
     async with Worker(nc, settings=settings):
-        await bus.publish(nc.jetstream(), nc, "acme.emit.in", body, headers)
+        await bus.JetStreamPublisher(nc).publish("acme.emit.in", body, headers)
         [output] = await eventually(lambda: stored(nc, "acme.emit.out"), message="output")
     [emitted] = await stored(nc, "acme.audit.a")
     for event in (output, emitted):
@@ -299,7 +302,7 @@ async def test_config_and_secrets_are_the_calling_orgs_and_secrets_never_leak(
     assert "started workflow acme.settings" in caplog.text  # the log was captured
     secrets = (ACME_SECRET, ACME_ENV_SECRET, STRIPE_SECRET)
     texts = [caplog.text, repr(reports), repr([r.getMessage() for r in caplog.records])]
-    for stream in (bus.EVENTS_STREAM, bus.STEPS_STREAM, bus.DLQ_STREAM):
+    for stream in (Stream.EVENTS, Stream.STEPS, Stream.DLQ):
         for msg in await raw_messages(nc, stream, ">"):
             texts.append(repr(msg.headers) + repr(msg.data))
     for secret in secrets:

@@ -23,14 +23,17 @@ import nats.js.errors
 import pytest
 from nats.aio.client import Client
 
-from deadlift import bus, dlq, events
-from deadlift.cluster import LeafTopology, LocalCluster
-from deadlift.control import apply_workflows, push_module_file
-from deadlift.orgs import load_orgs
-from deadlift.registry import Registry
-from deadlift.server import EmbeddedServer
+from deadlift import bus
+from deadlift.bus import dlq
+from deadlift.bus.registry import Registry
+from deadlift.model.orgs import load_orgs
+from deadlift.model.topology import Stream
+from deadlift.model.workflow import parse_workflow
+from deadlift.ops.cluster import LeafTopology, LocalCluster
+from deadlift.ops.control import apply_workflows, push_module_file
+from deadlift.ops.server import EmbeddedServer
 from deadlift.settings import Settings
-from deadlift.workflow import parse_workflow
+from deadlift.wire import events
 from tests.conftest import ROOT, eventually, module_path, stored
 
 pytestmark = pytest.mark.slow
@@ -129,7 +132,7 @@ async def publish_until_acked(
 
 
 async def count_outputs(
-    nc: Client, subject: str, count: int, stream: str = bus.EVENTS_STREAM
+    nc: Client, subject: str, count: int, stream: str = Stream.EVENTS
 ) -> list[events.Event] | None:
     try:
         found = await stored(nc, subject, stream)
@@ -170,7 +173,7 @@ async def test_sigkill_of_the_stream_leader_loses_nothing_and_stores_every_outpu
     nc = await bus.connect(settings, name="deadlift-test")
     js = nc.jetstream()
     await setup_calculator(nc, settings)
-    for stream in (bus.EVENTS_STREAM, bus.STEPS_STREAM, bus.DLQ_STREAM):
+    for stream in (Stream.EVENTS, Stream.STEPS, Stream.DLQ):
         assert (await js.stream_info(stream)).config.num_replicas == 3
 
     total = 300
@@ -179,7 +182,7 @@ async def test_sigkill_of_the_stream_leader_loses_nothing_and_stores_every_outpu
     failure: AssertionError | None = None
     try:
         await eventually(
-            lambda: pulling(nc, bus.EVENTS_STREAM, "acme--calculator--add--trigger"),
+            lambda: pulling(nc, Stream.EVENTS, "acme--calculator--add--trigger"),
             timeout=20,
             message="worker pulling",
         )
@@ -196,7 +199,7 @@ async def test_sigkill_of_the_stream_leader_loses_nothing_and_stores_every_outpu
 
         producer = asyncio.create_task(produce())
         await eventually(lambda: count_outputs(nc, "calc.out", 50), timeout=20)
-        leader = await cluster.stream_leader(js, bus.EVENTS_STREAM)
+        leader = await cluster.stream_leader(js, Stream.EVENTS)
         killed_at = time.monotonic()
         cluster.kill(leader)  # SIGKILL: no goodbye to the cluster or the clients
         await asyncio.wait_for(producer, 45)
@@ -204,7 +207,7 @@ async def test_sigkill_of_the_stream_leader_loses_nothing_and_stores_every_outpu
             lambda: count_outputs(nc, "calc.out", total), timeout=40, message="all outputs"
         )
         recovered = time.monotonic() - killed_at
-        new_leader = await cluster.stream_leader(js, bus.EVENTS_STREAM)
+        new_leader = await cluster.stream_leader(js, Stream.EVENTS)
         await asyncio.sleep(0.5)  # a late duplicate would show up here
         found = await stored(nc, "calc.out")
         letters = await dlq.letters(js)
@@ -230,7 +233,7 @@ async def test_sigkill_of_the_stream_leader_loses_nothing_and_stores_every_outpu
     try:
 
         async def caught_up() -> bool:
-            info = await nc.jetstream().stream_info(bus.EVENTS_STREAM)
+            info = await nc.jetstream().stream_info(Stream.EVENTS)
             replicas = info.cluster.replicas or [] if info.cluster else []
             return len(replicas) == 2 and all(r.current and not r.offline for r in replicas)
 
@@ -312,13 +315,13 @@ async def test_four_workers_of_two_orgs_share_steps_and_a_sigkill_loses_nothing(
     total, charges = 200, 60
     try:
         await eventually(
-            lambda: pulling(acme, bus.EVENTS_STREAM, "acme--calculator--add--trigger", 2),
+            lambda: pulling(acme, Stream.EVENTS, "acme--calculator--add--trigger", 2),
             timeout=30,
             message="both acme workers pulling",
         )
         await eventually(
             lambda: pulling(
-                stripe, bus.EVENTS_STREAM, "stripe--acme-charges--before-charge--trigger", 2
+                stripe, Stream.EVENTS, "stripe--acme-charges--before-charge--trigger", 2
             ),
             timeout=30,
             message="both stripe workers pulling",
@@ -422,7 +425,7 @@ async def test_an_event_published_on_stripes_server_reaches_acmes_server_through
                 "discount_percent": 10,
                 "similar_purchases": 12,
             }
-            from deadlift.worker import Worker
+            from deadlift.runtime.worker import Worker
 
             async with Worker(acme, settings=acme_settings, orgs=manifest):
                 deadline = time.monotonic() + 20

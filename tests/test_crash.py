@@ -15,11 +15,12 @@ import pytest
 from nats.aio.client import Client
 
 from deadlift import bus
-from deadlift.control import push_module_file
-from deadlift.registry import Registry
-from deadlift.server import EmbeddedServer
+from deadlift.bus.registry import Registry
+from deadlift.model.topology import Stream
+from deadlift.ops.control import push_module_file
+from deadlift.ops.server import EmbeddedServer
+from deadlift.runtime.worker import Worker
 from deadlift.settings import Settings
-from deadlift.worker import Worker
 from tests.conftest import ROOT, eventually, module_path, publish, stored
 from tests.test_processes import start_worker
 
@@ -74,7 +75,7 @@ async def test_kill_9_mid_stream_then_a_new_worker_stores_every_output_once(
             second.send_signal(signal.SIGTERM)
             log = second.communicate(timeout=30)[1]
     exactly_once(found, total)
-    middle = await stored(nc, "deadlift.step.acme.calculator.multiply", bus.STEPS_STREAM)
+    middle = await stored(nc, "deadlift.step.acme.calculator.multiply", Stream.STEPS)
     assert len(middle) == total  # the intermediate step's outputs too
     assert stats(log)["dead"] == 0
 
@@ -124,8 +125,8 @@ async def test_server_restart_mid_stream_loses_nothing(restartable: EmbeddedServ
     registry = await Registry.open(nc.jetstream())
     for name in ("add_ten", "multiply_by_five"):
         await push_module_file(registry, module_path(name))
-    from deadlift.control import apply_workflows
-    from deadlift.workflow import parse_workflow
+    from deadlift.model.workflow import parse_workflow
+    from deadlift.ops.control import apply_workflows
 
     await apply_workflows(
         nc.jetstream(), registry, settings, [(parse_workflow(CALCULATOR), "calc.yaml")]
@@ -164,7 +165,7 @@ async def test_redeliveries_without_a_failure_never_dead_letter_a_healthy_event(
     nc: Client, settings: Settings, push: Any, apply: Any
 ) -> None:
     """Deliveries that died with a worker (or lost their ack) are not failed attempts."""
-    from deadlift import dlq
+    from deadlift.bus import dlq
 
     await push("add_ten")
     await push("multiply_by_five")
@@ -172,7 +173,7 @@ async def test_redeliveries_without_a_failure_never_dead_letter_a_healthy_event(
     await publish(nc, "calc.in", {"value": 1})
     consumer = nc.jetstream()
     sub = await consumer.pull_subscribe_bind(
-        durable="acme--calculator--add--trigger", stream=bus.EVENTS_STREAM
+        durable="acme--calculator--add--trigger", stream=Stream.EVENTS
     )
     for _ in range(4):  # four deliveries that never finished: crashed workers, say
         [msg] = await sub.fetch(1, timeout=5)
@@ -182,5 +183,5 @@ async def test_redeliveries_without_a_failure_never_dead_letter_a_healthy_event(
         found = await eventually(lambda: outputs(nc, 1), timeout=15)
     assert [e.data for e in found] == [{"value": 55}]
     assert await dlq.letters(nc.jetstream()) == []
-    info = await nc.jetstream().consumer_info(bus.EVENTS_STREAM, "acme--calculator--add--trigger")
+    info = await nc.jetstream().consumer_info(Stream.EVENTS, "acme--calculator--add--trigger")
     assert info.config.max_deliver == -1  # the server never drops an event silently

@@ -31,12 +31,13 @@ import yaml
 from click.testing import CliRunner
 
 from deadlift.cli import main
-from deadlift.cluster import CertificateAuthority, LeafTopology, LocalCluster
-from deadlift.orgs import OrgManifest, account_name, load_orgs, render_nats_config
-from deadlift.server import free_port, nats_server_binary
+from deadlift.model.orgs import OrgManifest, account_name, load_orgs, render_nats_config
+from deadlift.model.topology import consumer_name
+from deadlift.model.workflow import parse_workflow
+from deadlift.ops.cluster import CertificateAuthority, LeafTopology, LocalCluster
+from deadlift.ops.server import free_port, nats_server_binary
 from deadlift.settings import Settings
 from deadlift.wasm.hostfns import load_pack
-from deadlift.workflow import consumer_name, parse_workflow
 from tests.conftest import ROOT
 
 DEPLOY = ROOT / "deploy"

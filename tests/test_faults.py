@@ -7,11 +7,13 @@ from typing import Any
 import pytest
 from nats.aio.client import Client
 
-from deadlift import bus, dlq
+from deadlift import bus
+from deadlift.bus import dlq
 from deadlift.errors import PayloadTooLargeError
+from deadlift.model.topology import Stream
+from deadlift.runtime.worker import StepReport, Worker
 from deadlift.settings import Settings
 from deadlift.wasm.hostfns import HostCall, host_function
-from deadlift.worker import StepReport, Worker
 from tests.conftest import eventually, publish, stored
 
 CALCULATOR = """
@@ -169,7 +171,7 @@ steps:
 
     quick = settings.model_copy(update={"ack_wait_s": 1.0})
     # The consumer's ack_wait comes from whoever created it: re-create it with 1 s.
-    await nc.jetstream().delete_consumer(bus.EVENTS_STREAM, "stripe--slow--check--trigger")
+    await nc.jetstream().delete_consumer(Stream.EVENTS, "stripe--slow--check--trigger")
     reports: list[StepReport] = []
     functions = {"past_purchases": past_purchases, "send_email": send_email}
     async with Worker(nc, settings=quick, host_functions=functions, observers=[reports.append]):
@@ -184,7 +186,7 @@ steps:
         await publish(nc, "slow.in", charge)
         out = await eventually(lambda: stored(nc, "slow.out"), timeout=20)
         await eventually(lambda: reports)
-    info = await nc.jetstream().consumer_info(bus.EVENTS_STREAM, "stripe--slow--check--trigger")
+    info = await nc.jetstream().consumer_info(Stream.EVENTS, "stripe--slow--check--trigger")
     assert info.config.ack_wait == 1.0
     assert len(out) == 1
     assert [(r.outcome, r.attempt) for r in reports] == [("ok", 1)]
@@ -194,7 +196,7 @@ steps:
 async def test_replay_runs_the_steps_current_module_version(
     nc: Client, settings: Settings, registry: Any, apply: Any
 ) -> None:
-    from deadlift.control import push_module_file
+    from deadlift.ops.control import push_module_file
     from tests.conftest import module_path
 
     # Version 1 of "normalize" cannot handle the input; version 2 (a fix) can.
@@ -221,7 +223,7 @@ steps:
             lambda: worker.modules.get("acme.normalizer.norm") == fixed.sha256,
             message="worker runs normalize@2",
         )
-        subject = await dlq.replay(nc.jetstream(), nc, letter)
+        subject = await dlq.replay(nc.jetstream(), bus.JetStreamPublisher(nc), letter)
         out = await eventually(lambda: stored(nc, "norm.out"), timeout=15)
     assert subject == "deadlift.step.acme.normalizer.norm"
     assert out[0].data == {"text": "héllo"}

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from deadlift.graph import CrossOrg, cross_org, render
-from deadlift.orgs import OrgManifest, load_orgs
-from deadlift.workflow import Workflow, load_workflow
+from deadlift.model.graph import CrossOrg, cross_org, render
+from deadlift.model.orgs import OrgManifest, load_orgs
+from deadlift.model.workflow import Workflow, load_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOWS = ROOT / "config" / "workflows"

@@ -19,16 +19,18 @@ from click.testing import CliRunner
 from nats.aio.client import Client
 from rich.console import Console
 
-from deadlift import bus, monitor
+from deadlift import bus
+from deadlift.bus.registry import Registry
 from deadlift.cli import main
-from deadlift.cli_monitor import status_table, trace_table, workers_table
-from deadlift.control import apply_workflows, push_module_file
-from deadlift.orgs import load_orgs
-from deadlift.registry import Registry
-from deadlift.server import EmbeddedServer
+from deadlift.cli.monitor import status_table, trace_table, workers_table
+from deadlift.model.orgs import load_orgs
+from deadlift.model.topology import Stream
+from deadlift.model.workflow import Workflow, parse_workflow
+from deadlift.ops import monitor
+from deadlift.ops.control import apply_workflows, push_module_file
+from deadlift.ops.server import EmbeddedServer
+from deadlift.runtime.worker import Worker
 from deadlift.settings import Settings
-from deadlift.worker import Worker
-from deadlift.workflow import Workflow, parse_workflow
 from tests.conftest import ROOT, eventually, module_path, publish, stored
 
 CALCULATOR = (ROOT / "config" / "workflows" / "calculator.yaml").read_text()
@@ -209,9 +211,9 @@ def shape(entries: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
 
 
 TWO_STEPS = [
-    (bus.EVENTS_STREAM, "calc.in", ""),
-    (bus.STEPS_STREAM, "deadlift.step.acme.calculator.multiply", "add"),
-    (bus.EVENTS_STREAM, "calc.out", "multiply"),
+    (Stream.EVENTS, "calc.in", ""),
+    (Stream.STEPS, "deadlift.step.acme.calculator.multiply", "add"),
+    (Stream.EVENTS, "calc.out", "multiply"),
 ]
 
 
@@ -235,7 +237,7 @@ async def test_trace_shows_a_run_in_order_across_its_steps(
     assert all(e["org"] == "acme" and e["workflow"] == "calculator" for e in entries[1:])
 
     [trigger, letter] = await monitor.trace_run(nc.jetstream(), failed.id)
-    assert trigger.subject == "strict.in" and letter.stream == bus.DLQ_STREAM
+    assert trigger.subject == "strict.in" and letter.stream == Stream.DLQ
     assert letter.dead and (letter.dead["step"], letter.dead["kind"]) == ("add", "error")
     assert "dead at acme/strict/add [error]" in rendered(trace_table(failed.id, [trigger, letter]))
 
@@ -372,7 +374,7 @@ async def test_trace_follows_a_run_across_orgs(
 
 
 def test_durations_and_request_timeouts_are_readable() -> None:
-    from deadlift.cli_monitor import _duration
+    from deadlift.cli.monitor import _duration
 
     assert [_duration(s) for s in (None, 3.25, 125, 7300)] == ["-", "3.2s", "2m05s", "2h01m"]
 

@@ -13,14 +13,15 @@ from typing import Any
 import pytest
 import yaml
 
-from deadlift import bus, events
-from deadlift.control import apply_workflows, push_module_file
+from deadlift import bus
+from deadlift.bus.registry import Registry
 from deadlift.errors import ConfigError, DeadliftError, PermissionDeniedError
-from deadlift.orgs import load_orgs, nats_accounts
-from deadlift.registry import Registry
-from deadlift.server import EmbeddedServer
+from deadlift.model.orgs import load_orgs, nats_accounts
+from deadlift.model.workflow import parse_workflow
+from deadlift.ops.control import apply_workflows, push_module_file
+from deadlift.ops.server import EmbeddedServer
 from deadlift.settings import Settings
-from deadlift.workflow import parse_workflow
+from deadlift.wire import events
 from tests.conftest import ROOT, eventually, module_path
 
 ORGS = ROOT / "config" / "orgs.yaml"
@@ -190,9 +191,8 @@ async def test_publishing_to_anothers_subjects_is_a_clear_error(
         event = events.new_event({"x": 1}, source="test", type="t")
         headers, body = events.encode(event)
         with pytest.raises(PermissionDeniedError, match=r"permission denied.*stripe\.charges"):
-            await bus.publish(
-                acme.jetstream(), acme, "stripe.charges.private", body, headers, timeout=1.0
-            )
+            publisher = bus.JetStreamPublisher(acme, timeout=1.0)
+            await publisher.publish("stripe.charges.private", body, headers)
     finally:
         await acme.close()
     # …and nothing reached Stripe's stream.
@@ -255,7 +255,7 @@ async def test_exported_events_reach_only_the_importer(
         stripe = stripe_with_a_workflow
         event = events.new_event({"customer": "alice"}, source="test", type="t")
         headers, body = events.encode(event)
-        await bus.publish(stripe.jetstream(), stripe, "stripe.out.acme.discounts", body, headers)
+        await bus.JetStreamPublisher(stripe).publish("stripe.out.acme.discounts", body, headers)
         await eventually(lambda: seen["acme"], message="acme received the export")
         await asyncio.sleep(0.3)
     finally:

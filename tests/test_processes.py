@@ -17,10 +17,10 @@ import nats
 import pytest
 from nats.aio.client import Client
 
-from deadlift import dlq
-from deadlift.server import free_port
+from deadlift.bus import dlq
+from deadlift.ops.server import free_port
+from deadlift.runtime.worker import Worker
 from deadlift.settings import Settings
-from deadlift.worker import Worker
 from tests.conftest import ROOT, eventually, module_path, publish, stored
 
 pytestmark = pytest.mark.slow

@@ -19,13 +19,13 @@ import nats.js.errors
 import pytest
 from nats.aio.client import Client
 
-import deadlift.registry
-from deadlift import bus
-from deadlift.control import apply_workflows, push_module_file, remove_workflow
+import deadlift.bus.registry
+from deadlift.bus.registry import BINARIES, Registry
 from deadlift.errors import ConfigError, InUseError, ModuleError, NotFoundError
-from deadlift.registry import BINARIES, Registry
+from deadlift.model.topology import Stream
+from deadlift.model.workflow import parse_workflow
+from deadlift.ops.control import apply_workflows, push_module_file, remove_workflow
 from deadlift.settings import Settings
-from deadlift.workflow import parse_workflow
 from tests.conftest import ROOT, module_path
 
 Apply = Callable[[str], Awaitable[Any]]
@@ -289,7 +289,7 @@ async def test_unloadable_module_is_otherwise_well_formed() -> None:
 async def test_module_over_the_size_limit_is_refused(
     registry: Registry, nc: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(deadlift.registry, "MAX_MODULE_BYTES", 1024)
+    monkeypatch.setattr(deadlift.bus.registry, "MAX_MODULE_BYTES", 1024)
     with pytest.raises(ModuleError, match=r"add_ten\.wasm: \d+ bytes is over the 1024-byte"):
         await push_module_file(registry, module_path("add_ten"))
     assert await registry.modules() == []
@@ -351,7 +351,7 @@ async def test_invalid_workflow_is_refused_and_nothing_is_stored(
     for part in expected:
         assert part in text, text
     assert await registry.workflows() == []
-    assert bus.EVENTS_STREAM not in await stream_names(nc)
+    assert Stream.EVENTS not in await stream_names(nc)
 
 
 async def test_apply_is_all_or_nothing(
@@ -366,7 +366,7 @@ async def test_apply_is_all_or_nothing(
             nc.jetstream(), registry, settings, [(good, "good.yaml"), (bad, "second.yaml")]
         )
     assert await registry.workflows() == []
-    assert bus.EVENTS_STREAM not in await stream_names(nc)
+    assert Stream.EVENTS not in await stream_names(nc)
     # Both valid: both stored.
     fixed = parse_workflow(one_step("add_ten"), source="second.yaml")
     await apply_workflows(

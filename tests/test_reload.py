@@ -9,10 +9,10 @@ from typing import Any
 
 from nats.aio.client import Client
 
-from deadlift.control import push_module_file, remove_workflow
-from deadlift.registry import Registry
+from deadlift.bus.registry import Registry
+from deadlift.ops.control import push_module_file, remove_workflow
+from deadlift.runtime.worker import StepReport, Worker
 from deadlift.settings import Settings
-from deadlift.worker import StepReport, Worker
 from tests.conftest import eventually, module_path, publish, stored
 
 ADDER = """

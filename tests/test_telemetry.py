@@ -17,8 +17,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
+from deadlift.runtime.worker import StepReport, Worker
 from deadlift.settings import Settings
-from deadlift.worker import StepReport, Worker
 from tests.conftest import eventually, publish
 
 SPANS = InMemorySpanExporter()

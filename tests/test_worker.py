@@ -7,9 +7,11 @@ from typing import Any
 
 from nats.aio.client import Client
 
-from deadlift import bus, dlq, events
+from deadlift.bus import dlq
+from deadlift.model.topology import Stream
+from deadlift.runtime.worker import StepReport, Worker
 from deadlift.settings import Settings
-from deadlift.worker import StepReport, Worker
+from deadlift.wire import events
 from tests.conftest import eventually, publish, stored
 
 CALCULATOR = """
@@ -277,5 +279,5 @@ async def test_shutdown_finishes_in_flight_events(
     await eventually(lambda: stored(nc, "calc.out"))
     await worker.shutdown()
     await worker.shutdown()  # idempotent
-    info = await nc.jetstream().consumer_info(bus.EVENTS_STREAM, "acme--calculator--add--trigger")
+    info = await nc.jetstream().consumer_info(Stream.EVENTS, "acme--calculator--add--trigger")
     assert info.num_ack_pending == 0

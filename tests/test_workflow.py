@@ -11,15 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deadlift.errors import ConfigError, DeadliftError
-from deadlift.workflow import (
+from deadlift.model.topology import consumer_name, step_subject
+from deadlift.model.workflow import (
     Retry,
     Workflow,
-    consumer_name,
     load_workflow,
     mermaid,
     minimal_subjects,
     parse_workflow,
-    step_subject,
     subject_covers,
 )
 

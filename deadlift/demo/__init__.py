@@ -19,17 +19,18 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from deadlift import bus, events
-from deadlift.builtins import decode_key, state_bucket
-from deadlift.control import apply_files, push_module_file
+from deadlift import bus
+from deadlift.bus.registry import Registry, kv_entries
 from deadlift.demo import stripe
 from deadlift.errors import DeadliftError
-from deadlift.orgs import load_orgs
-from deadlift.registry import Registry, kv_entries
-from deadlift.server import EmbeddedServer
+from deadlift.model.orgs import load_orgs
+from deadlift.model.workflow import load_workflow
+from deadlift.ops.control import apply_files, push_module_file
+from deadlift.ops.server import EmbeddedServer
+from deadlift.runtime.builtins import decode_key, state_bucket
+from deadlift.runtime.worker import StepReport, Worker
 from deadlift.settings import Settings
-from deadlift.worker import StepReport, Worker
-from deadlift.workflow import load_workflow
+from deadlift.wire import events
 
 ROOT = Path(__file__).resolve().parents[2]
 MODULES = ROOT / "workers" / "dist"
@@ -210,8 +211,7 @@ async def _send_charges(org: OrgSession) -> None:
             id=charge_id,
         )
         headers, body = events.encode(event)
-        headers[events.MSG_ID] = event.id
-        await bus.publish(org.js, org.nc, CHARGE_SUBJECT, body, headers)
+        await bus.JetStreamPublisher(org.nc).publish(CHARGE_SUBJECT, body, headers, msg_id=event.id)
 
 
 async def _read_counts(js: Any) -> dict[str, int]:
@@ -255,7 +255,7 @@ def _verdict(finished: bool, counts: dict[str, int], printer: Printer) -> bool:
 
 async def run_dev(*, port: int = 4222, store_dir: str = ".deadlift/nats") -> None:
     """Server (one account per org), every module and workflow of this checkout, workers."""
-    from deadlift.commands import on_stop_signals
+    from deadlift.cli.commands import on_stop_signals
 
     manifest = load_orgs(_require(ORGS, "org manifest"))
     # hostile_start_*: the attack suite's modules whose start function loops or

@@ -6,7 +6,7 @@ import json
 from typing import Any, Literal
 
 from deadlift.errors import EventEncodeError, StepError
-from deadlift.events import pack, unpack
+from deadlift.wire.events import pack, unpack
 
 Codec = Literal["json", "msgpack", "raw"]
 CODECS: tuple[Codec, ...] = ("json", "msgpack", "raw")

@@ -21,8 +21,9 @@ from typing import Any
 import extism
 from extism.extism import CompiledPlugin
 
-from deadlift import watchdog
 from deadlift.errors import ModuleError, StepError
+from deadlift.model.topology import ErrorKind
+from deadlift.runtime import watchdog
 from deadlift.wasm import logs
 from deadlift.wasm.hostfns import NAMESPACE, HostCall, extism_functions
 from deadlift.wasm.inspect import inspect_wasm
@@ -128,7 +129,7 @@ class ModuleHost:
             if function not in pool.exports:
                 raise StepError(
                     f"module {spec.sha256[:12]} has no exported function {function!r}",
-                    kind="missing_export",
+                    kind=ErrorKind.MISSING_EXPORT,
                     retryable=False,
                 )
             try:
@@ -136,12 +137,12 @@ class ModuleHost:
             except extism.Error as exc:
                 raise _step_error(exc, spec, context, logs.take_error(plugin)) from None
             if context.failure is not None:
-                raise StepError(str(context.failure), kind="host_function")
+                raise StepError(str(context.failure), kind=ErrorKind.HOST_FUNCTION)
             if len(output) > spec.max_output_bytes:
                 raise StepError(
                     f"module output is {len(output)} bytes, over the limit of "
                     f"{spec.max_output_bytes} (DEADLIFT_MAX_OUTPUT_BYTES)",
-                    kind="output_too_large",
+                    kind=ErrorKind.OUTPUT_TOO_LARGE,
                     retryable=False,
                 )
             ok = True
@@ -176,7 +177,8 @@ class ModuleHost:
                     plugin = extism.Plugin(pool.compiled, functions=None)
             except extism.Error as exc:
                 raise StepError(
-                    f"cannot instantiate module {pool.spec.sha256[:12]}: {exc}", kind="error"
+                    f"cannot instantiate module {pool.spec.sha256[:12]}: {exc}",
+                    kind=ErrorKind.ERROR,
                 ) from None
             with self._lock:
                 pool.created += 1
@@ -246,9 +248,11 @@ def _step_error(
 ) -> StepError:
     message = str(exc)
     if context.failure is not None:
-        return StepError(str(context.failure), kind="host_function")
+        return StepError(str(context.failure), kind=ErrorKind.HOST_FUNCTION)
     if message == "timeout":
-        return StepError(f"module call timed out after {spec.timeout_ms} ms", kind="timeout")
+        return StepError(
+            f"module call timed out after {spec.timeout_ms} ms", kind=ErrorKind.TIMEOUT
+        )
     if (
         message == "oom"
         or "out of memory" in message
@@ -257,12 +261,12 @@ def _step_error(
         return StepError(
             f"module ran out of memory (limit {spec.max_pages} pages of 64 KiB; "
             "raise max_memory_pages if the module needs more)",
-            kind="oom",
+            kind=ErrorKind.OOM,
             retryable=False,
         )
     if "error while executing" in message or "wasm trap" in message or "unreachable" in message:
-        return StepError(f"module trapped: {_trap_reason(message, logged)}", kind="trap")
-    return StepError(f"module returned an error: {message}", kind="error")
+        return StepError(f"module trapped: {_trap_reason(message, logged)}", kind=ErrorKind.TRAP)
+    return StepError(f"module returned an error: {message}", kind=ErrorKind.ERROR)
 
 
 def _trap_reason(message: str, logged: str | None) -> str:

@@ -30,7 +30,7 @@ from typing import Any
 import extism
 
 from deadlift.errors import ConfigError, HostFunctionError
-from deadlift.telemetry import fail_span, host_function_span
+from deadlift.runtime.telemetry import fail_span, host_function_span
 
 NAMESPACE = "extism:host/user"
 HostImpl = Callable[["HostCall", Any], Any]

@@ -34,7 +34,7 @@ from typing import Any
 
 import extism
 
-from deadlift import telemetry
+from deadlift.runtime import telemetry
 
 logger = logging.getLogger("deadlift.module")
 

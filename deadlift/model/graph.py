@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from deadlift.orgs import OrgManifest
-from deadlift.workflow import Workflow, mermaid, subject_covers
+from deadlift.model.orgs import OrgManifest
+from deadlift.model.workflow import Workflow, mermaid, subject_covers
 
 FORMATS = ("mermaid", "dot")
 

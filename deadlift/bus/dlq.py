@@ -13,12 +13,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import nats.js.errors
-from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from deadlift import bus, events, names
+from deadlift.bus.publisher import MSG_ID, Publisher
 from deadlift.errors import NotFoundError
-from deadlift.workflow import step_subject
+from deadlift.model import names, topology
+from deadlift.model.topology import Stream, step_subject
+from deadlift.wire import events
 
 H_ORG = "Deadlift-Org"
 H_WORKFLOW = "Deadlift-Workflow"
@@ -61,20 +62,12 @@ class DeadLetter:
     def original_headers(self) -> dict[str, str]:
         """The headers the event arrived with."""
         return {
-            k: v
-            for k, v in self.headers.items()
-            if not k.startswith("Deadlift-") and k != events.MSG_ID
+            k: v for k, v in self.headers.items() if not k.startswith("Deadlift-") and k != MSG_ID
         }
 
 
-def subject_for(org: str, workflow: str, step: str) -> str:
-    """The dead-letter subject of a step."""
-    return f"{bus.DLQ_PREFIX}.{org}.{workflow}.{step}"
-
-
 async def record(
-    js: JetStreamContext,
-    nc: Client,
+    publisher: Publisher,
     *,
     org: str,
     workflow: str,
@@ -90,7 +83,7 @@ async def record(
     error: str,
 ) -> None:
     """Store a dead letter durably (deduplicated per original message and step)."""
-    merged = {k: v for k, v in (headers or {}).items() if k != events.MSG_ID}
+    merged = {k: v for k, v in (headers or {}).items() if k != MSG_ID}
     merged.update(
         {
             H_ORG: org,
@@ -104,10 +97,10 @@ async def record(
             H_KIND: kind,
             H_ERROR: " ".join(error.split())[:1000],
             H_TIME: events.now_rfc3339(),
-            events.MSG_ID: f"dlq:{stream}:{seq}:{org}.{workflow}.{step}",
         }
     )
-    await bus.publish(js, nc, subject_for(org, workflow, step), body, merged)
+    msg_id = topology.dlq_msg_id(stream, seq, org, workflow, step)
+    await publisher.publish(topology.dlq_subject(org, workflow, step), body, merged, msg_id=msg_id)
 
 
 def _letter(seq: int, headers: Mapping[str, str] | None, body: bytes | None) -> DeadLetter:
@@ -145,16 +138,16 @@ async def letters(
     for label, value in (("org", org), ("workflow", workflow), ("step", step)):
         if value is not None:
             names.check_name(value, field=label)
-    filter_subject = subject_for(org or "*", workflow or "*", step or "*")
+    filter_subject = topology.dlq_subject(org or "*", workflow or "*", step or "*")
     try:
-        info = await js.stream_info(bus.DLQ_STREAM)
+        info = await js.stream_info(Stream.DLQ)
     except nats.js.errors.NotFoundError:
         return []
     found: list[DeadLetter] = []
     seq = info.state.first_seq
     while info.state.messages and seq <= info.state.last_seq and len(found) < limit:
         try:
-            msg = await js.get_msg(bus.DLQ_STREAM, seq=seq, subject=filter_subject, next=True)
+            msg = await js.get_msg(Stream.DLQ, seq=seq, subject=filter_subject, next=True)
         except nats.js.errors.NotFoundError:
             break
         if msg.seq is None:
@@ -171,7 +164,7 @@ async def get(js: JetStreamContext, letter_id: int) -> DeadLetter:
         NotFoundError: no such dead letter (maybe replayed or purged already).
     """
     try:
-        msg = await js.get_msg(bus.DLQ_STREAM, seq=letter_id)
+        msg = await js.get_msg(Stream.DLQ, seq=letter_id)
     except nats.js.errors.APIError:
         raise NotFoundError(
             f"no dead letter {letter_id}; `deadlift dlq ls` lists them (replayed ones are removed)"
@@ -179,17 +172,16 @@ async def get(js: JetStreamContext, letter_id: int) -> DeadLetter:
     return _letter(letter_id, msg.headers, msg.data)
 
 
-async def replay(js: JetStreamContext, nc: Client, letter: DeadLetter) -> str:
+async def replay(js: JetStreamContext, publisher: Publisher, letter: DeadLetter) -> str:
     """Re-inject a dead letter into its step's input, then remove it from the queue.
 
     The step runs the module its workflow pins *now*, so replay after pushing a
     fixed module version and re-applying the workflow. Returns the subject used.
     """
     subject = step_subject(letter.org, letter.workflow, letter.step)
-    headers = letter.original_headers()
-    headers[events.MSG_ID] = f"replay:{letter.id}:{letter.time}"
-    await bus.publish(js, nc, subject, letter.body, headers)
-    await js.delete_msg(bus.DLQ_STREAM, letter.id)
+    msg_id = topology.replay_msg_id(letter.id, letter.time)
+    await publisher.publish(subject, letter.body, letter.original_headers(), msg_id=msg_id)
+    await js.delete_msg(Stream.DLQ, letter.id)
     return subject
 
 
@@ -204,7 +196,7 @@ async def purge(
     chosen = await letters(js, org=org, workflow=workflow, step=step)
     for letter in chosen:
         try:
-            await js.delete_msg(bus.DLQ_STREAM, letter.id)
+            await js.delete_msg(Stream.DLQ, letter.id)
         except nats.js.errors.APIError:
             continue  # gone meanwhile
     return len(chosen)

@@ -23,13 +23,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from deadlift import bus, dlq, events
+from deadlift import bus
+from deadlift.bus import dlq
 from deadlift.errors import DeadliftError, EventDecodeError
-from deadlift.orgs import load_orgs
+from deadlift.model.orgs import load_orgs
+from deadlift.runtime.watchdog import EXIT_STUCK, Stuck
+from deadlift.runtime.worker import Worker
 from deadlift.settings import Settings
 from deadlift.wasm.hostfns import HostFunction, load_pack
-from deadlift.watchdog import EXIT_STUCK, Stuck
-from deadlift.worker import Worker
+from deadlift.wire import events
 
 log = logging.getLogger("deadlift.cli")
 console = Console(highlight=False)
@@ -74,7 +76,7 @@ async def run_worker(
     packs: tuple[str, ...] = (),
 ) -> None:
     """The ``deadlift worker`` command."""
-    from deadlift.telemetry import configure
+    from deadlift.runtime.telemetry import configure
 
     flush_telemetry = configure("deadlift-worker")
     functions = load_packs(packs)
@@ -268,7 +270,7 @@ async def dlq_command(
                 else await dlq.letters(js, org=org, workflow=name, step=step)
             )
             for letter in chosen:
-                subject = await dlq.replay(js, nc, letter)
+                subject = await dlq.replay(js, bus.JetStreamPublisher(nc), letter)
                 console.print(f"replayed dead letter {letter.id} into {subject}")
             console.print(f"{len(chosen)} dead letter(s) replayed")
         elif action == "purge":

@@ -5,7 +5,7 @@ Each worker registers the NATS micro service ``deadlift-worker`` (``$SRV.PING``,
 ``deadlift.workers.<service id>`` that answers :meth:`Worker.describe` as JSON.
 Everything else here only reads: consumer and stream state, stored messages and
 live subjects. This module prints nothing and installs no signal handlers: the
-CLI (:mod:`deadlift.cli_monitor`) does.
+CLI (:mod:`deadlift.cli.monitor`) does.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import nats.errors
 import nats.js.errors
@@ -25,25 +25,29 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.micro import add_service
-from nats.micro.request import Request
-from nats.micro.service import Service
 
-from deadlift import bus, dlq, events, names
+from deadlift import bus
+from deadlift.bus import dlq
+from deadlift.bus.registry import Registry
 from deadlift.errors import DeadliftError, EventDecodeError, NotFoundError, PermissionDeniedError
-from deadlift.registry import Registry
+from deadlift.model import names
+from deadlift.model.topology import (
+    DLQ_PREFIX,
+    IMPORT_STREAM_PREFIX,
+    STEP_PREFIX,
+    WORKER_INFO_SUBJECT,
+    WORKER_SERVICE,
+    Stream,
+)
+from deadlift.model.workflow import Workflow, minimal_subjects
 from deadlift.settings import Settings
-from deadlift.workflow import STEP_PREFIX, Workflow, minimal_subjects
+from deadlift.wire import events
 
-if TYPE_CHECKING:
-    from deadlift.worker import Worker
-
-SERVICE = "deadlift-worker"
-DESCRIBE_PREFIX = "deadlift.workers"
-INFO_SUBJECT = f"$SRV.INFO.{SERVICE}"
+SERVICE = WORKER_SERVICE
+INFO_SUBJECT = WORKER_INFO_SUBJECT
 DISCOVERY_TIMEOUT_S = 0.5
 DEFAULT_SCAN = 10_000
-TRACE_STREAMS = (bus.EVENTS_STREAM, bus.STEPS_STREAM, bus.DLQ_STREAM)
+TRACE_STREAMS = (Stream.EVENTS, Stream.STEPS, Stream.DLQ)
 STAT_NAMES = ("ok", "filtered", "retry", "dead")
 
 
@@ -53,30 +57,6 @@ class NoWorkersError(DeadliftError):
 
 class RunNotFoundError(NotFoundError):
     """No stored event belongs to the run."""
-
-
-# -- advertising ----------------------------------------------------------------
-
-
-async def advertise(worker: Worker) -> Service:
-    """Register ``worker`` as a micro service; stop it with ``await service.stop()``."""
-    from deadlift import __version__
-
-    service = await add_service(
-        worker.nc,
-        name=SERVICE,
-        version=__version__,
-        description="Deadlift worker: runs workflow steps",
-        metadata={"pid": str(worker.describe()["pid"]), "host": worker.describe()["host"]},
-    )
-
-    async def describe(request: Request) -> None:
-        await request.respond(json.dumps(worker.describe(), default=str).encode())
-
-    await service.add_endpoint(
-        name="describe", subject=f"{DESCRIBE_PREFIX}.{service.id}", handler=describe
-    )
-    return service
 
 
 def describe_payload(data: bytes) -> dict[str, Any]:
@@ -306,11 +286,11 @@ async def step_counts(js: JetStreamContext, workflows: Sequence[Workflow]) -> di
 async def dead_letter_counts(js: JetStreamContext) -> dict[StepKey, int]:
     """How many dead letters each step has (from the DLQ stream's per-subject counts)."""
     try:
-        info = await js.stream_info(bus.DLQ_STREAM, subjects_filter=f"{bus.DLQ_PREFIX}.>")
+        info = await js.stream_info(Stream.DLQ, subjects_filter=f"{DLQ_PREFIX}.>")
     except nats.js.errors.NotFoundError:
         return {}
     counts: dict[StepKey, int] = {}
-    prefix = f"{bus.DLQ_PREFIX}."
+    prefix = f"{DLQ_PREFIX}."
     for subject, count in (info.state.subjects or {}).items():
         parts = subject.removeprefix(prefix).split(".")
         if len(parts) == 3:
@@ -592,7 +572,7 @@ async def _trace_entry(
         data: Any = _plain(event.data)
     except EventDecodeError as exc:
         data = f"<undecodable: {exc}>"
-    dead = _dead_info(headers) if stream == bus.DLQ_STREAM else None
+    dead = _dead_info(headers) if stream == Stream.DLQ else None
     when = dead["time"] if dead else ce.get("time")
     return TraceEntry(
         at=_parse_time(when) or msg.time or datetime.now(UTC),
@@ -634,7 +614,7 @@ async def scan_run(
 ) -> list[TraceEntry]:
     """The run's messages in the events, imports, steps and dead-letter streams (unordered)."""
     names = [info.config.name or "" for info in await js.streams_info()]
-    imports = [n for n in names if n.startswith(bus.IMPORT_STREAM_PREFIX)]
+    imports = [n for n in names if n.startswith(IMPORT_STREAM_PREFIX)]
     streams = [*TRACE_STREAMS, *imports]
     found = await asyncio.gather(
         *(scan_stream(js, s, run_id, scan=scan, account=account) for s in streams)
@@ -690,8 +670,8 @@ async def trace_across_orgs(
     Raises:
         RunNotFoundError: no org has anything of the run.
     """
-    from deadlift.identity import require_operator
-    from deadlift.orgs import load_orgs
+    from deadlift.bus.identity import require_operator
+    from deadlift.model.orgs import load_orgs
 
     await require_operator(settings, command="trace --all-orgs")
     orgs = list(load_orgs(settings.orgs_file).orgs)
@@ -751,7 +731,7 @@ def workflow_subjects(workflow: Workflow) -> list[str]:
         [
             *workflow.event_subjects(),
             f"{STEP_PREFIX}.{prefix}.>",
-            f"{bus.DLQ_PREFIX}.{prefix}.>",
+            f"{DLQ_PREFIX}.{prefix}.>",
         ]
     )
 
@@ -776,7 +756,7 @@ def event_record(subject: str, event: events.Event, headers: Mapping[str, str]) 
         "workflow": ext.get(events.WORKFLOW, ""),
         "step": ext.get(events.STEP, ""),
     }
-    if subject.startswith(f"{bus.DLQ_PREFIX}."):
+    if subject.startswith(f"{DLQ_PREFIX}."):
         record["dead"] = _dead_info(headers)
     return record
 

@@ -17,15 +17,12 @@ from pydantic import (
     model_validator,
 )
 
-from deadlift import names
 from deadlift.errors import ConfigError
+from deadlift.model import names
+from deadlift.model.topology import RESERVED_PATTERNS, RESERVED_PREFIXES
 
-# The rules live in deadlift.names (one validation for every entry point).
+# The rules live in deadlift.model.names (one validation for every entry point).
 NAME_PATTERN = names.NAME_PATTERN
-STEP_PREFIX = "deadlift.step"
-RESERVED_PREFIXES = ("deadlift.step.", "deadlift.dlq.", "$")
-# Subjects captured by Deadlift's own streams: no trigger may overlap them.
-_RESERVED_PATTERNS = ("deadlift.step.>", "deadlift.dlq.>")
 
 
 def _name(value: str) -> str:
@@ -63,7 +60,7 @@ def check_subject(subject: str, *, wildcards: bool, field: str = "") -> str:
     """
     names.check_subject(subject, field=field, wildcards=wildcards)
     if subject.startswith(RESERVED_PREFIXES) or any(
-        subjects_overlap(subject, reserved) for reserved in _RESERVED_PATTERNS
+        subjects_overlap(subject, reserved) for reserved in RESERVED_PATTERNS
     ):
         prefix = f"{field}: " if field else ""
         raise ConfigError(f"{prefix}subject {subject!r} is reserved for Deadlift or NATS internals")
@@ -219,19 +216,6 @@ class Workflow(BaseModel):
             *(s for step in self.steps for s in step.publish),
             *(s for step in self.steps for s in step.emit),
         ]
-
-
-def step_subject(org: str, workflow: str, step: str) -> str:
-    """The subject a step's input events are published on."""
-    return f"{STEP_PREFIX}.{org}.{workflow}.{step}"
-
-
-def consumer_name(org: str, workflow: str, step: str) -> str:
-    """The durable consumer every worker running this step shares.
-
-    Names never hold ``--`` (see NAME_PATTERN), so the join is unambiguous.
-    """
-    return f"{org}--{workflow}--{step}"
 
 
 def parse_workflow(text: str, *, source: str = "<workflow>") -> Workflow:

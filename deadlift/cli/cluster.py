@@ -5,7 +5,7 @@ tests use); ``deadlift certs`` makes the TLS certificates of routes and leaf
 nodes for the static configs of deploy/; ``deadlift health`` is the exec probe
 of worker containers and systemd units (the worker has no HTTP endpoint): exit 0
 when healthy, 1 when not.
-``deadlift.cli`` is imported inside the commands (see :mod:`deadlift.cli_monitor`).
+``deadlift.cli`` is imported inside the commands (see :mod:`deadlift.cli.monitor`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ import click
 import nats.js.errors
 from rich.console import Console
 
+from deadlift.cli.common import SINGLE_TENANT_WARNING, settings_of
 from deadlift.errors import ConfigError, DeadliftError
+from deadlift.model.topology import Stream
 from deadlift.settings import Settings
 
 console = Console(highlight=False)
@@ -71,9 +73,8 @@ def cluster(
     The first line printed is the client URLs, comma-separated, usable as
     --server (DEADLIFT_NATS_URL). Set DEADLIFT_STREAM_REPLICAS=3 for R3 streams.
     """
-    from deadlift.cli import SINGLE_TENANT_WARNING, settings_of
-    from deadlift.cluster import LocalCluster
-    from deadlift.orgs import load_orgs
+    from deadlift.model.orgs import load_orgs
+    from deadlift.ops.cluster import LocalCluster
 
     if single_tenant and accounts:
         raise click.UsageError("--single-tenant and --accounts exclude each other")
@@ -158,7 +159,7 @@ def certs(
     (a route both accepts and dials). Private keys are readable by their owner only.
     Needs the openssl CLI. See deploy/README.md.
     """
-    from deadlift.cluster import CertificateAuthority
+    from deadlift.ops.cluster import CertificateAuthority
 
     try:
         authority = CertificateAuthority(directory)
@@ -181,7 +182,7 @@ async def check_health(
 ) -> dict[str, Any]:
     """What ``deadlift health`` checks, as a report with ``ok``."""
     from deadlift import bus
-    from deadlift.monitor import discover_workers
+    from deadlift.ops.monitor import discover_workers
 
     report: dict[str, Any] = {"ok": False, "server": settings.nats_url}
     nc = await asyncio.wait_for(bus.connect(settings, name="deadlift-health"), timeout)
@@ -193,7 +194,7 @@ async def check_health(
         problems: list[str] = []
         if streams:
             report["streams"] = {}
-            for name in (bus.EVENTS_STREAM, bus.STEPS_STREAM, bus.DLQ_STREAM):
+            for name in (Stream.EVENTS, Stream.STEPS, Stream.DLQ):
                 try:
                     info = await js.stream_info(name)
                 except nats.js.errors.NotFoundError:
@@ -258,7 +259,6 @@ def health(ctx: click.Context, worker: bool, streams: bool, timeout: float, as_j
     For Kubernetes exec probes and systemd: readiness `deadlift health`,
     liveness `deadlift health --worker` (the worker in this container answers).
     """
-    from deadlift.cli import settings_of
 
     settings = settings_of(ctx)
 

@@ -2,113 +2,38 @@
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import json
-import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any
 
 import click
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from deadlift import bus, events, names
-from deadlift.control import apply_files, push_module_file
+from deadlift import bus
+from deadlift.bus.registry import Registry, dump_json
+from deadlift.cli.common import (
+    SINGLE_TENANT_WARNING,
+    checked,
+    console,
+    err_console,
+    run_async,
+    settings_of,
+    with_registry,
+)
 from deadlift.errors import ConfigError, DeadliftError, ModuleError
-from deadlift.registry import Registry, dump_json
+from deadlift.model import names
+from deadlift.ops.control import apply_files, push_module_file
 from deadlift.settings import Settings
-
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
-T = TypeVar("T")
-
-
-def run_async(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine, turning Deadlift errors into a clear message and exit code.
-
-    Uses uvloop when it is installed (``DEADLIFT_LOOP=asyncio`` opts out): the
-    worker's hot path is event-loop bound, and uvloop makes it ~25% faster.
-    """
-    try:
-        return _event_loop_runner()(coro)
-    except ConfigError as exc:
-        refuse(exc)
-    except DeadliftError as exc:
-        # Escaped: a message quoting user input ("[/x]") is text, not rich markup.
-        err_console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
-        sys.exit(1)
-
-
-def refuse(exc: ConfigError) -> NoReturn:
-    """Report invalid input (as given, never as rich markup) and exit 2."""
-    err_console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
-    sys.exit(2)
-
-
-def checked(check: Callable[..., str], **options: Any) -> Callable[..., Any]:
-    """A click callback validating a value with a :mod:`deadlift.names` check.
-
-    Bad input is refused before anything connects: one line naming the flag or
-    argument and what it allows, exit code 2.
-    """
-
-    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-        if value is None or ctx.resilient_parsing:
-            return value
-        field = param.opts[0] if isinstance(param, click.Option) else param.human_readable_name
-        try:
-            return check(value, field=field, **options)
-        except ConfigError as exc:
-            refuse(exc)
-
-    return callback
-
-
-def _event_loop_runner() -> Callable[[Coroutine[Any, Any, T]], T]:
-    choice = os.environ.get("DEADLIFT_LOOP", "auto").lower()
-    if choice in ("auto", "uvloop"):
-        try:
-            import uvloop
-        except ImportError:
-            if choice == "uvloop":
-                raise ConfigError("DEADLIFT_LOOP=uvloop but uvloop is not installed") from None
-        else:
-            runner: Callable[[Coroutine[Any, Any, T]], T] = uvloop.run
-            return runner
-    return asyncio.run
-
-
-def settings_of(ctx: click.Context) -> Settings:
-    """The settings built from global flags and the environment."""
-    settings: Settings = ctx.obj["settings"]
-    return settings
-
-
-def with_registry(
-    func: Callable[..., Awaitable[T]],
-) -> Callable[..., Coroutine[Any, Any, T]]:
-    """Give an async command a connected client and the registry; close it afterwards."""
-
-    @functools.wraps(func)
-    async def wrapper(settings: Settings, *args: Any, **kwargs: Any) -> T:
-        nc = await bus.connect(settings, name="deadlift-cli")
-        try:
-            registry = await Registry.open(nc.jetstream(), replicas=settings.stream_replicas)
-            return await func(settings, nc, registry, *args, **kwargs)
-        finally:
-            await nc.drain()
-
-    return wrapper
+from deadlift.wire import events
 
 
 class _Commands(click.Group):
-    """The top-level group; the monitoring commands live in :mod:`deadlift.cli_monitor`.
+    """The top-level group; the monitoring commands live in :mod:`deadlift.cli.monitor`.
 
     They are added on first use rather than at import, because that module
     imports this one (a cycle when run as ``python -m deadlift.cli``).
@@ -119,9 +44,9 @@ class _Commands(click.Group):
     def _load(self) -> None:
         if not self._loaded:
             self._loaded = True
-            from deadlift import cli_cluster, cli_monitor
+            from deadlift.cli import cluster, monitor
 
-            for command in (*cli_monitor.COMMANDS, *cli_cluster.COMMANDS):
+            for command in (*monitor.COMMANDS, *cluster.COMMANDS):
                 self.add_command(command)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -197,21 +122,13 @@ def main(
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    from deadlift.telemetry import configure_logging
+    from deadlift.runtime.telemetry import configure_logging
 
     configure_logging(settings.log_level, log_format)
     ctx.obj = {"settings": settings}
 
 
 # -- server -------------------------------------------------------------------
-
-
-SINGLE_TENANT_WARNING = (
-    "[bold red]WARNING: single-tenant development mode.[/bold red] No authentication: "
-    "every client is in one account and can read, change and remove every org's "
-    "workflows, modules, events and state. Never use it for more than one org or "
-    "outside a development machine."
-)
 
 
 @main.command()
@@ -246,13 +163,22 @@ def server(
     accounts: bool,
 ) -> None:
     """Run the bundled nats-server with JetStream until Ctrl-C (one account per org)."""
-    from deadlift.orgs import load_orgs
-    from deadlift.server import EmbeddedServer
+    from deadlift.model.orgs import load_orgs
+    from deadlift.ops.server import EmbeddedServer
 
     if single_tenant and accounts:
         raise click.UsageError("--single-tenant and --accounts exclude each other")
     if single_tenant:
         err_console.print(SINGLE_TENANT_WARNING)
+    # Handlers first: a SIGTERM while the server starts must still stop it (it runs
+    # in its own session, so nothing else would).
+    stop = {"now": False}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
         orgs = None if single_tenant else load_orgs(settings_of(ctx).orgs_file)
         embedded = EmbeddedServer(
@@ -266,13 +192,6 @@ def server(
     if orgs is not None:
         console.print(f"accounts: {', '.join(orgs.orgs)} (from {settings_of(ctx).orgs_file})")
     console.print("Ctrl-C to stop")
-    stop = {"now": False}
-
-    def on_signal(signum: int, frame: Any) -> None:
-        stop["now"] = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     try:
         while not stop["now"] and embedded.process and embedded.process.poll() is None:
             time.sleep(0.2)
@@ -284,7 +203,7 @@ def server(
 @click.pass_context
 def nats_config(ctx: click.Context) -> None:
     """Print the nats-server accounts configuration rendered from the org manifest."""
-    from deadlift.orgs import load_orgs, render_nats_config
+    from deadlift.model.orgs import load_orgs, render_nats_config
 
     try:
         click.echo(render_nats_config(load_orgs(settings_of(ctx).orgs_file)), nl=False)
@@ -487,8 +406,8 @@ def workflow_ls(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def workflow_graph(ctx: click.Context, name: str, fmt: str) -> None:
     """Print workflow NAME (ORG.NAME or NAME) as a graph, with its cross-org edges."""
-    from deadlift.graph import render
-    from deadlift.orgs import load_orgs
+    from deadlift.model.graph import render
+    from deadlift.model.orgs import load_orgs
 
     @with_registry
     async def graph(settings: Settings, nc: Any, registry: Registry) -> None:
@@ -504,7 +423,7 @@ def workflow_graph(ctx: click.Context, name: str, fmt: str) -> None:
 @click.pass_context
 def workflow_rm(ctx: click.Context, name: str) -> None:
     """Remove workflow NAME: workers finish its in-flight events and stop its steps."""
-    from deadlift.control import remove_workflow
+    from deadlift.ops.control import remove_workflow
 
     @with_registry
     async def rm(settings: Settings, nc: Any, registry: Registry) -> None:
@@ -538,7 +457,7 @@ def worker(
     ctx: click.Context, workflows: tuple[str, ...], concurrency: int | None, packs: tuple[str, ...]
 ) -> None:
     """Run workflow steps until SIGTERM/SIGINT, then finish in-flight events and drain."""
-    from deadlift.commands import run_worker
+    from deadlift.cli.commands import run_worker
 
     # Until the worker installs its own handlers (once connected), a SIGTERM means
     # "never mind": nothing is in flight yet, so exit cleanly rather than die by signal.
@@ -587,7 +506,7 @@ def publish(
             event = events.new_event(value, source="deadlift://cli", type=event_type, id=event_id)
             headers, body = events.encode(event)
             headers[events.MSG_ID] = event.id
-            ack = await bus.publish(nc.jetstream(), nc, subject, body, headers)
+            ack = await bus.JetStreamPublisher(nc).publish(subject, body, headers)
             note = " (duplicate, dropped)" if ack.duplicate else ""
             console.print(
                 f"published {escape(event.id)} to {escape(subject)}: stream {ack.stream} "
@@ -624,7 +543,7 @@ def _dlq_scope(func: Callable[..., Any]) -> Callable[..., Any]:
 @click.pass_context
 def dlq_ls(ctx: click.Context, workflow: str | None, step: str | None, as_json: bool) -> None:
     """List dead-lettered events with the step, attempts and the error."""
-    from deadlift.commands import dlq_command
+    from deadlift.cli.commands import dlq_command
 
     run_async(dlq_command(settings_of(ctx), "ls", workflow=workflow, step=step, as_json=as_json))
 
@@ -635,7 +554,7 @@ def dlq_ls(ctx: click.Context, workflow: str | None, step: str | None, as_json: 
 @click.pass_context
 def dlq_show(ctx: click.Context, letter_id: int, as_json: bool) -> None:
     """Show one dead letter: where it failed, why, its headers and data."""
-    from deadlift.commands import dlq_command
+    from deadlift.cli.commands import dlq_command
 
     run_async(dlq_command(settings_of(ctx), "show", ids=(letter_id,), as_json=as_json))
 
@@ -653,7 +572,7 @@ def dlq_replay(
     step: str | None,
 ) -> None:
     """Re-inject dead letters into their step's input (runs the step's current module)."""
-    from deadlift.commands import dlq_command
+    from deadlift.cli.commands import dlq_command
 
     if not (letter_ids or replay_all or workflow):
         raise click.UsageError("name dead letter ids, --all, or --workflow W [--step S]")
@@ -666,7 +585,7 @@ def dlq_replay(
 @click.pass_context
 def dlq_purge(ctx: click.Context, workflow: str | None, step: str | None, yes: bool) -> None:
     """Delete dead letters (all, or of one workflow or step)."""
-    from deadlift.commands import dlq_command
+    from deadlift.cli.commands import dlq_command
 
     if not yes:
         click.confirm("Delete these dead letters for good?", abort=True)
@@ -685,7 +604,7 @@ def dlq_purge(ctx: click.Context, workflow: str | None, step: str | None, yes: b
 )
 def bench(as_json: bool, count: int) -> None:
     """Measure Deadlift against the bare loop and per-message instantiation."""
-    from deadlift.benchmark import run
+    from deadlift.ops.benchmark import run
 
     report = run_async(run(events_count=count))
     if as_json:

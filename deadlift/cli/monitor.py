@@ -1,6 +1,6 @@
 """CLI commands for watching a live system: status, workers, trace, tail.
 
-The data comes from :mod:`deadlift.monitor`; this module wires click, renders
+The data comes from :mod:`deadlift.ops.monitor`; this module wires click, renders
 tables and installs signal handlers. ``deadlift.cli`` is imported inside the
 commands, not at the top: ``python -m deadlift.cli`` runs cli.py as
 ``__main__``, and a top-level import would load it a second time mid-import.
@@ -21,8 +21,10 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from deadlift import monitor, names
+from deadlift.cli.common import checked, run_async, settings_of, with_registry
 from deadlift.errors import EventDecodeError
+from deadlift.model import names
+from deadlift.ops import monitor
 from deadlift.settings import Settings
 
 console = Console(highlight=False)
@@ -31,7 +33,6 @@ err_console = Console(stderr=True, highlight=False)
 
 def _run(ctx: click.Context, command: Any, *args: Any, **kwargs: Any) -> None:
     """Run an async command body with the global settings, errors as exit codes."""
-    from deadlift.cli import run_async, settings_of
 
     coro: Coroutine[Any, Any, None] = command(settings_of(ctx), *args, **kwargs)
     run_async(coro)
@@ -41,7 +42,6 @@ def _checked(check: Any, **options: Any) -> Any:
     """``deadlift.cli.checked`` (imported when called: see the module docstring)."""
 
     def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-        from deadlift.cli import checked
 
         return checked(check, **options)(ctx, param, value)
 
@@ -93,7 +93,6 @@ def status(
 async def _status_once(
     settings: Settings, *, as_json: bool, interval: float, workflow: str | None
 ) -> None:
-    from deadlift.cli import with_registry
 
     @with_registry
     async def once(settings: Settings, nc: Any, registry: Any) -> None:
@@ -109,7 +108,6 @@ async def _status_once(
 async def _status_watch(
     settings: Settings, *, as_json: bool, interval: float, workflow: str | None
 ) -> None:
-    from deadlift.cli import with_registry
 
     @with_registry
     async def watch(settings: Settings, nc: Any, registry: Any) -> None:
@@ -350,7 +348,7 @@ async def _tail(
     count: int | None,
 ) -> None:
     from deadlift import bus
-    from deadlift.registry import Registry
+    from deadlift.bus.registry import Registry
 
     nc = await bus.connect(settings, name="deadlift-tail")
     try:

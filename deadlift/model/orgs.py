@@ -26,7 +26,7 @@ from pydantic import (
 )
 
 from deadlift.errors import ConfigError
-from deadlift.workflow import NAME_PATTERN, check_subject, subject_covers
+from deadlift.model.workflow import NAME_PATTERN, check_subject, subject_covers
 
 DEFAULT_FILE = "config/orgs.yaml"
 SYSTEM_ACCOUNT = "SYS"

@@ -18,13 +18,13 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, ObjectStoreConfig, StorageType
 from pydantic import BaseModel, ConfigDict, Field
 
-from deadlift import names
 from deadlift.errors import ConfigError, InUseError, ModuleError, NotFoundError
+from deadlift.model import names
+from deadlift.model.workflow import NAME_PATTERN, Workflow
 from deadlift.wasm.codecs import CODECS
 from deadlift.wasm.hostfns import NAMESPACE
 from deadlift.wasm.inspect import WasmInfo, inspect_wasm
 from deadlift.wasm.probe import DEFAULT_MAX_PAGES, DEFAULT_TIMEOUT_S, probe_module
-from deadlift.workflow import NAME_PATTERN, Workflow
 
 BINARIES = "deadlift_modules"
 MODULES = "deadlift_module_meta"

@@ -1,8 +1,8 @@
 """The worker: runs the steps of the workflows it can see, any number of processes at once.
 
-It loads the workflows from the registry, starts a :class:`~deadlift.step.StepRunner`
+It loads the workflows from the registry, starts a :class:`~deadlift.runtime.step.StepRunner`
 per step consumer, follows registry changes without a restart, and shuts down
-cleanly. The step loop itself is in :mod:`deadlift.step`.
+cleanly. The step loop itself is in :mod:`deadlift.runtime.step`.
 """
 
 from __future__ import annotations
@@ -14,39 +14,30 @@ import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
 
-import nats.errors
-import nats.js.errors
 from nats.aio.client import Client
-from nats.js.api import KeyValueConfig, StorageType
 
-from deadlift import bus, events, telemetry
-from deadlift.builtins import (
-    BUILTINS,
-    CONFIG_SERVICE,
-    EMIT_SERVICE,
-    HTTP_SERVICE,
-    SECRETS_SERVICE,
-    STATE_SERVICE,
-    EmitTarget,
-    state_bucket,
-)
+from deadlift import bus
+from deadlift.bus.identity import Identity, whoami
+from deadlift.bus.publisher import JetStreamPublisher
+from deadlift.bus.registry import Registry
 from deadlift.errors import DeadliftError
-from deadlift.http import http_policy
-from deadlift.identity import Identity, whoami
-from deadlift.orgs import OrgManifest
-from deadlift.registry import Registry
+from deadlift.model.orgs import OrgManifest
+from deadlift.model.workflow import Step, Workflow
+from deadlift.runtime.advertise import advertise
+from deadlift.runtime.builtins import BUILTINS
+from deadlift.runtime.context import StepContext, StepReport, step_signature
+from deadlift.runtime.services import StateBuckets, step_services
+from deadlift.runtime.step import StepRunner
+from deadlift.runtime.watchdog import Watchdog
 from deadlift.settings import Settings
-from deadlift.step import Observer, StepReport, StepRunner, step_signature
 from deadlift.wasm.host import ModuleHost, PluginSpec
-from deadlift.wasm.hostfns import HostCall, HostFunction
+from deadlift.wasm.hostfns import HostFunction
 from deadlift.wasm.probe import probe_module
-from deadlift.watchdog import Watchdog
-from deadlift.workflow import Step, Workflow
 
 log = logging.getLogger("deadlift.worker")
 
@@ -71,7 +62,7 @@ class Worker:
         settings: Settings | None = None,
         workflows: Sequence[str] = (),
         host_functions: Mapping[str, HostFunction] | None = None,
-        observers: Sequence[Observer] = (),
+        observers: Sequence[Callable[[StepReport], None]] = (),
         concurrency: int | None = None,
         threads: int | None = None,
         orgs: OrgManifest | None = None,
@@ -100,7 +91,8 @@ class Worker:
         self.identity: Identity | None = None
         self._refused: set[str] = set()  # workflows refused for claiming another org
         self._runners: dict[tuple[str, str], list[StepRunner]] = {}
-        self._state: dict[str, Any] = {}
+        self.publisher = JetStreamPublisher(nc)
+        self.state = StateBuckets(self.js, replicas=self.settings.stream_replicas)
         self._watch_task: asyncio.Task[None] | None = None
         self._trim_task: asyncio.Task[None] | None = None
         self._closed = asyncio.Event()
@@ -137,12 +129,34 @@ class Worker:
             "steps": self.steps,
             "modules": self.modules,
             "stats": dict(self.stats),
-            "in_flight": sum(len(r._inflight) for rs in self._runners.values() for r in rs),
+            "in_flight": self.in_flight,
             "started_at": self.started_at,
             "uptime_s": round(time.time() - self.started_at, 1),
             "healthy": self.watchdog.healthy,
             "problems": self.watchdog.problems,
         }
+
+    @property
+    def in_flight(self) -> int:
+        """Batches of events being processed now, over every step."""
+        return sum(r.in_flight for rs in self._runners.values() for r in rs)
+
+    @property
+    def context(self) -> StepContext:
+        """What this worker hands each step runner."""
+        return StepContext(
+            js=self.js,
+            publisher=self.publisher,
+            host=self.host,
+            executor=self.executor,
+            threads=self.threads,
+            settings=self.settings,
+            watchdog=self.watchdog,
+            functions=self.functions,
+            concurrency=self.concurrency,
+            stats=self.stats,
+            on_report=self.report if self.observers else None,
+        )
 
     @property
     def modules(self) -> dict[str, str]:
@@ -165,9 +179,38 @@ class Worker:
         self._watch_task = asyncio.create_task(self._watch(), name="deadlift-registry-watch")
         self._trim_task = asyncio.create_task(self._trim(), name="deadlift-pool-trim")
         if self.advertise:
-            from deadlift.monitor import advertise
+            self._service = await advertise(self.nc, self.describe)
 
-            self._service = await advertise(self)
+    async def drain(self, timeout: float = 30.0) -> None:
+        """Return when no step of this worker has an event pending or in flight.
+
+        For tests and batch jobs (finish deterministically instead of polling for
+        outputs): every step consumer of this worker must show nothing pending,
+        nothing awaiting an ack (retries waiting out their backoff count) and no
+        batch in flight, twice in a row (an output stored between two reads shows
+        as pending on the next step's consumer the second time).
+
+        Raises:
+            TimeoutError: work is still pending after ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        quiet = 0
+        while quiet < 2:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"worker still busy after {timeout:g} s (steps: {self.steps})")
+            quiet = quiet + 1 if await self._idle_now() else 0
+            await asyncio.sleep(0.02)
+
+    async def _idle_now(self) -> bool:
+        if self.in_flight:
+            return False
+        async with self._lock:
+            bindings = [r.binding for rs in self._runners.values() for r in rs]
+        for binding in bindings:
+            info = await self.js.consumer_info(binding.stream, binding.consumer)
+            if info.num_pending or info.num_ack_pending or self.in_flight:
+                return False
+        return True
 
     async def run(self) -> None:
         """Start, then wait until :meth:`shutdown` completes."""
@@ -326,83 +369,23 @@ class Worker:
             )
             await asyncio.get_running_loop().run_in_executor(self.executor, self.host.prepare, spec)
             bindings = await bus.ensure_consumers(self.js, self.settings, workflow, step)
-            services = await self._services(workflow, step)
+            services = await step_services(
+                workflow,
+                step,
+                publisher=self.publisher,
+                settings=self.settings,
+                orgs=self.orgs,
+                state=self.state,
+            )
         except DeadliftError as exc:
             log.error("%s not started: %s", where, exc)
             return []
-        runners = [StepRunner(self, workflow, step, spec, b, services) for b in bindings]
+        context = self.context
+        runners = [StepRunner(context, workflow, step, spec, b, services) for b in bindings]
         for runner in runners:
             await runner.start()
         log.info("started %s (module %s)", where, step.module)
         return runners
-
-    async def _services(self, workflow: Workflow, step: Step) -> dict[str, Any]:
-        """What the built-in host functions of one step work with, scoped to its org.
-
-        ``workflow.org`` was checked against the connection's account (``_admitted``).
-        """
-        org = workflow.org
-        services: dict[str, Any] = {
-            EMIT_SERVICE: EmitTarget(tuple(step.emit), self._emitter(workflow, step)),
-            # Extism cannot interrupt a blocking host function: the policy's deadline
-            # keeps an HTTP call within the step's timeout.
-            HTTP_SERVICE: http_policy(
-                step.allowed_hosts,
-                call_timeout_ms=step.timeout_ms or self.settings.default_timeout_ms,
-            ),
-        }
-        if self.orgs is not None and org in self.orgs.orgs:
-            declared = self.orgs.orgs[org]
-            services[CONFIG_SERVICE] = dict(declared.config)
-            services[SECRETS_SERVICE] = {k: v.resolve(k) for k, v in declared.secrets.items()}
-        if any(name.startswith("kv_") for name in step.host_functions):
-            services[STATE_SERVICE] = await self._state_bucket(org)
-        return services
-
-    def _emitter(self, workflow: Workflow, step: Step) -> Any:
-        encoder = events.OutputEncoder.for_step(workflow.org, workflow.name, step.name, kind="emit")
-
-        async def publish(call: HostCall, subject: str, data: Any) -> None:
-            call.emitted += 1
-            # Deterministic: a retried call emits with the same ids (deduplicated).
-            # A run from an import derives apart (its input id was the exporter's choice).
-            scope = (call.origin,) if call.origin else ()
-            event_id = events.derive_id(
-                *scope, call.event_id, workflow.key, step.name, str(call.emitted)
-            )
-            headers, body = encoder.encode(
-                data,
-                id=event_id,
-                time=events.now_rfc3339(),
-                run=call.run,
-                # Emitted events belong to the run's trace, like the step's output.
-                traceparent=(
-                    telemetry.traceparent_of(call.trace_context)
-                    if call.trace_context is not None
-                    else call.traceparent
-                ),
-                origin=call.origin,
-            )
-            headers[events.MSG_ID] = f"{event_id}:{subject}"
-            await bus.publish(self.js, self.nc, subject, body, headers)
-
-        return publish
-
-    async def _state_bucket(self, org: str) -> Any:
-        if org not in self._state:
-            bucket = state_bucket(org)
-            try:
-                self._state[org] = await self.js.key_value(bucket)
-            except nats.js.errors.BucketNotFoundError:
-                self._state[org] = await self.js.create_key_value(
-                    config=KeyValueConfig(
-                        bucket=bucket,
-                        history=1,
-                        storage=StorageType.FILE,
-                        replicas=self.settings.stream_replicas,
-                    )
-                )
-        return self._state[org]
 
     def report(self, report: StepReport) -> None:
         """Pass a report to every observer; an observer's error never stops a step."""

@@ -15,7 +15,7 @@ from nats.aio.client import Client
 
 from deadlift import bus
 from deadlift.errors import DeadliftError, PermissionDeniedError
-from deadlift.orgs import SYSTEM_ACCOUNT, account_name
+from deadlift.model.orgs import SYSTEM_ACCOUNT, account_name
 from deadlift.settings import Settings
 
 USER_INFO = "$SYS.REQ.USER.INFO"

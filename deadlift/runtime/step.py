@@ -13,23 +13,40 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import Any
 
 import nats.errors
 from nats.aio.msg import Msg
 from opentelemetry.trace import Span
 
-from deadlift import bus, dlq, events, telemetry
-from deadlift.errors import DeadliftError, EventDecodeError, EventEncodeError, StepError
+from deadlift.bus import dlq
+from deadlift.bus.streams import StepBinding
+from deadlift.errors import (
+    DeadliftError,
+    EventDecodeError,
+    EventEncodeError,
+    PayloadTooLargeError,
+    StepError,
+)
+from deadlift.model import topology
+from deadlift.model.topology import ErrorKind, Outcome, Stream, step_subject
+from deadlift.model.workflow import Step, Workflow
+from deadlift.runtime import telemetry
+from deadlift.runtime.context import (
+    SERVER_RELAY_HEADERS,
+    StepContext,
+    StepReport,
+    provenance_headers,
+    relayed_by_server,
+    stamp_origin,
+    step_signature,
+)
 from deadlift.wasm.codecs import from_module, to_module
 from deadlift.wasm.host import PluginSpec
 from deadlift.wasm.hostfns import HostCall
-from deadlift.workflow import Step, Workflow, step_subject
-
-if TYPE_CHECKING:
-    from deadlift.worker import Worker
+from deadlift.wire import events
 
 log = logging.getLogger("deadlift.worker")
 
@@ -45,29 +62,6 @@ CRASH_LOOP_DELIVERIES = 10
 # publish again in place (same Nats-Msg-Id: deduplicated) for at most this long,
 # instead of spending the step's retry attempts on it.
 OUTAGE_RETRY_S = 30.0
-
-
-@dataclass(frozen=True, slots=True)
-class StepReport:
-    """What happened to one event at one step (passed to observers)."""
-
-    org: str
-    workflow: str
-    step: str
-    module: str
-    run: str
-    event_id: str
-    outcome: str  # ok | filtered | retry | dead
-    latency_ms: float
-    attempt: int
-    output: Any = None
-    targets: tuple[str, ...] = ()
-    error: str | None = None
-    error_kind: str | None = None
-    origin: str | None = None  # the org the run came from through an import, if any
-
-
-Observer = Callable[[StepReport], None]
 
 
 @dataclass(slots=True)
@@ -89,7 +83,7 @@ class _Job:
 
 def _publish_error(exc: object) -> StepError:
     # NATS trouble while publishing: retried later; the output is deduplicated.
-    return StepError(f"publish failed: {exc or type(exc).__name__}", kind="publish")
+    return StepError(f"publish failed: {exc or type(exc).__name__}", kind=ErrorKind.PUBLISH)
 
 
 async def _settle(action: Awaitable[Any], what: str) -> None:
@@ -104,72 +98,27 @@ async def _settle(action: Awaitable[Any], what: str) -> None:
         log.warning("%s failed (%s); the event will be redelivered", what, exc)
 
 
-# Headers the server sets on what a stream writes itself: a republish, or a message
-# sourced from another stream. An import delivers what the exporter published,
-# without them; with them, a stream of the importing account put it there.
-SERVER_RELAY_HEADERS = frozenset({"Nats-Stream", "Nats-Stream-Source"})
-
-
-def relayed_by_server(headers: dict[str, str] | None) -> bool:
-    """Whether a stream of this account, not a client, wrote the message."""
-    return bool(headers) and not SERVER_RELAY_HEADERS.isdisjoint(headers or ())
-
-
-def stamp_origin(event: events.Event, origin: str | None) -> events.Event:
-    """The event with its provenance set to ``origin`` (None: the org's own).
-
-    Whatever the event claimed is dropped: only where it arrived tells.
-    """
-    extensions = {k: v for k, v in event.extensions.items() if k != events.ORIGIN}
-    if origin:
-        extensions[events.ORIGIN] = origin
-    return replace(event, extensions=extensions)
-
-
-def output_id(event: events.Event, workflow_key: str, step: str) -> str:
-    """The id of a step's output: the same for every delivery of the same input.
-
-    A run that came through an import derives its ids apart (the exporter chose
-    the input's id and source), so it can never produce an id of the org's own.
-    """
-    if event.origin:
-        return events.derive_id(event.origin, event.source, event.id, workflow_key, step)
-    return events.derive_id(event.source, event.id, workflow_key, step)
-
-
-def step_signature(workflow: Workflow | None, step: Step) -> Any:
-    """What must stay equal for a running step to keep running unchanged."""
-    if workflow is None:
-        return None
-    try:
-        current = workflow.step(step.name)
-    except KeyError:
-        return None
-    entry = current in workflow.entry_steps()
-    return (current, tuple(workflow.trigger) if entry else ())
-
-
 class StepRunner:
     """Pulls one step's events from its consumer and runs them, bounded in flight."""
 
     def __init__(
         self,
-        worker: Worker,
+        context: StepContext,
         workflow: Workflow,
         step: Step,
         spec: PluginSpec,
-        binding: bus.StepBinding,
+        binding: StepBinding,
         services: dict[str, Any],
     ) -> None:
-        self.worker = worker
+        self.context = context
         self.workflow = workflow
         self.step = step
         self.spec = spec
         self.binding = binding
         self.services = services
         self.signature = step_signature(workflow, step)
-        self.concurrency = step.concurrency or worker.concurrency
-        self.granted = {n: worker.functions[n] for n in step.host_functions}
+        self.concurrency = step.concurrency or context.concurrency
+        self.granted = {n: context.functions[n] for n in step.host_functions}
         self.telemetry = telemetry.StepTelemetry(
             org=workflow.org, workflow=workflow.name, step=step.name, module_sha256=spec.sha256
         )
@@ -180,15 +129,20 @@ class StepRunner:
         ]
         # A trigger's provenance comes from where it arrived (an import's own stream),
         # never from its headers; a step input carries the run's, stamped on entry.
-        self.is_trigger = binding.stream != bus.STEPS_STREAM
+        self.is_trigger = binding.stream != Stream.STEPS
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._sub: Any = None
 
+    @property
+    def in_flight(self) -> int:
+        """Batches being processed now."""
+        return len(self._inflight)
+
     async def start(self) -> None:
         """Bind to the durable consumer and start pulling."""
-        self._sub = await self.worker.js.pull_subscribe_bind(
+        self._sub = await self.context.js.pull_subscribe_bind(
             durable=self.binding.consumer, stream=self.binding.stream
         )
         self._task = asyncio.create_task(
@@ -229,7 +183,7 @@ class StepRunner:
     async def _loop(self) -> None:
         # Two batches in flight: while one publishes and waits for PubAcks, the
         # next one runs its modules. Each batch costs one executor hop per thread.
-        size = max(1, min(self.worker.settings.fetch_batch, self.concurrency // 2))
+        size = max(1, min(self.context.settings.fetch_batch, self.concurrency // 2))
         slots = asyncio.Semaphore(2)
         backlog = True
         while not self._stopping:
@@ -299,7 +253,7 @@ class StepRunner:
                 fallback_source=f"nats:{msg.subject}",
             )
         except EventDecodeError as exc:
-            error = StepError(str(exc), kind="decode", retryable=False)
+            error = StepError(str(exc), kind=ErrorKind.DECODE, retryable=False)
             await self._fail(msg, None, attempt, started, error)
             return None
         if self.binding.origin and relayed_by_server(msg.headers):
@@ -307,7 +261,7 @@ class StepRunner:
                 f"event on {msg.subject} was written by a stream of this org's own account "
                 f"(it carries {', '.join(sorted(SERVER_RELAY_HEADERS & set(msg.headers or {})))}"
                 f"), not sent by {self.binding.origin}: refused as a forged import",
-                kind="provenance",
+                kind=ErrorKind.PROVENANCE,
                 retryable=False,
             )
             await self._fail(msg, None, attempt, started, error)
@@ -321,7 +275,7 @@ class StepRunner:
             # likely it crashes the worker process. Stop the crash loop.
             job.error = StepError(
                 f"delivered {attempt} times without completing (it may crash workers)",
-                kind="exhausted",
+                kind=ErrorKind.EXHAUSTED,
                 retryable=False,
             )
             await self._finish(job)
@@ -329,7 +283,7 @@ class StepRunner:
         try:
             job.data = to_module(event.data, self.step.codec or "json")
         except EventEncodeError as exc:
-            job.error = StepError(str(exc), kind="encode", retryable=False)
+            job.error = StepError(str(exc), kind=ErrorKind.ENCODE, retryable=False)
             await self._finish(job)
             return None
         job.call = HostCall(
@@ -343,7 +297,7 @@ class StepRunner:
             services=self.services,
             traceparent=event.traceparent,
             origin=event.origin,
-            log_limit=self.worker.settings.module_log_bytes,
+            log_limit=self.context.settings.module_log_bytes,
             host_timeout_s=self.spec.timeout_ms / 1000,
         )
         return job
@@ -351,7 +305,7 @@ class StepRunner:
     def _keep_alive(self, msgs: list[Msg]) -> asyncio.Task[None] | None:
         """Keep calls that may outlast ack_wait from being redelivered meanwhile."""
         interval = self.binding.ack_wait / 2
-        longest = self.spec.timeout_ms / 1000 * max(1, len(msgs) // self.worker.threads)
+        longest = self.spec.timeout_ms / 1000 * max(1, len(msgs) // self.context.threads)
         if longest + 1.0 < interval:
             return None  # the batch will be done long before the server would redeliver
 
@@ -366,10 +320,9 @@ class StepRunner:
     async def _call_all(self, jobs: list[_Job]) -> None:
         """Call the module for every job: one executor hop per chunk, chunks in parallel."""
         loop = asyncio.get_running_loop()
-        chunks = [jobs[i :: self.worker.threads] for i in range(self.worker.threads)]
-        await asyncio.gather(
-            *(loop.run_in_executor(self.worker.executor, self._run, c) for c in chunks if c)
-        )
+        threads, executor = self.context.threads, self.context.executor
+        chunks = [jobs[i::threads] for i in range(threads)]
+        await asyncio.gather(*(loop.run_in_executor(executor, self._run, c) for c in chunks if c))
 
     def _run(self, jobs: list[_Job]) -> None:
         """Module calls, in an executor thread (Extism releases the GIL)."""
@@ -384,8 +337,8 @@ class StepRunner:
                 job.call.trace_context = self.telemetry.context_of(span)
                 begun = time.perf_counter()
                 try:
-                    with self.worker.watchdog.track(what, limit_s):
-                        raw = self.worker.host.call(
+                    with self.context.watchdog.track(what, limit_s):
+                        raw = self.context.host.call(
                             self.spec, self.step.function, job.data, job.call
                         )
                     job.output = from_module(raw, codec)
@@ -393,7 +346,7 @@ class StepRunner:
                     job.error = exc
                 except Exception as exc:  # a bug of ours must not take the batch down
                     log.exception("module call failed unexpectedly")
-                    job.error = StepError(f"internal error: {exc!r}", kind="error")
+                    job.error = StepError(f"internal error: {exc!r}", kind=ErrorKind.ERROR)
                 finally:
                     self.telemetry.record_module_time(time.perf_counter() - begun)
 
@@ -424,13 +377,15 @@ class StepRunner:
 
     async def _publish_all(self, jobs: list[_Job]) -> None:
         """Start publishing every output (PubAcks are awaited in :meth:`_confirm`)."""
-        js, nc = self.worker.js, self.worker.nc
+        publisher = self.context.publisher
         now = events.now_rfc3339()  # one occurrence time per batch
         for job in jobs:
             if job.error is not None or job.output is None:
                 continue
             event = job.event
-            out_id = output_id(event, self.workflow.key, self.step.name)
+            out_id = topology.output_id(
+                event.source, event.id, self.workflow.key, self.step.name, event.origin
+            )
             # The next steps' spans are children of this one: one trace per run.
             traceparent = self.telemetry.traceparent(job.span) or event.traceparent
             try:
@@ -443,21 +398,15 @@ class StepRunner:
                     origin=event.origin,
                 )
                 for subject in self.targets:
-                    message_headers = {**headers, events.MSG_ID: f"{out_id}:{subject}"}
-                    try:
-                        bus.check_size(nc, subject, message_headers, body)
-                    except DeadliftError as exc:
-                        raise StepError(
-                            str(exc), kind="output_too_large", retryable=False
-                        ) from None
+                    msg_id = topology.output_msg_id(out_id, subject)
                     with self.telemetry.publish(subject, job.span):
                         job.acks.append(
-                            await js.publish_async(subject, body, headers=message_headers)
+                            await publisher.publish_async(subject, body, headers, msg_id=msg_id)
                         )
             except EventEncodeError as exc:
-                job.error = StepError(str(exc), kind="encode", retryable=False)
-            except StepError as exc:
-                job.error = exc
+                job.error = StepError(str(exc), kind=ErrorKind.ENCODE, retryable=False)
+            except PayloadTooLargeError as exc:
+                job.error = StepError(str(exc), kind=ErrorKind.OUTPUT_TOO_LARGE, retryable=False)
             except (TimeoutError, DeadliftError, nats.errors.Error) as exc:
                 job.error = _publish_error(exc)
             job.targets = tuple(self.targets)
@@ -478,7 +427,7 @@ class StepRunner:
                     problem = ack.exception() if not ack.cancelled() else "cancelled"
                     job.error = job.error or _publish_error(problem)
                 elif ack.result().duplicate:  # published before (a redelivery): stored once
-                    self.worker.stats["duplicate"] += 1
+                    self.context.stats["duplicate"] += 1
 
     async def _finish(self, job: _Job) -> None:
         """Ack a job that succeeded or fail it; report; end its span."""
@@ -487,7 +436,7 @@ class StepRunner:
                 await self._fail(job.msg, job.event, job.attempt, job.started, job.error, job.span)
                 return
             await _settle(job.msg.ack(), "ack")
-            outcome = "filtered" if job.output is None else "ok"
+            outcome = Outcome.FILTERED if job.output is None else Outcome.OK
             self._report(
                 job.event,
                 outcome,
@@ -512,19 +461,22 @@ class StepRunner:
         retry = self.step.retry
         if error.retryable and attempt < retry.max_attempts:
             await _settle(msg.nak(delay=retry.delay(attempt)), "nak")
-            self._report(event, "retry", started, attempt, error=error, span=span)
+            self._report(event, Outcome.RETRY, started, attempt, error=error, span=span)
             return
         meta = msg.metadata
         try:
             await dlq.record(
-                self.worker.js,
-                self.worker.nc,
+                self.context.publisher,
                 org=self.workflow.org,
                 workflow=self.workflow.name,
                 step=self.step.name,
                 module=self.spec.sha256,
                 subject=msg.subject,
-                headers=self._provenance_headers(msg.headers),
+                headers=(
+                    provenance_headers(msg.headers, self.binding.origin)
+                    if self.is_trigger
+                    else msg.headers
+                ),
                 body=msg.data,
                 stream=meta.stream or "",
                 seq=meta.sequence.stream if meta.sequence else 0,
@@ -545,19 +497,7 @@ class StepRunner:
             error.kind,
             error,
         )
-        self._report(event, "dead", started, attempt, error=error, span=span)
-
-    def _provenance_headers(self, headers: dict[str, str] | None) -> dict[str, str] | None:
-        """A trigger's headers with its provenance as stamped on arrival (for a dead letter,
-        so a replay into the step's input keeps it)."""
-        if not self.is_trigger:
-            return headers
-        key = f"{events.PREFIX}{events.ORIGIN}"
-        stamped = {k: v for k, v in (headers or {}).items() if k.lower() != key}
-        # A foreign event (no ce- headers) stays foreign: one ce- header would make it invalid.
-        if self.binding.origin and any(k.lower().startswith(events.PREFIX) for k in stamped):
-            stamped[key] = self.binding.origin
-        return stamped
+        self._report(event, Outcome.DEAD, started, attempt, error=error, span=span)
 
     def _report(
         self,
@@ -571,7 +511,7 @@ class StepRunner:
         error: StepError | None = None,
         span: Span | None = None,
     ) -> None:
-        self.worker.stats[outcome] += 1
+        self.context.stats[outcome] += 1
         self.telemetry.record(
             outcome,
             time.perf_counter() - started,
@@ -580,9 +520,9 @@ class StepRunner:
         )
         if error is not None and span is not None:
             telemetry.fail_span(span, error.kind, str(error))
-        if not self.worker.observers:
+        if self.context.on_report is None:
             return
-        self.worker.report(
+        self.context.on_report(
             StepReport(
                 org=self.workflow.org,
                 workflow=self.workflow.name,

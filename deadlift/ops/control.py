@@ -7,20 +7,21 @@ from pathlib import Path
 
 from nats.js import JetStreamContext
 
-from deadlift import bus, names
+from deadlift import bus
+from deadlift.bus.identity import Identity, whoami
+from deadlift.bus.registry import ModuleMeta, Registry
 from deadlift.errors import ConfigError, ModuleError, NotFoundError
-from deadlift.http import parse_allowed_host
-from deadlift.identity import Identity, whoami
-from deadlift.orgs import OrgManifest, load_orgs
-from deadlift.registry import ModuleMeta, Registry
-from deadlift.settings import Settings
-from deadlift.workflow import (
+from deadlift.model import names
+from deadlift.model.orgs import OrgManifest, load_orgs
+from deadlift.model.workflow import (
     Step,
     Workflow,
     load_workflow,
     subject_covers,
     subjects_overlap,
 )
+from deadlift.runtime.http import parse_allowed_host
+from deadlift.settings import Settings
 
 
 async def push_module_file(

@@ -20,7 +20,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from deadlift.errors import DeadliftError
-from deadlift.orgs import OrgManifest, nats_accounts
+from deadlift.model.orgs import OrgManifest, nats_accounts
 
 
 def nats_server_binary() -> str:

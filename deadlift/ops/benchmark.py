@@ -31,13 +31,15 @@ from typing import Any
 import extism
 from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 
-from deadlift import bus, events
-from deadlift.control import apply_workflows
-from deadlift.registry import Registry
-from deadlift.server import EmbeddedServer
+from deadlift import bus
+from deadlift.bus.registry import Registry
+from deadlift.model.topology import Stream
+from deadlift.model.workflow import parse_workflow
+from deadlift.ops.control import apply_workflows
+from deadlift.ops.server import EmbeddedServer
+from deadlift.runtime.worker import Worker
 from deadlift.settings import Settings
-from deadlift.worker import Worker
-from deadlift.workflow import parse_workflow
+from deadlift.wire import events
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = ROOT / "workers" / "dist" / "add_ten.wasm"
@@ -162,7 +164,7 @@ async def _setup(server: EmbeddedServer, length: int, wasm: bytes | None = None)
 
 async def _stored(js: Any, subject: str) -> int:
     """Messages stored on subjects matching ``subject`` (``state.messages`` counts all)."""
-    info = await js.stream_info(bus.EVENTS_STREAM, subjects_filter=subject)
+    info = await js.stream_info(Stream.EVENTS, subjects_filter=subject)
     return sum((info.state.subjects or {}).values())
 
 
@@ -271,7 +273,7 @@ async def worker_processes(count: int, processes: int) -> Result:
 
 
 async def _pulling(js: Any, consumer: str, workers: int) -> bool:
-    info = await js.consumer_info(bus.EVENTS_STREAM, consumer)
+    info = await js.consumer_info(Stream.EVENTS, consumer)
     return (info.num_waiting or 0) >= workers
 
 

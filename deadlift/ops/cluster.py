@@ -41,8 +41,8 @@ from typing import Any, Self
 from nats.js import JetStreamContext
 
 from deadlift.errors import DeadliftError
-from deadlift.orgs import OrgManifest, account_name, nats_accounts
-from deadlift.server import (
+from deadlift.model.orgs import OrgManifest, account_name, nats_accounts
+from deadlift.ops.server import (
     Managed,
     free_port,
     get_json,

@@ -17,10 +17,12 @@ from typing import Any
 import nats.js.errors
 
 from deadlift.errors import HostFunctionError
-from deadlift.http import HTTP_SERVICE as HTTP_SERVICE  # services key: the step's HttpPolicy
-from deadlift.http import http_request
+from deadlift.model.workflow import check_subject, subject_covers
+from deadlift.runtime.http import (
+    HTTP_SERVICE as HTTP_SERVICE,  # services key: the step's HttpPolicy
+)
+from deadlift.runtime.http import http_request
 from deadlift.wasm.hostfns import HostCall, HostFunction, host_function
-from deadlift.workflow import check_subject, subject_covers
 
 STATE_SERVICE = "state"
 EMIT_SERVICE = "emit"

@@ -1,0 +1,224 @@
+"""Streams and consumers: what captures each subject, and what feeds each step."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import nats.js.errors
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+
+from deadlift.errors import ConfigError
+from deadlift.model import topology
+from deadlift.model.orgs import account_name
+from deadlift.model.topology import DLQ_PREFIX, STEP_PREFIX, Stream
+from deadlift.model.workflow import Step, Workflow, minimal_subjects
+from deadlift.settings import Settings
+
+log = logging.getLogger("deadlift.bus")
+
+
+def import_stream(exporter: str) -> str:
+    """The stream capturing the events org ``exporter`` sends to this org."""
+    return topology.import_stream(account_name(exporter))
+
+
+@dataclass(frozen=True, slots=True)
+class StepInput:
+    """One durable consumer feeding a step: its stream, name, subjects, and provenance."""
+
+    stream: str
+    consumer: str
+    filters: tuple[str, ...]
+    origin: str | None = None  # the exporting org, for a trigger arriving through an import
+
+
+def step_inputs(workflow: Workflow, step: Step) -> list[StepInput]:
+    """The consumers of a step: its own input subject, and for an entry step its triggers.
+
+    Every step reads ``deadlift.step.<org>.<workflow>.<step>`` (fed by the steps
+    before it and by ``dlq replay``). Entry steps also read the workflow's own
+    triggers from the events stream, and each import's triggers from that
+    import's stream, so the org that sent an event is known from where it arrived.
+    """
+    org, name, step_name = workflow.org, workflow.name, step.name
+    inputs = [
+        StepInput(
+            Stream.STEPS,
+            topology.consumer_name(org, name, step_name),
+            (topology.step_subject(org, name, step_name),),
+        )
+    ]
+    if step not in workflow.entry_steps():
+        return inputs
+    own = [t for t in workflow.trigger if t not in workflow.imports]
+    if own:
+        consumer = topology.trigger_consumer(org, name, step_name)
+        inputs.append(StepInput(Stream.EVENTS, consumer, tuple(minimal_subjects(own))))
+    for exporter, subjects in sorted(workflow.imported_triggers().items()):
+        inputs.append(
+            StepInput(
+                import_stream(exporter),
+                topology.import_consumer(org, name, step_name, exporter),
+                tuple(minimal_subjects(subjects)),
+                origin=exporter,
+            )
+        )
+    return inputs
+
+
+@dataclass(frozen=True, slots=True)
+class StepBinding:
+    """Where a step's input comes from: a stream and the durable consumer on it."""
+
+    stream: str
+    consumer: str
+    ack_wait: float = 30.0
+    origin: str | None = None  # set for an import's trigger: the exporting org
+
+
+async def ensure_streams(
+    js: JetStreamContext,
+    settings: Settings,
+    event_subjects: list[str],
+    imported: Mapping[str, list[str]] | None = None,
+) -> None:
+    """Create or extend Deadlift's streams so every subject it uses is captured durably.
+
+    ``imported`` maps an exporting org to the trigger subjects that arrive from it
+    through an import; each exporter gets its own stream (see ``import_stream``).
+    """
+
+    def config(name: str, subjects: list[str]) -> StreamConfig:
+        return StreamConfig(
+            name=name,
+            subjects=subjects,
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=settings.stream_max_age_s,
+            duplicate_window=settings.duplicate_window_s,
+            num_replicas=settings.stream_replicas,
+        )
+
+    await _ensure_stream(js, config(Stream.STEPS, [f"{STEP_PREFIX}.>"]))
+    await _ensure_stream(js, config(Stream.DLQ, [f"{DLQ_PREFIX}.>"]))
+    if event_subjects:
+        await _ensure_stream(js, config(Stream.EVENTS, event_subjects), merge=True)
+    for exporter, subjects in sorted((imported or {}).items()):
+        await _ensure_stream(js, config(import_stream(exporter), subjects), merge=True)
+
+
+async def _ensure_stream(
+    js: JetStreamContext, config: StreamConfig, *, merge: bool = False
+) -> None:
+    assert config.name and config.subjects is not None
+    try:
+        info = await js.stream_info(config.name)
+    except nats.js.errors.NotFoundError:
+        try:
+            await js.add_stream(config.evolve(subjects=minimal_subjects(config.subjects)))
+        except nats.js.errors.APIError as exc:
+            raise _stream_conflict(config, exc) from None
+        return
+    current = list(info.config.subjects or [])
+    wanted = minimal_subjects([*current, *config.subjects]) if merge else list(config.subjects)
+    changed = (
+        sorted(wanted) != sorted(current)
+        or info.config.duplicate_window != config.duplicate_window
+        or info.config.max_age != config.max_age
+        # Replicas are raised, never lowered: a client with the default (1) must
+        # not scale down a cluster's R3 streams. Lower them with the nats CLI.
+        or (config.num_replicas or 1) > (info.config.num_replicas or 1)
+    )
+    if changed:
+        try:
+            await js.update_stream(
+                info.config.evolve(
+                    subjects=wanted,
+                    duplicate_window=config.duplicate_window,
+                    max_age=config.max_age,
+                    num_replicas=max(config.num_replicas or 1, info.config.num_replicas or 1),
+                )
+            )
+        except nats.js.errors.APIError as exc:
+            raise _stream_conflict(config, exc) from None
+
+
+def _stream_conflict(config: StreamConfig, exc: Exception) -> ConfigError:
+    replicas = config.num_replicas or 1
+    hint = (
+        f"; or the server is not a cluster of at least {replicas} JetStream nodes "
+        "(DEADLIFT_STREAM_REPLICAS)"
+        if replicas > 1
+        else ""
+    )
+    return ConfigError(
+        f"cannot capture subjects {', '.join(config.subjects or [])} in stream {config.name}: "
+        f"{exc}; another stream may already capture one of them{hint}"
+    )
+
+
+async def ensure_consumers(
+    js: JetStreamContext, settings: Settings, workflow: Workflow, step: Step
+) -> list[StepBinding]:
+    """Create or update the durable pull consumers a step's workers share (``step_inputs``)."""
+    bindings = []
+    for wanted in step_inputs(workflow, step):
+        config = consumer_config(wanted.consumer, list(wanted.filters), step, settings)
+        try:
+            info = await js.add_consumer(wanted.stream, config)
+        except nats.js.errors.APIError as exc:
+            raise ConfigError(
+                f"workflow {workflow.key} step {step.name!r}: cannot create consumer "
+                f"{wanted.consumer}: {exc}"
+            ) from None
+        ack_wait = info.config.ack_wait or settings.ack_wait_s
+        bindings.append(
+            StepBinding(wanted.stream, wanted.consumer, ack_wait=ack_wait, origin=wanted.origin)
+        )
+    return bindings
+
+
+def consumer_config(
+    name: str, filters: list[str], step: Step, settings: Settings
+) -> ConsumerConfig:
+    """The consumer configuration for a step (durable, explicit ack).
+
+    Deliveries are unlimited: the worker, not the server, decides when an event
+    is dead, so an event is never dropped silently (a server that gives up
+    after ``max_deliver`` just stops delivering — no output, no dead letter).
+    """
+    return ConsumerConfig(
+        name=name,
+        durable_name=name,
+        description=f"deadlift step {name}",
+        deliver_policy=DeliverPolicy.NEW,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=settings.ack_wait_s,
+        max_deliver=-1,
+        max_ack_pending=max(1000, settings.concurrency * 64),
+        filter_subject=filters[0] if len(filters) == 1 else None,
+        filter_subjects=filters if len(filters) > 1 else None,
+    )
+
+
+async def delete_consumers(js: JetStreamContext, workflow: Workflow, step: Step) -> None:
+    """Remove a step's consumers (ignoring ones already gone)."""
+    for wanted in step_inputs(workflow, step):
+        await delete_consumer(js, wanted.stream, wanted.consumer)
+
+
+async def delete_consumer(js: JetStreamContext, stream: str, consumer: str) -> None:
+    """Remove one consumer (ignoring one already gone, or its stream)."""
+    with contextlib.suppress(nats.js.errors.NotFoundError):
+        await js.delete_consumer(stream, consumer)

@@ -1,0 +1,5 @@
+"""``python -m deadlift.cli``."""
+
+from deadlift.cli.app import main
+
+main()

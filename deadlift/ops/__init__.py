@@ -1,0 +1,1 @@
+"""Operations: applying workflows, status, traces, health, the embedded server and cluster."""
