@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install demo dev test lint modules bench clean
+.PHONY: install demo dev test unit lint modules bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ lint: install
 
 test: install lint
 	$(BIN)/pytest
+
+# Unit tests only: no nats-server, a few seconds (tests/integration needs the server).
+unit: install
+	$(BIN)/pytest tests/unit
 
 modules:
 	cd workers && npm ci --no-audit --no-fund && npm run build

@@ -107,7 +107,9 @@ async def connect(settings: Settings, *, name: str = "deadlift") -> DeadliftClie
         who = f" as {settings.user}" if settings.user else ""
         # The server closes the socket after refusing a login; name the refusal.
         auth = [e for e in client.errors if "authoriz" in e.lower() or "authent" in e.lower()]
-        cause = (auth or list(client.errors) or [str(exc) or type(exc).__name__])[-1]
+        # What the server said (-ERR) explains more than the socket error after it.
+        told = [e for e in client.errors if e.startswith("nats: '")]
+        cause = (auth or told or list(client.errors) or [str(exc) or type(exc).__name__])[-1]
         if "maximum account active connections" in cause:
             advice = "the org's max_connections limit is reached (org manifest, limits:)"
         elif auth:

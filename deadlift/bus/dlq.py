@@ -103,7 +103,8 @@ async def record(
     await publisher.publish(topology.dlq_subject(org, workflow, step), body, merged, msg_id=msg_id)
 
 
-def _letter(seq: int, headers: Mapping[str, str] | None, body: bytes | None) -> DeadLetter:
+def parse(seq: int, headers: Mapping[str, str] | None, body: bytes | None = b"") -> DeadLetter:
+    """A dead letter from a stored message: its sequence in the DLQ stream, headers and body."""
     h = dict(headers or {})
     attempts = h.get(H_ATTEMPTS, "0")
     return DeadLetter(
@@ -120,6 +121,13 @@ def _letter(seq: int, headers: Mapping[str, str] | None, body: bytes | None) -> 
         headers=h,
         body=body or b"",
     )
+
+
+def step_of(subject: str) -> tuple[str, str, str] | None:
+    """``(org, workflow, step)`` of a dead-letter subject (None for any other subject)."""
+    prefix = f"{topology.DLQ_PREFIX}."
+    parts = subject[len(prefix) :].split(".") if subject.startswith(prefix) else []
+    return (parts[0], parts[1], parts[2]) if len(parts) == 3 else None
 
 
 async def letters(
@@ -152,7 +160,7 @@ async def letters(
             break
         if msg.seq is None:
             break
-        found.append(_letter(msg.seq, msg.headers, msg.data))
+        found.append(parse(msg.seq, msg.headers, msg.data))
         seq = msg.seq + 1
     return found
 
@@ -169,7 +177,7 @@ async def get(js: JetStreamContext, letter_id: int) -> DeadLetter:
         raise NotFoundError(
             f"no dead letter {letter_id}; `deadlift dlq ls` lists them (replayed ones are removed)"
         ) from None
-    return _letter(letter_id, msg.headers, msg.data)
+    return parse(letter_id, msg.headers, msg.data)
 
 
 async def replay(js: JetStreamContext, publisher: Publisher, letter: DeadLetter) -> str:

@@ -1,35 +1,36 @@
-"""CLI commands for running beyond one machine: a local NATS cluster, certificates, a probe.
+"""``deadlift cluster``, ``deadlift certs`` and ``deadlift health``: beyond one machine.
 
 ``deadlift cluster`` runs a JetStream cluster on loopback (what the fail-over
 tests use); ``deadlift certs`` makes the TLS certificates of routes and leaf
 nodes for the static configs of deploy/; ``deadlift health`` is the exec probe
 of worker containers and systemd units (the worker has no HTTP endpoint): exit 0
 when healthy, 1 when not.
-``deadlift.cli`` is imported inside the commands (see :mod:`deadlift.cli.monitor`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import signal
-import socket
 import sys
 import time
-from typing import Any
 
 import click
-import nats.js.errors
-from rich.console import Console
+from rich.markup import escape
 
-from deadlift.cli.common import SINGLE_TENANT_WARNING, settings_of
-from deadlift.errors import ConfigError, DeadliftError
-from deadlift.model.topology import Stream
-from deadlift.settings import Settings
-
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
-
+from deadlift.cli.common import (
+    EXIT_ERROR,
+    EXIT_OK,
+    SINGLE_TENANT_WARNING,
+    err_console,
+    fail,
+    settings_of,
+    stop_requested,
+)
+from deadlift.errors import DeadliftError
+from deadlift.model.orgs import load_orgs
+from deadlift.ops.cluster import LocalCluster
+from deadlift.ops.health import probe
+from deadlift.ops.tls import CertificateAuthority
 
 # -- cluster --------------------------------------------------------------------
 
@@ -73,9 +74,6 @@ def cluster(
     The first line printed is the client URLs, comma-separated, usable as
     --server (DEADLIFT_NATS_URL). Set DEADLIFT_STREAM_REPLICAS=3 for R3 streams.
     """
-    from deadlift.model.orgs import load_orgs
-    from deadlift.ops.cluster import LocalCluster
-
     if single_tenant and accounts:
         raise click.UsageError("--single-tenant and --accounts exclude each other")
     if single_tenant:
@@ -86,8 +84,7 @@ def cluster(
         ports = [port + i for i in range(size)] if port else None
         running = LocalCluster(size, store_dir=store_dir, orgs=orgs, ports=ports).start()
     except DeadliftError as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
-        sys.exit(2 if isinstance(exc, ConfigError) else 1)
+        fail(exc)
     click.echo(running.url, nl=True)
     sys.stdout.flush()
     err_console.print(
@@ -111,16 +108,10 @@ def cluster(
         f"{org}worker\nCtrl-C to stop",
         err=True,
     )
-    stop = {"now": False}
-
-    def on_signal(signum: int, frame: Any) -> None:
-        stop["now"] = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stopping = stop_requested()
     reported: set[str] = set()
     try:
-        while not stop["now"]:
+        while not stopping():
             for node in running.nodes:
                 if not node.running and node.name not in reported:
                     reported.add(node.name)
@@ -128,6 +119,9 @@ def cluster(
             time.sleep(0.2)
     finally:
         running.stop()
+
+
+# -- certs ----------------------------------------------------------------------
 
 
 @click.command()
@@ -159,8 +153,6 @@ def certs(
     (a route both accepts and dials). Private keys are readable by their owner only.
     Needs the openssl CLI. See deploy/README.md.
     """
-    from deadlift.ops.cluster import CertificateAuthority
-
     try:
         authority = CertificateAuthority(directory)
         for name in names:
@@ -169,68 +161,12 @@ def certs(
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     except DeadliftError as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
-        sys.exit(1)
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+        sys.exit(EXIT_ERROR)
     click.echo(f"CA: {authority.cert} (keep {authority.key} offline once done)", err=True)
 
 
 # -- health ---------------------------------------------------------------------
-
-
-async def check_health(
-    settings: Settings, *, worker: bool, streams: bool, timeout: float
-) -> dict[str, Any]:
-    """What ``deadlift health`` checks, as a report with ``ok``."""
-    from deadlift import bus
-    from deadlift.ops.monitor import discover_workers
-
-    report: dict[str, Any] = {"ok": False, "server": settings.nats_url}
-    nc = await asyncio.wait_for(bus.connect(settings, name="deadlift-health"), timeout)
-    try:
-        report["connected_to"] = str(nc.connected_url.netloc) if nc.connected_url else None
-        js = nc.jetstream(timeout=timeout)
-        account = await js.account_info()
-        report["jetstream"] = {"streams": account.streams, "consumers": account.consumers}
-        problems: list[str] = []
-        if streams:
-            report["streams"] = {}
-            for name in (Stream.EVENTS, Stream.STEPS, Stream.DLQ):
-                try:
-                    info = await js.stream_info(name)
-                except nats.js.errors.NotFoundError:
-                    report["streams"][name] = {"error": "not found"}
-                    problems.append(f"stream {name} not found (no workflow applied yet?)")
-                    continue
-                except Exception as exc:
-                    report["streams"][name] = {"error": str(exc) or type(exc).__name__}
-                    problems.append(f"stream {name}: {exc or type(exc).__name__}")
-                    continue
-                cluster = info.cluster
-                replicas = (cluster.replicas or []) if cluster else []
-                entry = {
-                    "replicas": info.config.num_replicas or 1,
-                    "leader": cluster.leader if cluster else None,
-                    "current": sum(1 for r in replicas if r.current) + (1 if cluster else 0),
-                }
-                report["streams"][name] = entry
-                if cluster is not None and not cluster.leader:
-                    problems.append(f"stream {name} has no leader")
-        if worker:
-            host = socket.gethostname()
-            found = await discover_workers(nc, timeout=min(timeout, 2.0))
-            mine = [w for w in found if w.host == host and not w.error]
-            report["workers_here"] = [
-                {"pid": w.pid, "steps": len(w.steps), "healthy": w.healthy} for w in mine
-            ]
-            if not mine:
-                problems.append(f"no live worker on host {host} answered")
-            for sick in (w for w in mine if not w.healthy):
-                problems.extend(f"worker pid {sick.pid}: {p}" for p in sick.problems or ["?"])
-        report["problems"] = problems
-        report["ok"] = not problems
-        return report
-    finally:
-        await nc.close()
 
 
 @click.command()
@@ -259,29 +195,15 @@ def health(ctx: click.Context, worker: bool, streams: bool, timeout: float, as_j
     For Kubernetes exec probes and systemd: readiness `deadlift health`,
     liveness `deadlift health --worker` (the worker in this container answers).
     """
-
     settings = settings_of(ctx)
-
-    async def run() -> dict[str, Any]:
-        try:
-            return await asyncio.wait_for(
-                check_health(settings, worker=worker, streams=streams, timeout=timeout),
-                timeout + 1.0,
-            )
-        except (TimeoutError, DeadliftError, OSError) as exc:
-            return {"ok": False, "server": settings.nats_url, "problems": [str(exc) or "timeout"]}
-        except Exception as exc:  # a probe reports, it never crashes
-            problem = f"{type(exc).__name__}: {exc}"
-            return {"ok": False, "server": settings.nats_url, "problems": [problem]}
-
-    report = asyncio.run(run())
+    report = asyncio.run(probe(settings, worker=worker, streams=streams, timeout=timeout))
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
     elif report["ok"]:
         click.echo(f"ok: {report.get('connected_to') or settings.nats_url}")
     else:
         click.echo(f"unhealthy: {'; '.join(report.get('problems') or ['?'])}", err=True)
-    sys.exit(0 if report["ok"] else 1)
+    sys.exit(EXIT_OK if report["ok"] else EXIT_ERROR)
 
 
 COMMANDS: list[click.Command] = [cluster, certs, health]

@@ -1,14 +1,21 @@
-"""What every command shares: consoles, running async bodies, exit codes, settings.
+"""What every command shares: consoles, running async bodies, signals, exit codes, settings.
 
 Exit codes: 0 success, 1 a runtime error, 2 invalid input (a file, a flag).
+Signal handlers are installed here, by the commands, never by the library.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import json
+import logging
 import os
+import signal
 import sys
+import threading
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, NoReturn, TypeVar
 
@@ -27,6 +34,7 @@ EXIT_INVALID = 2
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
+log = logging.getLogger("deadlift.cli")
 T = TypeVar("T")
 
 
@@ -38,18 +46,18 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
     """
     try:
         return _event_loop_runner()(coro)
-    except ConfigError as exc:
-        refuse(exc)
     except DeadliftError as exc:
-        # Escaped: a message quoting user input ("[/x]") is text, not rich markup.
-        err_console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
-        sys.exit(EXIT_ERROR)
+        fail(exc)
 
 
-def refuse(exc: ConfigError) -> NoReturn:
-    """Report invalid input (as given, never as rich markup) and exit 2."""
+def fail(exc: DeadliftError) -> NoReturn:
+    """Report an error and exit: 2 for invalid input (a ConfigError), else 1.
+
+    The message is printed as given, never as rich markup: one quoting user
+    input ("[/x]") is text.
+    """
     err_console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
-    sys.exit(EXIT_INVALID)
+    sys.exit(EXIT_INVALID if isinstance(exc, ConfigError) else EXIT_ERROR)
 
 
 def checked(check: Callable[..., str], **options: Any) -> Callable[..., Any]:
@@ -66,7 +74,7 @@ def checked(check: Callable[..., str], **options: Any) -> Callable[..., Any]:
         try:
             return check(value, field=field, **options)
         except ConfigError as exc:
-            refuse(exc)
+            fail(exc)
 
     return callback
 
@@ -114,3 +122,92 @@ SINGLE_TENANT_WARNING = (
     "workflows, modules, events and state. Never use it for more than one org or "
     "outside a development machine."
 )
+
+
+def print_json(value: Any) -> None:
+    """Print ``value`` as indented JSON on stdout (anything else as its ``str``)."""
+    print(json.dumps(value, indent=2, default=str), flush=True)
+
+
+# -- signals ----------------------------------------------------------------------
+
+
+def on_stop_signals(callback: Callable[[], None], *, announce: bool = True) -> None:
+    """Call ``callback`` on the first SIGTERM/SIGINT; cancel the running task on the second.
+
+    For async commands (call it inside the running loop). With ``announce``, both
+    are logged as a graceful stop of in-flight work.
+    """
+    loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+    state = {"seen": 0}
+
+    def handle(signum: int) -> None:
+        state["seen"] += 1
+        if state["seen"] == 1:
+            if announce:
+                name = signal.Signals(signum).name
+                log.info("%s: finishing in-flight events, then exiting", name)
+            callback()
+        elif main_task is not None:
+            if announce:
+                log.warning("second signal: cancelling in-flight work (it will be redelivered)")
+            main_task.cancel()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, handle, sig)
+
+
+def stop_requested() -> Callable[[], bool]:
+    """For synchronous commands: note SIGTERM/SIGINT instead of dying by them.
+
+    Returns a function telling whether one has come.
+    """
+    stop = {"now": False}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return lambda: stop["now"]
+
+
+# -- leaving at once ------------------------------------------------------------------
+
+
+def flush_logs() -> None:
+    """Flush every logging handler and the standard streams (before ``os._exit``)."""
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+    # A broken stream must not keep the process alive.
+    for logger in loggers:
+        for handler in logger.handlers:
+            with contextlib.suppress(Exception):
+                handler.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+
+
+def hard_exit(code: int) -> NoReturn:
+    """Flush logs and end the process now, without joining threads (a stuck one never ends)."""
+    flush_logs()
+    os._exit(code)
+
+
+def exit_after(seconds: float, code: int, why: Callable[[], str]) -> None:
+    """End the process with ``code`` after ``seconds`` unless it has exited by then.
+
+    A daemon thread: it works whatever the event loop or the module threads are doing.
+    """
+
+    def wait_then_exit() -> None:
+        time.sleep(seconds)
+        try:
+            log.error("%s; exiting now with status %d", why(), code)
+        finally:
+            hard_exit(code)
+
+    threading.Thread(target=wait_then_exit, name="deadlift-exit-deadline", daemon=True).start()

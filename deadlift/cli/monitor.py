@@ -1,9 +1,8 @@
-"""CLI commands for watching a live system: status, workers, trace, tail.
+"""``deadlift status``, ``deadlift workers`` and ``deadlift trace``: watching a live system.
 
-The data comes from :mod:`deadlift.ops.monitor`; this module wires click, renders
-tables and installs signal handlers. ``deadlift.cli`` is imported inside the
-commands, not at the top: ``python -m deadlift.cli`` runs cli.py as
-``__main__``, and a top-level import would load it a second time mid-import.
+The data comes from :mod:`deadlift.ops.status`, :mod:`deadlift.ops.discovery`
+and :mod:`deadlift.ops.trace`; this module wires click, renders tables and
+installs signal handlers.
 """
 
 from __future__ import annotations
@@ -11,61 +10,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import signal
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import click
-from rich.console import Console
 from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from deadlift.cli.common import checked, run_async, settings_of, with_registry
-from deadlift.errors import EventDecodeError
-from deadlift.model import names
-from deadlift.ops import monitor
+from deadlift import bus
+from deadlift.bus.registry import Registry
+from deadlift.cli.common import (
+    console,
+    err_console,
+    on_stop_signals,
+    print_json,
+    run_async,
+    settings_of,
+    with_registry,
+)
+from deadlift.ops.discovery import DISCOVERY_TIMEOUT_S, STAT_NAMES, WorkerInfo, live_workers
+from deadlift.ops.status import StatusReport, status_once, status_reports
+from deadlift.ops.trace import DEFAULT_SCAN, TraceEntry, trace_across_orgs, trace_run
 from deadlift.settings import Settings
-
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
-
-
-def _run(ctx: click.Context, command: Any, *args: Any, **kwargs: Any) -> None:
-    """Run an async command body with the global settings, errors as exit codes."""
-
-    coro: Coroutine[Any, Any, None] = command(settings_of(ctx), *args, **kwargs)
-    run_async(coro)
-
-
-def _checked(check: Any, **options: Any) -> Any:
-    """``deadlift.cli.checked`` (imported when called: see the module docstring)."""
-
-    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-
-        return checked(check, **options)(ctx, param, value)
-
-    return callback
-
-
-def _stop_on_signals(stop: asyncio.Event) -> None:
-    """Set ``stop`` on the first SIGTERM/SIGINT; cancel the command on the second."""
-    loop = asyncio.get_running_loop()
-    main_task = asyncio.current_task()
-
-    def handle() -> None:
-        if not stop.is_set():
-            stop.set()
-        elif main_task is not None:
-            main_task.cancel()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, handle)
-
-
-def _json(value: Any) -> None:
-    print(json.dumps(value, indent=2, default=str), flush=True)
-
 
 # -- status -------------------------------------------------------------------
 
@@ -87,33 +54,40 @@ def status(
 ) -> None:
     """Per step: backlog, in flight, redeliveries, rate, dead letters and workers."""
     command = _status_watch if watch else _status_once
-    _run(ctx, command, as_json=as_json, interval=interval, workflow=workflow)
+    run_async(command(settings_of(ctx), as_json=as_json, interval=interval, workflow=workflow))
 
 
+@with_registry
 async def _status_once(
-    settings: Settings, *, as_json: bool, interval: float, workflow: str | None
+    settings: Settings,
+    nc: bus.DeadliftClient,
+    registry: Registry,
+    *,
+    as_json: bool,
+    interval: float,
+    workflow: str | None,
 ) -> None:
-
-    @with_registry
-    async def once(settings: Settings, nc: Any, registry: Any) -> None:
-        report = await monitor.status_once(nc, registry, interval=interval, workflow=workflow)
-        if as_json:
-            _json(report.to_json())
-        else:
-            console.print(status_table(report))
-
-    await once(settings)
+    report = await status_once(nc, registry, interval=interval, workflow=workflow)
+    if as_json:
+        print_json(report.to_json())
+    else:
+        console.print(status_table(report))
 
 
+@with_registry
 async def _status_watch(
-    settings: Settings, *, as_json: bool, interval: float, workflow: str | None
+    settings: Settings,
+    nc: bus.DeadliftClient,
+    registry: Registry,
+    *,
+    as_json: bool,
+    interval: float,
+    workflow: str | None,
 ) -> None:
-
-    @with_registry
-    async def watch(settings: Settings, nc: Any, registry: Any) -> None:
-        stop = asyncio.Event()
-        _stop_on_signals(stop)
-        reports = monitor.status_reports(nc, registry, stop, interval=interval, workflow=workflow)
+    stop = asyncio.Event()
+    on_stop_signals(stop.set, announce=False)
+    reports = status_reports(nc, registry, stop, interval=interval, workflow=workflow)
+    with contextlib.suppress(asyncio.CancelledError):  # a second Ctrl-C
         if as_json:
             async for report in reports:
                 print(json.dumps(report.to_json(), default=str), flush=True)
@@ -122,11 +96,8 @@ async def _status_watch(
             async for report in reports:
                 live.update(status_table(report), refresh=True)
 
-    with contextlib.suppress(asyncio.CancelledError):  # a second Ctrl-C
-        await watch(settings)
 
-
-def status_table(report: monitor.StatusReport) -> Table:
+def status_table(report: StatusReport) -> Table:
     """The status report as a table."""
     source = "" if report.workers_source == "describe" else " (from waiting pulls)"
     table = Table(title=f"{report.time}  {report.workers} worker(s){source}")
@@ -163,33 +134,31 @@ def _highlight(value: int, color: str) -> str:
 @click.option(
     "--timeout",
     type=click.FloatRange(min=0.05),
-    default=monitor.DISCOVERY_TIMEOUT_S,
+    default=DISCOVERY_TIMEOUT_S,
     show_default=True,
     help="seconds to gather answers",
 )
 @click.pass_context
 def workers(ctx: click.Context, as_json: bool, timeout: float) -> None:
     """List live workers: where they run, their steps and counts (exit 1 if none answer)."""
-    _run(ctx, _workers, as_json=as_json, timeout=timeout)
+    run_async(_workers(settings_of(ctx), as_json=as_json, timeout=timeout))
 
 
 async def _workers(settings: Settings, *, as_json: bool, timeout: float) -> None:
-    from deadlift import bus
-
     nc = await bus.connect(settings, name="deadlift-workers")
     try:
-        found = await monitor.live_workers(nc, timeout=timeout)
+        found = await live_workers(nc, timeout=timeout)
     finally:
         await nc.drain()
     if as_json:
-        _json([w.to_json() for w in found])
+        print_json([w.to_json() for w in found])
     else:
         console.print(workers_table(found))
 
 
-def workers_table(found: Sequence[monitor.WorkerInfo]) -> Table:
+def workers_table(found: Sequence[WorkerInfo]) -> Table:
     """Live workers as a table."""
-    table = Table("worker", "host", "pid", "orgs", "steps", "uptime", *monitor.STAT_NAMES)
+    table = Table("worker", "host", "pid", "orgs", "steps", "uptime", *STAT_NAMES)
     table.add_column("in flight")
     for w in found:
         table.add_row(
@@ -199,7 +168,7 @@ def workers_table(found: Sequence[monitor.WorkerInfo]) -> Table:
             ", ".join(w.orgs),
             "\n".join(w.steps) or (f"[red]{escape(w.error)}[/red]" if w.error else "-"),
             _duration(w.uptime_s),
-            *(str(w.stats.get(name, 0)) for name in monitor.STAT_NAMES),
+            *(str(w.stats.get(name, 0)) for name in STAT_NAMES),
             str(w.in_flight),
         )
     return table
@@ -236,7 +205,7 @@ def _duration(seconds: float | None) -> str:
 @click.option(
     "--scan",
     type=click.IntRange(min=1),
-    default=monitor.DEFAULT_SCAN,
+    default=DEFAULT_SCAN,
     show_default=True,
     help="read at most the last N messages of each stream",
 )
@@ -250,37 +219,33 @@ def trace(
     scan: int,
 ) -> None:
     """Show the events of run RUN_ID (its trigger's event id) in order, across steps."""
+    settings = settings_of(ctx)
     if system_creds:
-        settings = ctx.obj["settings"]
-        ctx.obj["settings"] = settings.model_copy(update={"system_creds": system_creds})
-    _run(ctx, _trace, run_id, as_json=as_json, all_orgs=all_orgs, scan=scan)
+        settings = settings.model_copy(update={"system_creds": system_creds})
+    run_async(_trace(settings, run_id, as_json=as_json, all_orgs=all_orgs, scan=scan))
 
 
 async def _trace(
     settings: Settings, run_id: str, *, as_json: bool, all_orgs: bool, scan: int
 ) -> None:
-    from deadlift import bus
-
     warnings: list[str] = []
     if all_orgs:
-        entries, warnings = await monitor.trace_across_orgs(settings, run_id, scan=scan)
+        entries, warnings = await trace_across_orgs(settings, run_id, scan=scan)
     else:
         nc = await bus.connect(settings, name="deadlift-trace")
         try:
-            entries = await monitor.trace_run(nc.jetstream(), run_id, scan=scan)
+            entries = await trace_run(nc.jetstream(), run_id, scan=scan)
         finally:
             await nc.drain()
     for warning in warnings:
         err_console.print(f"[yellow]warning:[/yellow] {warning}")
     if as_json:
-        _json([e.to_json() for e in entries])
+        print_json([e.to_json() for e in entries])
     else:
         console.print(trace_table(run_id, entries, accounts=all_orgs))
 
 
-def trace_table(
-    run_id: str, entries: Sequence[monitor.TraceEntry], *, accounts: bool = False
-) -> Table:
+def trace_table(run_id: str, entries: Sequence[TraceEntry], *, accounts: bool = False) -> Table:
     """A run's events as a table."""
     table = Table(title=f"run {run_id}: {len(entries)} event(s)")
     for name in ("time", "+ms", *(["account"] if accounts else []), "stream", "subject"):
@@ -301,7 +266,7 @@ def trace_table(
     return table
 
 
-def _producer(entry: monitor.TraceEntry) -> str:
+def _producer(entry: TraceEntry) -> str:
     if entry.dead:
         d = entry.dead
         where = escape(f"{d['org']}/{d['workflow']}/{d['step']} [{d['kind']}]")
@@ -316,95 +281,4 @@ def _preview(data: Any, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-# -- tail ---------------------------------------------------------------------
-
-
-@click.command()
-@click.argument("subject", required=False, callback=_checked(names.check_subject, wildcards=True))
-@click.option(
-    "--workflow",
-    "-w",
-    callback=_checked(names.check_workflow_ref),
-    help="every subject of this workflow (ORG.NAME or NAME): triggers, steps, outputs, DLQ",
-)
-@click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
-@click.option("--count", "-n", type=click.IntRange(min=1), help="stop after N events")
-@click.pass_context
-def tail(
-    ctx: click.Context, subject: str | None, workflow: str | None, as_json: bool, count: int | None
-) -> None:
-    """Print decoded events on SUBJECT (wildcards allowed) or of a workflow as they arrive."""
-    if bool(subject) == bool(workflow):
-        raise click.UsageError("name a SUBJECT or --workflow W (one of them)")
-    _run(ctx, _tail, subject=subject, workflow=workflow, as_json=as_json, count=count)
-
-
-async def _tail(
-    settings: Settings,
-    *,
-    subject: str | None,
-    workflow: str | None,
-    as_json: bool,
-    count: int | None,
-) -> None:
-    from deadlift import bus
-    from deadlift.bus.registry import Registry
-
-    nc = await bus.connect(settings, name="deadlift-tail")
-    try:
-        subjects, label = [subject or ""], subject or ""
-        if workflow:
-            flow = await (await Registry.open(nc.jetstream())).workflow(workflow)
-            subjects = monitor.workflow_subjects(flow)
-            label = f"workflow {flow.key} ({', '.join(subjects)})"
-        await _follow(nc, subjects, label, as_json=as_json, count=count)
-    finally:
-        await nc.drain()
-
-
-async def _follow(
-    nc: Any, subjects: list[str], label: str, *, as_json: bool, count: int | None
-) -> None:
-    done = asyncio.Event()
-    _stop_on_signals(done)
-    seen = 0
-
-    async def on_msg(msg: Any) -> None:
-        nonlocal seen
-        try:
-            record = monitor.decode_record(msg)
-        except EventDecodeError as exc:
-            console.print(f"[red]{escape(f'{msg.subject}: undecodable: {exc}')}[/red]")
-            return
-        if as_json:
-            print(json.dumps(record, default=str), flush=True)
-        else:
-            console.print(tail_line(record), soft_wrap=True)
-        seen += 1
-        if count is not None and seen >= count:
-            done.set()
-
-    await monitor.subscribe_all(nc, subjects, on_msg)
-    err_console.print(f"tailing {escape(label)} (Ctrl-C to stop)", soft_wrap=True)
-    with contextlib.suppress(asyncio.CancelledError):  # a second Ctrl-C
-        await done.wait()
-
-
-def tail_line(record: dict[str, Any]) -> str:
-    """One tailed event as a line: subject, producing step, type, ids, data."""
-    if record.get("dead"):
-        d = record["dead"]
-        where = escape(f"{d['step']} [{d['kind']}]")
-        by = f"[red]dead at {where}[/red] "
-    elif record["step"]:
-        by = f"from [cyan]{record['step']}[/cyan] "
-    else:
-        by = ""
-    return (
-        f"[bold]{escape(record['subject'])}[/bold] {by}{escape(record['type'])} "
-        f"{escape(record['id'][:12])} run {escape(record['run'][:12])}: "
-        + escape(json.dumps(record["data"], default=str))
-    )
-
-
-COMMANDS: list[click.Command] = [status, workers, trace, tail]
+COMMANDS: list[click.Command] = [status, workers, trace]

@@ -253,10 +253,11 @@ def _verdict(finished: bool, counts: dict[str, int], printer: Printer) -> bool:
     return ok
 
 
-async def run_dev(*, port: int = 4222, store_dir: str = ".deadlift/nats") -> None:
-    """Server (one account per org), every module and workflow of this checkout, workers."""
-    from deadlift.cli.commands import on_stop_signals
-
+async def run_dev(
+    stop: asyncio.Event, *, port: int = 4222, store_dir: str = ".deadlift/nats"
+) -> None:
+    """Server (one account per org), every module and workflow of this checkout, workers,
+    until ``stop`` is set (the CLI sets it on Ctrl-C)."""
     manifest = load_orgs(_require(ORGS, "org manifest"))
     # hostile_start_*: the attack suite's modules whose start function loops or
     # crashes; no registry accepts them (module push refuses them).
@@ -283,8 +284,6 @@ async def run_dev(*, port: int = 4222, store_dir: str = ".deadlift/nats") -> Non
                         orgs=manifest,
                     )
                 )
-            stop = asyncio.Event()
-            on_stop_signals(stop.set)
             for worker in workers:
                 await worker.start()
             console.print(

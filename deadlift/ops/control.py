@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from nats.js import JetStreamContext
 
@@ -20,7 +21,7 @@ from deadlift.model.workflow import (
     subject_covers,
     subjects_overlap,
 )
-from deadlift.runtime.http import parse_allowed_host
+from deadlift.runtime.http_policy import parse_allowed_host
 from deadlift.settings import Settings
 
 
@@ -62,6 +63,32 @@ async def push_module_file(
         source=str(path),
         probe_timeout_s=probe_timeout_s or Settings().probe_timeout_s,
     )
+
+
+async def module_users(registry: Registry, sha256: str) -> list[str]:
+    """The steps (``ORG.NAME/STEP``) of applied workflows that run the binary ``sha256``."""
+    return [
+        f"{w.key}/{s.name}"
+        for w in await registry.workflows()
+        for s in w.steps
+        if s.module_sha256 == sha256
+    ]
+
+
+async def module_info(registry: Registry, ref: str) -> dict[str, Any]:
+    """A module (``NAME``, ``NAME@VERSION`` or ``sha256:HEX``) as ``module inspect`` shows it.
+
+    Its metadata, the steps using it (``used_by``) and every version of its name.
+
+    Raises:
+        NotFoundError: no such module or version.
+    """
+    meta = await registry.resolve(ref)
+    return {
+        **meta.model_dump(),
+        "used_by": await module_users(registry, meta.sha256),
+        "versions": [m.version for m in await registry.versions(meta.name)],
+    }
 
 
 async def apply_workflows(

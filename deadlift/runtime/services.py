@@ -28,7 +28,7 @@ from deadlift.runtime.builtins import (
     STATE_SERVICE,
     EmitTarget,
 )
-from deadlift.runtime.http import http_policy
+from deadlift.runtime.http_policy import http_policy
 from deadlift.settings import Settings
 from deadlift.wasm.hostfns import HostCall
 from deadlift.wire import events

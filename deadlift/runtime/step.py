@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -223,6 +223,14 @@ class StepRunner:
             log.error(
                 "step %s crashed on a batch", self.binding.consumer, exc_info=task.exception()
             )
+
+    async def handle(self, msgs: Sequence[Msg]) -> None:
+        """Process one batch of delivered messages until each is acked, nak'd or termed.
+
+        What the pull loop does with every fetch; a test can hand it messages
+        directly (no server, with a :class:`~deadlift.bus.publisher.MemoryPublisher`).
+        """
+        await self._handle_batch(list(msgs))
 
     async def _handle_batch(self, msgs: list[Msg]) -> None:
         """Run a batch: admit, call the module, publish, confirm, then ack each event."""

@@ -67,12 +67,16 @@ class _Pool:
 class ModuleHost:
     """Runs module functions; thread-safe, blocking (call it from an executor)."""
 
-    def __init__(self, *, max_idle_per_spec: int = 64) -> None:
+    def __init__(self, *, max_idle_per_spec: int = 64, max_idle_total: int = 64) -> None:
         self._binaries: dict[str, bytes] = {}
         self._compiled: dict[tuple[Any, ...], tuple[CompiledPlugin, frozenset[str]]] = {}
         self._pools: dict[PluginSpec, _Pool] = {}
         self._lock = threading.Lock()
         self._max_idle = max_idle_per_spec
+        # Pools are per step, and an instance holds ~2 MB: with many steps, idle
+        # instances are capped overall (the least recently used pool gives first).
+        self._max_idle_total = max_idle_total
+        self._idle_total = 0
         logs.install()
 
     def add_binary(self, sha256: str, wasm: bytes) -> None:
@@ -89,7 +93,7 @@ class ModuleHost:
         with self._lock:
             return {k: (len(p.idle), p.created) for k, p in self._pools.items()}
 
-    def trim(self, idle_for: float = 2.0, keep: int = 1, release_after: float = 60.0) -> int:
+    def trim(self, idle_for: float = 2.0, keep: int = 1, release_after: float = 15.0) -> int:
         """Drop idle instances beyond ``keep`` from pools unused for ``idle_for`` seconds.
 
         A busy step holds one instance per thread; once it goes quiet, the extra
@@ -106,6 +110,7 @@ class ModuleHost:
                 kept = 0 if quiet >= release_after else keep
                 if quiet >= idle_for and len(pool.idle) > kept:
                     dropped.extend(pool.idle[kept:])
+                    self._idle_total -= len(pool.idle) - kept
                     del pool.idle[kept:]
         for plugin in dropped:
             logs.unbind(plugin)
@@ -170,6 +175,8 @@ class ModuleHost:
         with self._lock:
             pool.last_used = time.monotonic()
             plugin = pool.idle.pop() if pool.idle else None
+            if plugin is not None:
+                self._idle_total -= 1
         if plugin is None:
             try:
                 # Runs the start function, which no timeout bounds: the watchdog's.
@@ -187,12 +194,29 @@ class ModuleHost:
 
     def _give_back(self, pool: _Pool, plugin: extism.Plugin, ok: bool) -> None:
         # A failed instance may hold a corrupt heap or half-set globals: drop it.
+        dropped = [] if ok else [plugin]
         if ok:
             with self._lock:
                 if len(pool.idle) < self._max_idle:
                     pool.idle.append(plugin)
-                    return
-        logs.unbind(plugin)
+                    self._idle_total += 1
+                else:
+                    dropped.append(plugin)
+                if self._idle_total > self._max_idle_total:
+                    dropped.extend(self._evict_locked(self._idle_total - self._max_idle_total))
+        for instance in dropped:
+            logs.unbind(instance)
+
+    def _evict_locked(self, count: int) -> list[extism.Plugin]:
+        """Take ``count`` idle instances from the least recently used pools."""
+        evicted: list[extism.Plugin] = []
+        for pool in sorted(self._pools.values(), key=lambda p: p.last_used):
+            while pool.idle and len(evicted) < count:
+                evicted.append(pool.idle.pop(0))
+            if len(evicted) >= count:
+                break
+        self._idle_total -= len(evicted)
+        return evicted
 
 
 def manifest(wasm: bytes, spec: PluginSpec) -> dict[str, Any]:

@@ -211,6 +211,19 @@ def _check_header_value(name: str, value: Any) -> None:
         ) from exc
 
 
+def attributes(headers: Mapping[str, str] | None) -> dict[str, str]:
+    """The CloudEvents attributes of a message's headers, by lowercase name without ``ce-``.
+
+    Empty for a message of a foreign producer (no ``ce-`` headers at all).
+    """
+    found = {}
+    for name, value in (headers or {}).items():
+        lowered = name.lower()
+        if lowered.startswith(PREFIX):
+            found[lowered[len(PREFIX) :]] = value
+    return found
+
+
 def decode(
     headers: Mapping[str, str] | None,
     body: bytes,
@@ -229,11 +242,7 @@ def decode(
         EventDecodeError: required attributes are missing or the body does not
             match its content type.
     """
-    ce = {}
-    for name, value in (headers or {}).items():
-        lowered = name.lower()
-        if lowered.startswith(PREFIX):
-            ce[lowered[len(PREFIX) :]] = value
+    ce = attributes(headers)
     traceparent = _header(headers, TRACEPARENT)
     if not ce:
         return Event(

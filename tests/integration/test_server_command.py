@@ -1,0 +1,42 @@
+"""``deadlift server``: a SIGTERM at any moment of its start leaves no nats-server behind."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from deadlift.ops.server import free_port
+from tests.conftest import ROOT
+
+CLI = [sys.executable, "-m", "deadlift.cli"]
+
+
+def accepting(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_sigterm_while_the_server_starts_stops_the_nats_server(tmp_path: Path) -> None:
+    """The nats-server runs in its own session (a Ctrl-C for the CLI must not kill it
+    before workers drain), so the CLI must stop it itself, even when the SIGTERM
+    arrives the moment the server answers, before the CLI has printed anything."""
+    port = free_port()
+    process = subprocess.Popen(
+        [*CLI, "server", "--port", str(port), "--store-dir", str(tmp_path / "store")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    deadline = time.monotonic() + 30
+    while not accepting(port) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.terminate()
+    process.communicate(timeout=30)
+    deadline = time.monotonic() + 15
+    while accepting(port) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not accepting(port), "nats-server left running after the CLI got SIGTERM"
