@@ -41,7 +41,7 @@ from deadlift.runtime.worker import Worker
 from deadlift.settings import Settings
 from deadlift.wire import events
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODULE = ROOT / "workers" / "dist" / "add_ten.wasm"
 
 
