@@ -2,8 +2,56 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ORGS_FILE = "config/orgs.yaml"
+"""Where the org manifest lies in a project, relative to the project root."""
+
+
+def find_orgs_file(start: str | Path | None = None) -> Path | None:
+    """The org manifest of the project around ``start`` (default: the current directory).
+
+    Walks up from ``start`` to the first directory holding ``config/orgs.yaml``
+    (the project root), as git finds ``.git``; None when no directory has one.
+    """
+    try:
+        here = Path(start if start is not None else Path.cwd()).resolve()
+    except OSError:  # the current directory was removed
+        return None
+    for directory in (here, *here.parents):
+        candidate = directory / ORGS_FILE
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def default_orgs_file() -> str:
+    """The nearest project's org manifest (:func:`find_orgs_file`), else ``config/orgs.yaml``."""
+    found = find_orgs_file()
+    return str(found) if found is not None else ORGS_FILE
+
+
+def missing_orgs_file(path: str | Path) -> str | None:
+    """Why the org manifest ``path`` cannot be used (a message naming where it was
+    looked for and what to do), or None when the file exists."""
+    if Path(path).is_file():
+        return None
+    if str(path) == ORGS_FILE:
+        try:
+            where = str(Path.cwd())
+        except OSError:
+            where = "the current directory"
+        return (
+            f"no org manifest: looked for {ORGS_FILE} in {where} and every directory above "
+            "it; run from the project or pass --orgs FILE (DEADLIFT_ORGS_FILE)"
+        )
+    return (
+        f"org manifest {path} not found (from --orgs / DEADLIFT_ORGS_FILE, relative to "
+        f"{Path.cwd()}); point it at the project's {ORGS_FILE}"
+    )
 
 
 class Settings(BaseSettings):
@@ -26,7 +74,11 @@ class Settings(BaseSettings):
     system_password: str | None = Field(
         None, description="operator commands: system account password", repr=False
     )
-    orgs_file: str = Field("config/orgs.yaml", description="the org manifest")
+    orgs_file: str = Field(
+        default_factory=default_orgs_file,
+        description="the org manifest (default: config/orgs.yaml in the nearest directory "
+        "above the current one that has it)",
+    )
 
     default_timeout_ms: int = Field(1000, gt=0, description="per-call module timeout")
     default_max_pages: int = Field(256, gt=0, description="module memory limit, 64 KiB pages")
@@ -68,5 +120,12 @@ class Settings(BaseSettings):
         gt=0,
         description="how long past its timeout a module call may run before the worker "
         "counts it as stuck, reports unhealthy and exits",
+    )
+    max_hops: int = Field(
+        100,
+        ge=1,
+        description="largest hop count (step outputs and emitted events so far in the run) "
+        "an event may have to run a step; over it, the event is dead-lettered (kind hops): "
+        "stops loops and event storms. A step declaring loop: {max_hops: N} uses N instead",
     )
     log_level: str = Field("INFO", description="Python logging level")

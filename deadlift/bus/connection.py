@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from typing import Any
@@ -13,7 +14,7 @@ from nats.aio.client import Client
 
 from deadlift.errors import ConfigError, DeadliftError, PermissionDeniedError
 from deadlift.model.orgs import load_orgs
-from deadlift.settings import Settings
+from deadlift.settings import Settings, missing_orgs_file
 
 log = logging.getLogger("deadlift.bus")
 
@@ -70,7 +71,8 @@ async def connect(settings: Settings, *, name: str = "deadlift") -> DeadliftClie
         client.errors.append(text or type(exc).__name__)
         if "permissions violation" in text.lower():
             client.permission_errors.append(text)
-        log.error("NATS error: %s", exc)
+        # Before the first connection, the error raised below names the cause once.
+        log.log(logging.ERROR if client.is_connected else logging.DEBUG, "NATS error: %s", exc)
 
     async def disconnected_cb() -> None:
         if not (client.is_closed or client.is_draining):
@@ -106,14 +108,15 @@ async def connect(settings: Settings, *, name: str = "deadlift") -> DeadliftClie
     except (TimeoutError, OSError, nats.errors.NoServersError, nats.errors.Error) as exc:
         who = f" as {settings.user}" if settings.user else ""
         # The server closes the socket after refusing a login; name the refusal.
-        auth = [e for e in client.errors if "authoriz" in e.lower() or "authent" in e.lower()]
+        said = [*client.errors, str(exc)]
+        auth = [e for e in said if "authoriz" in e.lower() or "authent" in e.lower()]
         # What the server said (-ERR) explains more than the socket error after it.
         told = [e for e in client.errors if e.startswith("nats: '")]
         cause = (auth or told or list(client.errors) or [str(exc) or type(exc).__name__])[-1]
         if "maximum account active connections" in cause:
             advice = "the org's max_connections limit is reached (org manifest, limits:)"
         elif auth:
-            advice = "check the credentials (--org, --creds, --user/--password)"
+            advice = _credentials_advice(settings)
         else:
             advice = (
                 "start one with `deadlift server`, set --server / DEADLIFT_NATS_URL, "
@@ -124,10 +127,34 @@ async def connect(settings: Settings, *, name: str = "deadlift") -> DeadliftClie
         ) from None
 
 
+def _credentials_advice(settings: Settings) -> str:
+    """What to do when the server refused the connection's credentials."""
+    if settings.creds or settings.user or settings.token:
+        given = "the credentials file" if settings.creds else "the user and password"
+        if settings.token:
+            given = "the token"
+        return (
+            f"the server refused {given}; check them, or act as an org with --org NAME "
+            "(development credentials from the org manifest) or --creds FILE"
+        )
+    orgs = ""
+    if missing_orgs_file(settings.orgs_file) is None:
+        with contextlib.suppress(ConfigError):
+            orgs = f" (one of: {', '.join(load_orgs(settings.orgs_file).orgs)})"
+    return (
+        "the server requires credentials (one account per org): pass --org NAME"
+        f"{orgs} or DEADLIFT_ORG for an org's development credentials from the org "
+        "manifest, or --creds FILE"
+    )
+
+
 def with_org_credentials(settings: Settings) -> Settings:
     """Fill in the credentials of ``settings.org`` from the org manifest, if none are set."""
     if not settings.org or settings.user or settings.creds or settings.token:
         return settings
+    missing = missing_orgs_file(settings.orgs_file)
+    if missing:
+        raise ConfigError(f"--org {settings.org}: {missing}; or pass --creds FILE")
     manifest = load_orgs(settings.orgs_file)
     users = sorted(  # an admin first: commands and workers manage the account
         (u for u in manifest.org(settings.org).users if u.user and u.password),

@@ -28,6 +28,11 @@ from deadlift.settings import Settings
 log = logging.getLogger("deadlift.bus")
 
 
+# What a stream's consumer ceiling is when the account sets none (-1 on a stream
+# means the server's default of 1,000).
+UNLIMITED_CONSUMERS = 1_000_000
+
+
 def import_stream(exporter: str) -> str:
     """The stream capturing the events org ``exporter`` sends to this org."""
     return topology.import_stream(account_name(exporter))
@@ -108,7 +113,14 @@ async def ensure_streams(
             max_age=settings.stream_max_age_s,
             duplicate_window=settings.duplicate_window_s,
             num_replicas=settings.stream_replicas,
+            # Every step has a consumer here: the stream's ceiling is the account's
+            # (limits.max_consumers in the org manifest), never the server's
+            # per-stream default of 1,000, which "unlimited" (-1) falls back to.
+            max_consumers=max_consumers,
         )
+
+    account_limit = (await js.account_info()).limits.max_consumers or -1
+    max_consumers = account_limit if account_limit > 0 else UNLIMITED_CONSUMERS
 
     await _ensure_stream(js, config(Stream.STEPS, [f"{STEP_PREFIX}.>"]))
     await _ensure_stream(js, config(Stream.DLQ, [f"{DLQ_PREFIX}.>"]))

@@ -10,10 +10,11 @@ import click
 
 from deadlift.cli import cluster, dev, dlq, events, modules, monitor, server, worker, workflows
 from deadlift.runtime.telemetry import configure_logging
-from deadlift.settings import Settings
+from deadlift.settings import Settings, default_orgs_file
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="deadlift", prog_name="deadlift", message="%(prog)s %(version)s")
 @click.option(
     "--server",
     "-s",
@@ -39,9 +40,8 @@ from deadlift.settings import Settings
     "--orgs",
     "orgs_file",
     envvar="DEADLIFT_ORGS_FILE",
-    default="config/orgs.yaml",
-    show_default=True,
-    help="the org manifest",
+    help="the org manifest [env DEADLIFT_ORGS_FILE; default: config/orgs.yaml in the "
+    "nearest directory, from here up, that has one]",
 )
 @click.option("--log-level", envvar="DEADLIFT_LOG_LEVEL", default="INFO", show_default=True)
 @click.option(
@@ -60,7 +60,7 @@ def main(
     user: str | None,
     password: str | None,
     org: str | None,
-    orgs_file: str,
+    orgs_file: str | None,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -72,7 +72,7 @@ def main(
             user=user,
             password=password,
             org=org,
-            orgs_file=orgs_file,
+            orgs_file=orgs_file or default_orgs_file(),
             log_level=log_level.upper(),
         )
     except ValueError as exc:

@@ -26,11 +26,13 @@ from rich.markup import escape
 from deadlift import bus
 from deadlift.bus.registry import Registry
 from deadlift.errors import ConfigError, DeadliftError
-from deadlift.settings import Settings
+from deadlift.model.orgs import OrgManifest, load_orgs
+from deadlift.settings import Settings, missing_orgs_file
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_INVALID = 2
+EXIT_INTERRUPTED = 130  # as a shell reports a process ended by SIGINT
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -48,6 +50,10 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
         return _event_loop_runner()(coro)
     except DeadliftError as exc:
         fail(exc)
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        # A second Ctrl-C (see on_stop_signals) cancels the command: say so, no traceback.
+        err_console.print("interrupted; unacknowledged events are redelivered after ack_wait")
+        sys.exit(EXIT_INTERRUPTED)
 
 
 def fail(exc: DeadliftError) -> NoReturn:
@@ -97,6 +103,18 @@ def settings_of(ctx: click.Context) -> Settings:
     """The settings built from global flags and the environment."""
     settings: Settings = ctx.obj["settings"]
     return settings
+
+
+def org_manifest(settings: Settings) -> OrgManifest:
+    """The org manifest of the settings; a missing one names where it was looked for.
+
+    Raises:
+        ConfigError: the manifest is missing or invalid.
+    """
+    missing = missing_orgs_file(settings.orgs_file)
+    if missing:
+        raise ConfigError(missing)
+    return load_orgs(settings.orgs_file)
 
 
 def with_registry(

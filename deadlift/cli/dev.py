@@ -3,21 +3,35 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 
 import click
 from rich.table import Table
 
 from deadlift.bus.registry import dump_json
-from deadlift.cli.common import EXIT_ERROR, EXIT_OK, console, on_stop_signals, run_async
+from deadlift.cli.common import (
+    EXIT_ERROR,
+    EXIT_OK,
+    console,
+    err_console,
+    on_stop_signals,
+    run_async,
+)
 from deadlift.demo import run_demo, run_dev
+from deadlift.ops.benchmark import Result
 from deadlift.ops.benchmark import run as run_benchmark
 
 
 @click.command()
-@click.option("--quiet", "-q", is_flag=True, help="print only the outcome")
+@click.option(
+    "--quiet", "-q", is_flag=True, help="print only the verdict line (and warnings, errors)"
+)
 def demo(quiet: bool) -> None:
     """Run the Acme/Stripe story on a throwaway server; exit 0 when its checks pass."""
+    if quiet:  # the workers' and modules' INFO lines are the story: not wanted here
+        root = logging.getLogger()
+        root.setLevel(max(root.level, logging.WARNING))
     ok = run_async(run_demo(verbose=not quiet))
     sys.exit(EXIT_OK if ok else EXIT_ERROR)
 
@@ -49,8 +63,13 @@ def dev(port: int, store_dir: str) -> None:
     help="events per throughput scenario",
 )
 def bench(as_json: bool, count: int) -> None:
-    """Measure Deadlift against the bare loop and per-message instantiation."""
-    report = run_async(run_benchmark(events_count=count))
+    """Measure Deadlift against the bare loop and per-message instantiation.
+
+    A line per scenario on stderr as it starts and ends (not with --json).
+    """
+    report = run_async(
+        run_benchmark(events_count=count, progress=None if as_json else bench_progress)
+    )
     if as_json:
         click.echo(dump_json(report))
         return
@@ -70,6 +89,20 @@ def bench(as_json: bool, count: int) -> None:
         console.print(f"  {name}: {ratio:.2f}x")
     for name, ok in report["targets"].items():
         console.print(f"  {'[green]✓[/]' if ok else '[red]✗[/]'} {name}")
+
+
+def bench_progress(number: int, of: int, label: str, result: Result | None) -> None:
+    """``bench``'s progress on stderr: a line as each scenario starts and one as it ends."""
+    if result is None:
+        err_console.print(f"[{number}/{of}] {label} …", markup=False)
+        return
+    if result.seconds:
+        figure = f"{result.rate:.0f} events/s in {result.seconds:.1f} s"
+    else:
+        figure = ", ".join(f"{k}={v:.0f}" for k, v in result.extra.items()) or "done"
+    if result.p50_ms is not None:
+        figure += f", p50 {result.p50_ms:.2f} ms"
+    err_console.print(f"[{number}/{of}] {label}: {figure}", markup=False)
 
 
 COMMANDS: list[click.Command] = [demo, dev, bench]

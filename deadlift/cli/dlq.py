@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import json
+import sys
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import click
+from nats.aio.client import Client
 from rich.markup import escape
 from rich.table import Table
 
 from deadlift import bus
 from deadlift.bus import dlq
-from deadlift.cli.common import checked, console, print_json, run_async, settings_of
+from deadlift.bus.registry import Registry
+from deadlift.cli.common import (
+    EXIT_ERROR,
+    checked,
+    console,
+    print_json,
+    run_async,
+    settings_of,
+    with_registry,
+)
 from deadlift.model import names
 from deadlift.ops import dead_letters
 from deadlift.ops.records import letter_data
@@ -74,6 +86,7 @@ def dlq_show(ctx: click.Context, letter_id: int, as_json: bool) -> None:
 @click.argument("letter_ids", type=int, nargs=-1)
 @click.option("--all", "replay_all", is_flag=True, help="replay every dead letter")
 @_scope
+@click.option("--json", "as_json", is_flag=True, help="machine-readable per-letter report")
 @click.pass_context
 def dlq_replay(
     ctx: click.Context,
@@ -81,25 +94,33 @@ def dlq_replay(
     replay_all: bool,
     workflow: str | None,
     step: str | None,
+    as_json: bool,
 ) -> None:
-    """Re-inject dead letters into their step's input (runs the step's current module)."""
+    """Re-inject dead letters into their step's input (runs the step's current module).
+
+    Each letter is replayed, skipped (replayed or purged already) or refused and
+    kept (its workflow or step is no longer applied). Exit code 1 if any was refused.
+    """
     if not (letter_ids or replay_all or workflow):
         raise click.UsageError("name dead letter ids, --all, or --workflow W [--step S]")
 
-    async def replay(settings: Settings) -> None:
-        nc = await bus.connect(settings, name="deadlift-dlq")
-        js = nc.jetstream()
-        try:
-            chosen = await dead_letters.select(js, letter_ids, workflow=workflow, step=step)
-            publisher = bus.JetStreamPublisher(nc)
-            for letter in chosen:
-                subject = await dlq.replay(js, publisher, letter)
-                console.print(f"replayed dead letter {letter.id} into {subject}")
-            console.print(f"{len(chosen)} dead letter(s) replayed")
-        finally:
-            await nc.drain()
+    @with_registry
+    async def replay(
+        settings: Settings, nc: Client, registry: Registry
+    ) -> list[dead_letters.Replay]:
+        return await dead_letters.replay(
+            nc.jetstream(),
+            bus.JetStreamPublisher(nc),
+            registry,
+            letter_ids,
+            workflow=workflow,
+            step=step,
+        )
 
-    run_async(replay(settings_of(ctx)))
+    results = run_async(replay(settings_of(ctx)))
+    _print_replays(results, as_json)
+    if any(r.outcome == dead_letters.Outcome.REFUSED for r in results):
+        sys.exit(EXIT_ERROR)
 
 
 @group.command("purge")
@@ -134,6 +155,21 @@ def _print_letters(letters: list[dlq.DeadLetter], as_json: bool) -> None:
     console.print(table)
     if not letters:
         console.print("no dead letters")
+
+
+def _print_replays(results: list[dead_letters.Replay], as_json: bool) -> None:
+    if as_json:
+        print_json([r.as_dict() for r in results])
+        return
+    for r in results:
+        where = f" into {r.subject}" if r.subject and r.outcome == "replayed" else ""
+        why = f": {r.reason}" if r.reason else ""
+        console.print(f"dead letter {r.id} {r.outcome}{where}{escape(why)}", soft_wrap=True)
+    counts = Counter(str(r.outcome) for r in results)
+    console.print(
+        ", ".join(f"{counts[o]} {o}" for o in ("replayed", "skipped", "refused"))
+        + " dead letter(s)"
+    )
 
 
 def _show_letter(letter: dlq.DeadLetter, as_json: bool) -> None:

@@ -19,6 +19,7 @@ from deadlift.cli.common import (
     console,
     err_console,
     on_stop_signals,
+    print_json,
     run_async,
     settings_of,
 )
@@ -48,9 +49,17 @@ from deadlift.settings import Settings
     show_default=True,
     callback=checked(names.check_header_value),
 )
+@click.option(
+    "--json", "as_json", is_flag=True, help="print id, subject, stream, seq, duplicate as JSON"
+)
 @click.pass_context
 def publish(
-    ctx: click.Context, subject: str, data: str, event_id: str | None, event_type: str
+    ctx: click.Context,
+    subject: str,
+    data: str,
+    event_id: str | None,
+    event_type: str,
+    as_json: bool,
 ) -> None:
     """Publish JSON DATA as a Deadlift event on SUBJECT (durably)."""
     try:
@@ -65,6 +74,17 @@ def publish(
             event, ack = await publish_event(
                 publisher, subject, value, id=event_id, type=event_type
             )
+            if as_json:
+                print_json(
+                    {
+                        "id": event.id,
+                        "subject": subject,
+                        "stream": ack.stream,
+                        "seq": ack.seq,
+                        "duplicate": bool(ack.duplicate),
+                    }
+                )
+                return
             note = " (duplicate, dropped)" if ack.duplicate else ""
             console.print(
                 f"published {escape(event.id)} to {escape(subject)}: stream {ack.stream} "

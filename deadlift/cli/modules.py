@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import click
@@ -9,7 +10,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from deadlift.bus.registry import Registry, dump_json
-from deadlift.cli.common import checked, console, run_async, settings_of, with_registry
+from deadlift.cli.common import (
+    checked,
+    console,
+    print_json,
+    run_async,
+    settings_of,
+    with_registry,
+)
 from deadlift.errors import ConfigError, ModuleError
 from deadlift.model import names
 from deadlift.ops.control import module_info, push_module_file
@@ -44,8 +52,11 @@ def module() -> None:
 @click.option(
     "--max-memory-pages", type=click.IntRange(1, 65536), help="default memory limit in 64 KiB pages"
 )
+@click.option(
+    "--json", "as_json", is_flag=True, help="print name, version, sha256, codec, new as JSON"
+)
 @click.pass_context
-def module_push(ctx: click.Context, file: str, **options: Any) -> None:
+def module_push(ctx: click.Context, file: str, as_json: bool, **options: Any) -> None:
     """Validate FILE.wasm with Extism and store it in the registry.
 
     It is instantiated in a child process first, killed after DEADLIFT_PROBE_TIMEOUT_S.
@@ -59,6 +70,21 @@ def module_push(ctx: click.Context, file: str, **options: Any) -> None:
             )
         except ModuleError as exc:  # a module that cannot run is invalid input: exit 2
             raise ConfigError(str(exc)) from None
+        if as_json:
+            print_json(
+                {
+                    "name": meta.name,
+                    "version": meta.version,
+                    "ref": meta.ref,
+                    "sha256": meta.sha256,
+                    "codec": meta.codec,
+                    "size": meta.size,
+                    "exports": meta.exports,
+                    "host_imports": meta.host_imports,
+                    "new": changed,
+                }
+            )
+            return
         verb = "pushed" if changed else "unchanged"
         console.print(
             f"{verb} [bold]{meta.ref}[/bold] sha256:{meta.sha256[:12]} {meta.size} bytes, "
@@ -106,16 +132,37 @@ def module_inspect(ctx: click.Context, ref: str, as_json: bool) -> None:
 
     @with_registry
     async def inspect(settings: Settings, nc: Any, registry: Registry) -> None:
-        info = await module_info(registry, ref)
+        info = with_iso_times(await module_info(registry, ref))
         if as_json:
             click.echo(dump_json(info))
             return
         for key, value in info.items():
+            if key == "pushed_at_iso":
+                continue
+            if key == "pushed_at":
+                value = info["pushed_at_iso"]
             shown = ", ".join(value) if isinstance(value, list) else value
             shown = shown if shown not in (None, "") else "-"
             console.print(f"[bold]{key:>16}[/bold] {escape(str(shown))}")
 
     run_async(inspect(settings_of(ctx)))
+
+
+def iso_utc(epoch: float | None) -> str | None:
+    """A Unix time as ISO-8601 UTC (``2026-11-30T14:13:28Z``); None when unknown (0)."""
+    if not epoch:
+        return None
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def with_iso_times(info: dict[str, Any]) -> dict[str, Any]:
+    """Module info with ``pushed_at_iso`` next to the raw ``pushed_at`` (Unix seconds)."""
+    out: dict[str, Any] = {}
+    for key, value in info.items():
+        out[key] = value
+        if key == "pushed_at":
+            out["pushed_at_iso"] = iso_utc(value)
+    return out
 
 
 @module.command("rm")

@@ -11,11 +11,12 @@ from deadlift.cli.common import (
     console,
     err_console,
     fail,
+    org_manifest,
     settings_of,
     stop_requested,
 )
 from deadlift.errors import ConfigError, DeadliftError
-from deadlift.model.orgs import load_orgs, render_nats_config
+from deadlift.model.orgs import render_nats_config
 from deadlift.ops.server import EmbeddedServer
 
 
@@ -59,7 +60,7 @@ def server(
     # in its own session, so nothing else would).
     stopping = stop_requested()
     try:
-        orgs = None if single_tenant else load_orgs(settings_of(ctx).orgs_file)
+        orgs = None if single_tenant else org_manifest(settings_of(ctx))
         embedded = EmbeddedServer(
             port=port, store_dir=store_dir, config_file=config_file, orgs=orgs
         )
@@ -82,7 +83,7 @@ def server(
 def nats_config(ctx: click.Context) -> None:
     """Print the nats-server accounts configuration rendered from the org manifest."""
     try:
-        click.echo(render_nats_config(load_orgs(settings_of(ctx).orgs_file)), nl=False)
+        click.echo(render_nats_config(org_manifest(settings_of(ctx))), nl=False)
     except ConfigError as exc:
         fail(exc)
 

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shlex
+import shutil
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -130,16 +133,35 @@ class OrgSession:
                     + ("" if changed else " (unchanged)")
                 )
 
-    async def apply(self, paths: list[Path]) -> None:
+    async def apply(self, paths: list[Path], *, quiet: bool = False) -> None:
         """Apply workflow files as this org."""
         for w in await apply_files(self.js, self.registry, self.settings, paths):
-            console.print(
-                f"  {self.settings.org}: workflow {w.key}, trigger {', '.join(w.trigger)}"
-            )
+            if not quiet:
+                console.print(
+                    f"  {self.settings.org}: workflow {w.key}, trigger {', '.join(w.trigger)}"
+                )
 
     async def close(self) -> None:
         """Drain the connection."""
         await self.nc.drain()
+
+
+def cli_command(cwd: Path | None = None) -> str:
+    """How to run this ``deadlift`` from another shell in ``cwd`` (default: here).
+
+    ``deadlift`` when that is what the PATH finds, else the script's path next to
+    this Python (``.venv/bin/deadlift`` in a checkout set up by ``make``).
+    """
+    script = Path(sys.executable).parent / "deadlift"
+    if not script.is_file():
+        return f"{shlex.quote(sys.executable)} -m deadlift.cli"
+    found = shutil.which("deadlift")
+    if found and Path(found).resolve() == script.resolve():
+        return "deadlift"
+    try:
+        return shlex.quote(str(script.relative_to(cwd or Path.cwd())))
+    except ValueError:
+        return shlex.quote(str(script))
 
 
 def stripe_host_functions() -> dict[str, Any]:
@@ -148,11 +170,15 @@ def stripe_host_functions() -> dict[str, Any]:
 
 
 async def run_demo(*, verbose: bool = True, timeout: float = 30.0) -> bool:
-    """Run the story across two NATS accounts on a throwaway server; True when checks pass."""
+    """Run the story across two NATS accounts on a throwaway server; True when checks pass.
+
+    Not ``verbose``: print only the verdict line (and the checks that failed).
+    """
     stripe.clear_outbox()
     manifest = load_orgs(_require(ORGS, "org manifest"))
+    say = console.print if verbose else _silent
     with EmbeddedServer(orgs=manifest) as server:
-        console.print(
+        say(
             f"[bold]Deadlift demo[/bold] — embedded nats-server at {server.url}, "
             f"one account per org: {', '.join(manifest.orgs)}"
         )
@@ -160,10 +186,12 @@ async def run_demo(*, verbose: bool = True, timeout: float = 30.0) -> bool:
         stripe_org = await OrgSession.open(server.url, "stripe", ORGS)
         try:
             # Acme hands its module to Stripe; Stripe runs it next to its own data.
-            await stripe_org.push(["before_charge_action", "discount_notice"])
-            await acme.push(["aggregate_discounts"])
-            await stripe_org.apply([_require(WORKFLOWS / "stripe-charges.yaml", "workflow")])
-            await acme.apply([_require(WORKFLOWS / "acme-loyalty.yaml", "workflow")])
+            quiet = not verbose
+            await stripe_org.push(["before_charge_action", "discount_notice"], quiet=quiet)
+            await acme.push(["aggregate_discounts"], quiet=quiet)
+            charges = _require(WORKFLOWS / "stripe-charges.yaml", "workflow")
+            await stripe_org.apply([charges], quiet=quiet)
+            await acme.apply([_require(WORKFLOWS / "acme-loyalty.yaml", "workflow")], quiet=quiet)
             printer = Printer(verbose=verbose)
             stripe_worker = Worker(
                 stripe_org.nc,
@@ -176,7 +204,7 @@ async def run_demo(*, verbose: bool = True, timeout: float = 30.0) -> bool:
                 acme.nc, settings=acme.settings, observers=[printer], orgs=manifest
             )
             async with stripe_worker, acme_worker:
-                console.print(f"\n[bold]Stripe receives {len(CHARGES)} charge requests[/bold]")
+                say(f"\n[bold]Stripe receives {len(CHARGES)} charge requests[/bold]")
                 await _send_charges(stripe_org)
                 total = sum(EXPECTED.values())
                 finished = await _wait_for(
@@ -191,7 +219,7 @@ async def run_demo(*, verbose: bool = True, timeout: float = 30.0) -> bool:
         finally:
             await acme.close()
             await stripe_org.close()
-    return _verdict(finished, counts, printer)
+    return _verdict(finished, counts, printer, verbose=verbose)
 
 
 async def _send_charges(org: OrgSession) -> None:
@@ -225,17 +253,24 @@ async def _read_counts(js: Any) -> dict[str, int]:
     return counts
 
 
-def _verdict(finished: bool, counts: dict[str, int], printer: Printer) -> bool:
+def _silent(*args: Any, **kwargs: Any) -> None:
+    """Print nothing (``demo --quiet``)."""
+
+
+def _verdict(
+    finished: bool, counts: dict[str, int], printer: Printer, *, verbose: bool = True
+) -> bool:
+    say = console.print if verbose else _silent
     emails = stripe.outbox()
-    console.print("\n[bold]Emails Stripe sent for Acme[/bold]")
+    say("\n[bold]Emails Stripe sent for Acme[/bold]")
     for email in emails:
-        console.print(f"  {email['id']} to {email['to']}: {email['subject']}")
+        say(f"  {email['id']} to {email['to']}: {email['subject']}")
     table = Table("customer", "discounts (Acme's KV)", "expected")
     for customer in sorted(set(counts) | set(EXPECTED)):
         if customer.startswith("_"):
             continue
         table.add_row(customer, str(counts.get(customer, 0)), str(EXPECTED.get(customer, 0)))
-    console.print(table)
+    say(table)
     outcomes = Counter(r.outcome for r in printer.reports)
     checks = {
         "every event processed in time": finished,
@@ -247,7 +282,8 @@ def _verdict(finished: bool, counts: dict[str, int], printer: Printer) -> bool:
         "Acme's total matches": counts.get("_total") == sum(EXPECTED.values()),
     }
     for name, ok in checks.items():
-        console.print(f"  {'[green]✓[/]' if ok else '[red]✗[/]'} {name}")
+        if verbose or not ok:  # a failed check is an error: shown even when quiet
+            console.print(f"  {'[green]✓[/]' if ok else '[red]✗[/]'} {name}")
     ok = all(checks.values())
     console.print("[bold green]demo passed[/]" if ok else "[bold red]demo failed[/]")
     return ok
@@ -286,12 +322,14 @@ async def run_dev(
                 )
             for worker in workers:
                 await worker.start()
+            cli = cli_command()
             console.print(
                 f"\n[bold]dev server at {server.url}[/bold] (accounts: "
                 f"{', '.join(manifest.orgs)}); try in another shell:\n"
-                f"  deadlift -s {server.url} --org acme publish calc.in '{{\"value\": 1}}'\n"
-                f"  deadlift -s {server.url} --org acme tail calc.out\n"
-                "Ctrl-C to stop\n"
+                f"  {cli} -s {server.url} --org acme publish calc.in '{{\"value\": 1}}'\n"
+                f"  {cli} -s {server.url} --org acme tail calc.out\n"
+                "Ctrl-C to stop\n",
+                soft_wrap=True,
             )
             await stop.wait()
         finally:

@@ -31,6 +31,7 @@ class Bucket(StrEnum):
     BINARIES = "deadlift_modules"  # Object Store: module binaries by sha256
     MODULES = "deadlift_module_meta"  # KV: module metadata, NAME@VERSION → meta
     WORKFLOWS = "deadlift_workflows"  # KV: applied workflows, ORG.NAME → workflow
+    DEAD_LETTERS = "deadlift_dead_letters"  # Object Store: dead letters too large to be messages
 
 
 class Outcome(StrEnum):
@@ -57,6 +58,7 @@ class ErrorKind(StrEnum):
     PUBLISH = "publish"
     EXHAUSTED = "exhausted"
     PROVENANCE = "provenance"
+    HOPS = "hops"  # the run passed through more steps than its hop limit: a loop or a storm
 
 
 # Workers advertise themselves as the NATS micro service WORKER_SERVICE; each answers
@@ -68,8 +70,11 @@ WORKER_INFO_SUBJECT = f"$SRV.INFO.{WORKER_SERVICE}"
 STEP_PREFIX = "deadlift.step"
 DLQ_PREFIX = "deadlift.dlq"
 STATE_BUCKET_PREFIX = "deadlift_state_"
+# NATS's request/reply inboxes (``_INBOX.<random>``, ``_INBOX.<random>.<token>``): a
+# stream capturing them stores reply traffic, its own PubAcks included, and feeds itself.
+INBOX_PREFIX = "_INBOX"
 # Subjects no workflow may trigger on, publish or emit to: Deadlift's and NATS's own.
-RESERVED_PREFIXES = (f"{STEP_PREFIX}.", f"{DLQ_PREFIX}.", "$")
+RESERVED_PREFIXES = (f"{STEP_PREFIX}.", f"{DLQ_PREFIX}.", "$", f"{INBOX_PREFIX}.")
 RESERVED_PATTERNS = (f"{STEP_PREFIX}.>", f"{DLQ_PREFIX}.>")
 
 
@@ -159,6 +164,11 @@ def output_msg_id(event_id: str, subject: str) -> str:
 def dlq_msg_id(stream: str, seq: int, org: str, workflow: str, step: str) -> str:
     """``Nats-Msg-Id`` of a dead letter: one letter per original message and step."""
     return f"dlq:{stream}:{seq}:{org}.{workflow}.{step}"
+
+
+def dead_letter_object(letter_msg_id: str) -> str:
+    """The Object Store name of a dead letter's body kept by reference (one per letter)."""
+    return derive_id("dead-letter", letter_msg_id)
 
 
 def replay_msg_id(letter_id: int, letter_time: str) -> str:

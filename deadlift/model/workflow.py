@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import yaml
 from pydantic import (
@@ -19,7 +19,7 @@ from pydantic import (
 
 from deadlift.errors import ConfigError
 from deadlift.model import names
-from deadlift.model.topology import RESERVED_PATTERNS, RESERVED_PREFIXES
+from deadlift.model.topology import INBOX_PREFIX, RESERVED_PATTERNS, RESERVED_PREFIXES
 
 # The rules live in deadlift.model.names (one validation for every entry point).
 NAME_PATTERN = names.NAME_PATTERN
@@ -53,17 +53,27 @@ def check_subject(subject: str, *, wildcards: bool, field: str = "") -> str:
 
     The syntax is :func:`deadlift.names.check_subject`'s; on top of it, subjects
     Deadlift or NATS use internally (``deadlift.step.…``, ``deadlift.dlq.…``,
-    ``$…``) are refused.
+    ``$…``, ``_INBOX.…``, or all wildcards such as ``*.*``) are refused.
 
     Raises:
         ConfigError: (a ValueError) saying why.
     """
     names.check_subject(subject, field=field, wildcards=wildcards)
-    if subject.startswith(RESERVED_PREFIXES) or any(
-        subjects_overlap(subject, reserved) for reserved in RESERVED_PATTERNS
+    prefix = f"{field}: " if field else ""
+    if (
+        subject.startswith(RESERVED_PREFIXES)
+        or subject == INBOX_PREFIX
+        or any(subjects_overlap(subject, reserved) for reserved in RESERVED_PATTERNS)
     ):
-        prefix = f"{field}: " if field else ""
         raise ConfigError(f"{prefix}subject {subject!r} is reserved for Deadlift or NATS internals")
+    tokens = subject.split(".")
+    if len(tokens) > 1 and all(t in ("*", ">") for t in tokens):
+        # ``*.*`` matches every reply inbox (``_INBOX.<random>``) and ``$`` subject of
+        # its length: a stream capturing it would store, and feed on, NATS's own traffic.
+        raise ConfigError(
+            f"{prefix}subject {subject!r} is all wildcards and would capture NATS internals "
+            f"({INBOX_PREFIX}.… replies, $… subjects); start it with a literal token"
+        )
     return subject
 
 
@@ -114,6 +124,19 @@ class Retry(BaseModel):
         return self.backoff[min(max(attempt, 1), len(self.backoff)) - 1]
 
 
+class Loop(BaseModel):
+    """A bounded loop: the step may close a cycle of publish/emit → trigger edges.
+
+    Each event carries its run's hop count (one per step output or emitted event);
+    the step runs an event only while that count is at most ``max_hops``, then
+    dead-letters it (kind ``hops``), so every trip round the cycle is bounded.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_hops: int = Field(ge=1, le=100_000)
+
+
 class Step(BaseModel):
     """One step: a function of a module, and where its output goes."""
 
@@ -134,6 +157,7 @@ class Step(BaseModel):
     config: dict[str, str] = Field(default_factory=dict)
     emit: list[str] = Field(default_factory=list)
     allowed_hosts: list[str] = Field(default_factory=list)
+    loop: Loop | None = None  # declares that this step closes a bounded loop
     # Filled in by `workflow apply`: the exact binary this step runs.
     module_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     codec: str | None = None
@@ -317,13 +341,15 @@ def _check_graph(workflow: Workflow, source: str) -> None:
 
 def _check_self_trigger(workflow: Workflow, source: str) -> None:
     for step in workflow.steps:
+        if step.loop is not None:
+            continue  # a declared, bounded loop
         for subject in step.publish:
             for trigger in workflow.trigger:
                 if subject_covers(trigger, subject):
                     raise ConfigError(
                         f"{source}: step {step.name!r}: publish: {subject!r} matches the "
                         f"workflow's own trigger {trigger!r}; every output would start "
-                        "the workflow again, forever"
+                        "the workflow again, forever (or bound it: loop: {max_hops: N})"
                     )
         for pattern in step.emit:
             for trigger in workflow.trigger:
@@ -331,31 +357,104 @@ def _check_self_trigger(workflow: Workflow, source: str) -> None:
                     raise ConfigError(
                         f"{source}: step {step.name!r}: emit: {pattern!r} overlaps the "
                         f"workflow's own trigger {trigger!r}; an emitted event could start "
-                        "the workflow again, forever"
+                        "the workflow again, forever (or bound it: loop: {max_hops: N})"
                     )
 
 
 def _find_cycle(workflow: Workflow) -> list[str] | None:
     graph = {s.name: s.next for s in workflow.steps}
-    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
-    path: list[str] = []
+    found = find_cycle(graph)
+    return [*found, found[0]] if found else None
 
-    def visit(node: str) -> list[str] | None:
-        state[node] = 1
-        path.append(node)
-        for target in graph[node]:
-            if state.get(target) == 1:
-                return [*path[path.index(target) :], target]
-            if target not in state and (found := visit(target)):
-                return found
-        path.pop()
-        state[node] = 2
-        return None
 
-    for name in graph:
-        if name not in state and (found := visit(name)):
-            return found
+N = TypeVar("N")
+_DONE: Any = object()  # the end of a node's successors
+
+
+def find_cycle(graph: Mapping[N, Iterable[N]]) -> list[N] | None:
+    """A cycle of ``graph`` (node → successors) as its nodes in order, or None.
+
+    Iterative (a workflow may have thousands of steps: no recursion limit).
+    Successors missing from ``graph`` are nodes without successors.
+    """
+    state: dict[N, int] = {}  # 1 = on the current path, 2 = done
+    for root in graph:
+        if root in state:
+            continue
+        state[root] = 1
+        path: list[N] = [root]
+        stack = [iter(graph[root])]
+        while stack:
+            target = next(stack[-1], _DONE)
+            if target is _DONE:
+                state[path.pop()] = 2
+                stack.pop()
+            elif state.get(target) == 1:
+                return path[path.index(target) :]
+            elif target not in state:
+                state[target] = 1
+                path.append(target)
+                stack.append(iter(graph.get(target, ())))
     return None
+
+
+def check_org_graph(applied: list[tuple[Workflow, str]], stored: Iterable[Workflow]) -> None:
+    """Refuse workflows whose events would feed each other forever (an event storm).
+
+    The graph is the org's whole: the workflows ``applied`` (with their files)
+    plus those ``stored`` that they do not replace. Its nodes are steps; its edges
+    are ``next``, and each ``publish`` subject or ``emit`` pattern to the entry
+    steps of every workflow it can trigger. A cycle is refused unless one of its
+    steps declares ``loop`` (its hop bound stops every trip round the cycle).
+
+    Raises:
+        ConfigError: naming the workflows, steps and subjects of the cycle.
+    """
+    flows = {w.key: w for w in stored}
+    flows.update({w.key: w for w, _ in applied})
+    sources = {w.key: src for w, src in applied}
+    graph: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    how: dict[tuple[tuple[str, str], tuple[str, str]], str] = {}
+    bounded = {(w.key, s.name) for w in flows.values() for s in w.steps if s.loop}
+    entries = {key: [s.name for s in w.entry_steps()] for key, w in flows.items()}
+
+    def edge(a: tuple[str, str], b: tuple[str, str], label: str) -> None:
+        if a not in bounded and b not in bounded:
+            graph.setdefault(a, []).append(b)
+            how.setdefault((a, b), label)
+
+    for w in flows.values():
+        for step in w.steps:
+            node = (w.key, step.name)
+            for target in step.next:
+                edge(node, (w.key, target), f"next: {target}")
+            outputs: list[tuple[str, str, Callable[[str, str], bool]]] = [
+                ("publishes", s, subject_covers) for s in step.publish
+            ]
+            outputs += [("emits", s, subjects_overlap) for s in step.emit]
+            for verb, subject, reaches in outputs:
+                for other in flows.values():
+                    for trigger in other.trigger:
+                        if trigger not in other.imports and reaches(trigger, subject):
+                            label = f"{verb} {subject}, trigger {trigger} of {other.key}"
+                            for entry in entries[other.key]:
+                                edge(node, (other.key, entry), label)
+    cycle = find_cycle(graph)
+    if cycle is None:
+        return
+    lines = [
+        f"  {a[0]} step {a[1]!r} {how[(a, b)]} (step {b[1]!r})"
+        for a, b in zip(cycle, [*cycle[1:], cycle[0]], strict=True)
+    ]
+    files = sorted({sources[key] for key, _ in cycle if key in sources})
+    where = ", ".join(files) or "stored workflows"
+    raise ConfigError(
+        f"{where}: workflows {', '.join(sorted({key for key, _ in cycle}))} form a cycle; "
+        "one event would run round it forever (an event storm):\n"
+        + "\n".join(lines)
+        + "\nchange a publish, emit or trigger subject to break it, or bound it: "
+        "declare loop: {max_hops: N} on one of these steps"
+    )
 
 
 def mermaid(workflow: Workflow) -> str:

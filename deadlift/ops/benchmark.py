@@ -352,16 +352,47 @@ def _rss_mb(pid: int) -> float:
 # -- the run ---------------------------------------------------------------------
 
 
-async def run(events_count: int = 20_000, latency_events: int = 500) -> dict[str, Any]:
-    """Every scenario, with ratios and the targets checked."""
-    bare = await bare_loop(events_count)
-    per_message = await bare_loop(max(500, events_count // 20), per_message_plugin=True)
-    one = await deadlift_throughput(events_count, steps=1)
-    three = await deadlift_throughput(events_count // 2, steps=3)
-    latency = await deadlift_latency(latency_events)
-    single = await worker_processes(events_count, 1)
-    double = await worker_processes(events_count, 2)
-    rss = await worker_rss(20)
+Progress = Callable[[int, int, str, Result | None], None]
+"""Told ``(number, of, scenario, None)`` as a scenario starts and ``(…, result)`` as it ends."""
+
+SCENARIOS = 8
+
+
+async def _scenario(
+    progress: Progress | None, number: int, label: str, work: Awaitable[Result]
+) -> Result:
+    if progress is not None:
+        progress(number, SCENARIOS, label, None)
+    result = await work
+    if progress is not None:
+        progress(number, SCENARIOS, label, result)
+    return result
+
+
+async def run(
+    events_count: int = 20_000, latency_events: int = 500, *, progress: Progress | None = None
+) -> dict[str, Any]:
+    """Every scenario, with ratios and the targets checked.
+
+    ``progress``, if given, is called as each scenario starts and ends.
+    """
+    few = max(500, events_count // 20)
+    bare = await _scenario(progress, 1, "bare loop", bare_loop(events_count))
+    per_message = await _scenario(
+        progress, 2, "per-message instantiation", bare_loop(few, per_message_plugin=True)
+    )
+    one = await _scenario(
+        progress, 3, "deadlift 1 step", deadlift_throughput(events_count, steps=1)
+    )
+    three = await _scenario(
+        progress, 4, "deadlift 3 steps", deadlift_throughput(events_count // 2, steps=3)
+    )
+    latency = await _scenario(
+        progress, 5, "deadlift 3-step latency", deadlift_latency(latency_events)
+    )
+    single = await _scenario(progress, 6, "1 worker process", worker_processes(events_count, 1))
+    double = await _scenario(progress, 7, "2 worker processes", worker_processes(events_count, 2))
+    rss = await _scenario(progress, 8, "worker RSS, 20 modules", worker_rss(20))
     results = [bare, per_message, one, three, latency, single, double, rss]
     targets = {
         "1-step >= 1.0x bare loop": one.rate >= bare.rate,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -11,12 +13,13 @@ from nats.js import JetStreamContext
 from deadlift import bus
 from deadlift.bus.identity import Identity, whoami
 from deadlift.bus.registry import ModuleMeta, Registry
-from deadlift.errors import ConfigError, ModuleError, NotFoundError
+from deadlift.errors import ConfigError, ModuleError
 from deadlift.model import names
 from deadlift.model.orgs import OrgManifest, load_orgs
 from deadlift.model.workflow import (
     Step,
     Workflow,
+    check_org_graph,
     load_workflow,
     subject_covers,
     subjects_overlap,
@@ -118,31 +121,66 @@ async def apply_workflows(
     duplicates = {k for k in keys if keys.count(k) > 1}
     if duplicates:
         raise ConfigError(f"workflow {', '.join(sorted(duplicates))} is defined more than once")
+    limit = stored_size_limit(js._nc.max_payload)
     for workflow, source in resolved:
         check_redelivery_horizon(workflow, settings, source=source)
+        check_stored_size(workflow, limit, source=source)
+    # Every check before anything is created: apply is all or nothing.
+    stored = {w.key: w for w in await registry.workflows()}
+    check_org_graph(resolved, stored.values())
     subjects = [s for w, _ in resolved for s in w.event_subjects()]
     imported: dict[str, list[str]] = {}
     for workflow, _ in resolved:
         for exporter, triggers in workflow.imported_triggers().items():
             imported.setdefault(exporter, []).extend(triggers)
     await bus.ensure_streams(js, settings, subjects, imported)
+    await _create_consumers(js, settings, [w for w, _ in resolved], stored.values())
     for workflow, _ in resolved:
-        for step in workflow.steps:
-            await bus.ensure_consumers(js, settings, workflow, step)
-        previous = await _stored(registry, workflow.key)
         await registry.put_workflow(workflow)
-        if previous is not None:
-            # Steps that left the workflow: workers stop them (finishing in-flight
-            # events); their consumers, and any backlog only they would read, go.
-            # So do the inputs a step no longer has (a trigger that moved).
-            current = {
-                (i.stream, i.consumer) for s in workflow.steps for i in bus.step_inputs(workflow, s)
-            }
-            for step in previous.steps:
-                for old in bus.step_inputs(previous, step):
-                    if (old.stream, old.consumer) not in current:
-                        await bus.delete_consumer(js, old.stream, old.consumer)
+        if workflow.key in stored:
+            await _drop_old_inputs(js, stored[workflow.key], workflow)
     return [w for w, _ in resolved]
+
+
+async def _create_consumers(
+    js: JetStreamContext, settings: Settings, workflows: list[Workflow], stored: Iterable[Workflow]
+) -> None:
+    """Create every step's consumers; if one cannot be made, delete those this apply added.
+
+    The server can refuse one late (its limit of consumers per stream, say):
+    nothing of the apply is left behind then but the streams' subjects.
+    """
+    had = {(i.stream, i.consumer) for w in stored for s in w.steps for i in bus.step_inputs(w, s)}
+    try:
+        for workflow in workflows:
+            for step in workflow.steps:
+                await bus.ensure_consumers(js, settings, workflow, step)
+    except BaseException:
+        added = [
+            i
+            for w in workflows
+            for s in w.steps
+            for i in bus.step_inputs(w, s)
+            if (i.stream, i.consumer) not in had
+        ]
+        for new in added:
+            with contextlib.suppress(Exception):
+                await bus.delete_consumer(js, new.stream, new.consumer)
+        raise
+
+
+async def _drop_old_inputs(js: JetStreamContext, previous: Workflow, workflow: Workflow) -> None:
+    """Delete the consumers of steps that left the workflow and of inputs a step no longer has.
+
+    Workers stop such steps (finishing in-flight events); their consumers, and
+    any backlog only they would read, go. So do the inputs a step no longer has
+    (a trigger that moved).
+    """
+    current = {(i.stream, i.consumer) for s in workflow.steps for i in bus.step_inputs(workflow, s)}
+    for step in previous.steps:
+        for old in bus.step_inputs(previous, step):
+            if (old.stream, old.consumer) not in current:
+                await bus.delete_consumer(js, old.stream, old.consumer)
 
 
 def _check_documents(
@@ -200,14 +238,29 @@ def resolve_imports(workflow: Workflow, manifest: OrgManifest, *, source: str) -
                         f"{imp.local_subject}, where only {imp.org}'s export delivers; "
                         "publish to one of the org's own subjects"
                     )
+    _check_permitted(workflow, manifest, source=source)
     return workflow.model_copy(update={"imports": imports})
 
 
-async def _stored(registry: Registry, key: str) -> Workflow | None:
-    try:
-        return await registry.workflow(key)
-    except NotFoundError:
-        return None
+def _check_permitted(workflow: Workflow, manifest: OrgManifest, *, source: str) -> None:
+    """Refuse a subject the org's users may not use: the server would refuse it only
+    at run time, event by event."""
+    allowed = manifest.own_subjects(workflow.org)
+    shown = ", ".join(allowed)
+    uses = [("trigger", None, t) for t in workflow.trigger] + [
+        (field, step.name, subject)
+        for step in workflow.steps
+        for field, subjects in (("publish", step.publish), ("emit", step.emit))
+        for subject in subjects
+    ]
+    for field, step_name, subject in uses:
+        if not any(subject_covers(pattern, subject) for pattern in allowed):
+            where = f"step {step_name!r}: {field}" if step_name else field
+            raise ConfigError(
+                f"{source}: {where}: {subject} is outside the subjects org "
+                f"{workflow.org!r} may use ({shown}); use one of them, or add it to the "
+                f"org's `subjects:` in the org manifest"
+            )
 
 
 async def remove_workflow(js: JetStreamContext, registry: Registry, name: str) -> Workflow:
@@ -217,6 +270,41 @@ async def remove_workflow(js: JetStreamContext, registry: Registry, name: str) -
     for step in workflow.steps:
         await bus.delete_consumers(js, workflow, step)
     return workflow
+
+
+# Room a KV put needs besides the value: its subject, headers and protocol line.
+KV_PUT_HEADROOM = 4096
+
+
+def stored_size_limit(max_payload: int) -> int:
+    """The largest workflow (as stored, JSON) the registry's KV can hold on this server."""
+    return (max_payload or 1024 * 1024) - KV_PUT_HEADROOM
+
+
+def check_stored_size(workflow: Workflow, limit: int, *, source: str) -> None:
+    """Refuse a workflow too large to store, naming the field that makes it so.
+
+    Checked before any stream or consumer is created: else apply would leave
+    them behind and fail at the last step, storing the workflow.
+    """
+    size = len(workflow.model_dump_json().encode())
+    if size <= limit:
+        return
+    dumped = workflow.model_dump(mode="json")
+    field = max(dumped, key=lambda name: len(json.dumps(dumped[name])))
+    where = field
+    if field == "steps":
+        step = max(dumped["steps"], key=lambda s: len(json.dumps(s)))
+        if len(json.dumps(step)) > limit // 2:
+            inner = max(step, key=lambda name: len(json.dumps(step[name])))
+            where = f"step {step['name']!r}: {inner}"
+        else:
+            where = f"steps ({len(dumped['steps'])} of them)"
+    raise ConfigError(
+        f"{source}: {where}: the workflow is {size} bytes as stored, over the {limit} bytes "
+        "the registry can hold (the server's max_payload less room for the headers); "
+        f"shorten {where.rsplit(': ', 1)[-1].split(' (')[0]}, or split the workflow"
+    )
 
 
 def redelivery_horizon(step: Step, settings: Settings) -> float:

@@ -1,16 +1,25 @@
 """Choosing dead letters by id, or by workflow (``ORG.NAME`` or ``NAME``) and step.
 
-What ``deadlift dlq`` lists, replays and purges; storing and replaying one
-letter is :mod:`deadlift.bus.dlq`'s.
+What ``deadlift dlq`` lists, replays and purges, and whether a letter may be
+replayed at all (its workflow and step must still be applied); storing and
+replaying one letter is :mod:`deadlift.bus.dlq`'s.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
 
 from nats.js import JetStreamContext
 
 from deadlift.bus import dlq
+from deadlift.bus.publisher import Publisher
+from deadlift.bus.registry import Registry
+from deadlift.errors import DeadliftError, NotFoundError
+from deadlift.model import topology
+from deadlift.model.workflow import Workflow
 
 
 def scope(workflow: str | None) -> tuple[str | None, str | None]:
@@ -57,3 +66,94 @@ async def purge(
     """Delete dead letters (all, or of one workflow or step); return how many."""
     org, name = scope(workflow)
     return await dlq.purge(js, org=org, workflow=name, step=step)
+
+
+class Outcome(StrEnum):
+    """What ``dlq replay`` did with one letter."""
+
+    REPLAYED = "replayed"
+    SKIPPED = "skipped"  # replayed or purged already (by someone else, maybe right now)
+    REFUSED = "refused"  # kept: replaying it would park the event where nothing runs it
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """The fate of one dead letter in a replay."""
+
+    id: int
+    outcome: Outcome
+    subject: str = ""
+    reason: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly fields."""
+        return {
+            "id": self.id,
+            "outcome": str(self.outcome),
+            "subject": self.subject,
+            "reason": self.reason,
+        }
+
+
+async def replay(
+    js: JetStreamContext,
+    publisher: Publisher,
+    registry: Registry,
+    ids: Iterable[int] = (),
+    *,
+    workflow: str | None = None,
+    step: str | None = None,
+) -> list[Replay]:
+    """Replay the dead letters named by ``ids``, or else those of ``workflow`` and ``step``.
+
+    Each letter is read again just before it is replayed, and replayed only when
+    its workflow is still applied and still has its step; otherwise it is
+    refused and kept. Letters gone meanwhile, or replayed by a concurrent
+    replay, are skipped: running this twice, or twice at once, replays each
+    letter once.
+
+    Raises:
+        ConfigError: ``workflow`` or ``step`` is not a valid name.
+    """
+    ids = list(ids)
+    chosen = ids or [letter.id for letter in await find(js, workflow=workflow, step=step)]
+    flows = {flow.key: flow for flow in await registry.workflows()}
+    store = dlq.ObjectBodies(js)
+    return [await _replay_one(js, publisher, store, flows, letter_id) for letter_id in chosen]
+
+
+async def _replay_one(
+    js: JetStreamContext,
+    publisher: Publisher,
+    store: dlq.BodyStore,
+    flows: Mapping[str, Workflow],
+    letter_id: int,
+) -> Replay:
+    try:
+        letter = await dlq.get(js, letter_id, store=store)
+    except NotFoundError:
+        return Replay(letter_id, Outcome.SKIPPED, reason="gone: replayed or purged already")
+    key = f"{letter.org}.{letter.workflow}"
+    flow = flows.get(key)
+    subject = topology.step_subject(letter.org, letter.workflow, letter.step)
+    if flow is None:
+        why = (
+            f"workflow {key} is not applied (removed?); nothing would run the event: "
+            "apply it again and replay, or purge the letter"
+        )
+        return Replay(letter_id, Outcome.REFUSED, subject, why)
+    if letter.step not in {s.name for s in flow.steps}:
+        why = (
+            f"workflow {key} has no step {letter.step!r} now; nothing would run the event: "
+            "apply a version with that step and replay, or purge the letter"
+        )
+        return Replay(letter_id, Outcome.REFUSED, subject, why)
+    try:
+        done = await dlq.reinject(js, publisher, letter, store=store)
+    except NotFoundError:
+        return Replay(letter_id, Outcome.SKIPPED, subject, "gone: replayed or purged meanwhile")
+    except DeadliftError as exc:
+        return Replay(letter_id, Outcome.REFUSED, subject, f"could not replay: {exc}")
+    if done.duplicate:
+        return Replay(letter_id, Outcome.SKIPPED, done.subject, "replayed already (same replay id)")
+    return Replay(letter_id, Outcome.REPLAYED, done.subject)

@@ -9,9 +9,12 @@ JSON-friendly dict with ``ok`` and ``problems``.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
+from collections.abc import Mapping
 from typing import Any
 
+import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.js import JetStreamContext
@@ -37,9 +40,26 @@ async def check_health(
     try:
         report["connected_to"] = str(nc.connected_url.netloc) if nc.connected_url else None
         js = nc.jetstream(timeout=timeout)
-        account = await js.account_info()
-        report["jetstream"] = {"streams": account.streams, "consumers": account.consumers}
         problems: list[str] = []
+        try:
+            account = await js.account_info()
+        except Exception as exc:
+            problem = jetstream_problem(exc)
+            if problem is None:
+                raise
+            report["jetstream"] = {"error": str(exc) or type(exc).__name__}
+            report["problems"] = [problem]
+            return report
+        report["jetstream"] = {
+            "streams": account.streams,
+            "consumers": account.consumers,
+            "storage": account.storage,
+        }
+        full = storage_problem(account.storage, account.limits.max_storage)
+        if full:
+            problems.append(full)
+        if settings.system_creds or settings.system_user:
+            report["servers"] = await _check_servers(settings, timeout, problems)
         if streams:
             report["streams"] = await _check_streams(js, problems)
         if worker:
@@ -49,6 +69,108 @@ async def check_health(
         return report
     finally:
         await nc.close()
+
+
+# JetStream API error codes meaning "JetStream is off" (JSNotEnabledErr,
+# JSNotEnabledForAccountErr).
+_JS_OFF_CODES = frozenset({10076, 10039})
+RESTART_ADVICE = (
+    'After a storage write error (a full disk: "no space left on device") nats-server '
+    "stores nothing more on that stream, or turns JetStream off, until it is restarted; "
+    "freeing space is not enough: free disk space in the JetStream store directory, "
+    "then restart nats-server"
+)
+
+
+def jetstream_problem(exc: BaseException) -> str | None:
+    """The health problem for an account-info error that means JetStream is off, else None.
+
+    With JetStream disabled the server either answers 503 "JetStream not enabled
+    (for account)" or, no longer listening on ``$JS.API.>``, nothing at all
+    (nats-py: ServiceUnavailableError, from "no responders"). None for anything else.
+    """
+    if isinstance(exc, nats.js.errors.ServiceUnavailableError) and not exc.err_code:
+        return f"JetStream does not answer (no responders): it is off. {RESTART_ADVICE}"
+    if isinstance(exc, nats.js.errors.APIError):
+        described = (exc.description or "").lower()
+        if exc.err_code in _JS_OFF_CODES or "not enabled" in described:
+            return f"JetStream is disabled ({exc.description}). {RESTART_ADVICE}"
+    return None
+
+
+def healthz_problem(server: str, healthz: Mapping[str, Any]) -> str | None:
+    """The problem in one server's ``/healthz`` answer (``{"status": ..., "error": ...}``).
+
+    After a write error (a full disk: "no space left on device") nats-server keeps
+    JetStream on, but the stream stays broken, PubAcks never come, and ``/healthz``
+    says so, until the server is restarted; freeing space is not enough.
+    """
+    if healthz.get("status") in ("ok", None) and not healthz.get("error"):
+        return None
+    error = str(healthz.get("error") or healthz.get("status"))
+    lowered = error.lower()
+    if any(sign in lowered for sign in _STORAGE_FAILURES):
+        return f"server {server}: {error}. {RESTART_ADVICE}"
+    return f"server {server} is unhealthy: {error}"
+
+
+_STORAGE_FAILURES = ("no space left", "write error", "out of space", "will be disabled")
+
+
+async def _check_servers(
+    settings: Settings, timeout: float, problems: list[str]
+) -> list[dict[str, Any]]:
+    """Every server's ``/healthz``, asked through the system account (its credentials set)."""
+    as_system = settings.model_copy(
+        update={
+            "org": None,
+            "creds": settings.system_creds,
+            "user": settings.system_user,
+            "password": settings.system_password,
+            "token": None,
+        }
+    )
+    try:
+        nc = await asyncio.wait_for(bus.connect(as_system, name="deadlift-health"), timeout)
+    except (TimeoutError, DeadliftError, OSError) as exc:
+        problems.append(f"cannot ask the servers' health with the system credentials: {exc}")
+        return []
+    answers: list[dict[str, Any]] = []
+    try:
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        await nc.publish("$SYS.REQ.SERVER.PING.HEALTHZ", b"{}", reply=inbox)
+        deadline = asyncio.get_running_loop().time() + min(timeout, 1.0)
+        while (left := deadline - asyncio.get_running_loop().time()) > 0:
+            try:
+                msg = await sub.next_msg(timeout=left)
+            except nats.errors.TimeoutError:
+                break
+            try:
+                answer = json.loads(msg.data)
+            except ValueError:
+                continue
+            server = (answer.get("server") or {}).get("name") or "?"
+            healthz = answer.get("data") or {"status": "unavailable", "error": answer.get("error")}
+            answers.append({"server": server, **healthz})
+            problem = healthz_problem(server, healthz)
+            if problem:
+                problems.append(problem)
+    finally:
+        await nc.close()
+    if not answers:
+        problems.append("no server answered the system account's health request")
+    return answers
+
+
+def storage_problem(used: int, limit: int) -> str | None:
+    """A problem when the account's JetStream storage is full (``limit`` < 0: unlimited)."""
+    if limit > 0 and used >= limit:
+        return (
+            f"JetStream storage is full for this account ({used} of {limit} bytes): "
+            "new events are refused until streams shrink or the limit is raised"
+        )
+    return None
 
 
 async def _check_streams(js: JetStreamContext, problems: list[str]) -> dict[str, Any]:

@@ -22,6 +22,10 @@ from typing import Any, Self
 from deadlift.errors import DeadliftError
 from deadlift.model.orgs import OrgManifest, nats_accounts
 
+LOG_NAME = "nats-server.log"
+"""The server's own output, in its store directory unless another file is given."""
+LOG_TAIL_LINES = 10
+
 
 def nats_server_binary() -> str:
     """Path of the nats-server executable installed next to this Python."""
@@ -123,6 +127,9 @@ class EmbeddedServer(Managed):
     """A nats-server child process with JetStream on loopback.
 
     Use as a context manager; the store is a temp dir unless ``store_dir`` is given.
+    The server's own output goes to ``log_file``, by default ``nats-server.log``
+    in the store directory; a server that exits at start is reported with its
+    last lines.
     """
 
     def __init__(
@@ -144,7 +151,8 @@ class EmbeddedServer(Managed):
             store_dir = self._tmp.name
         self.store_dir = Path(store_dir)
         self.config_file = config_file
-        self.log_file = log_file
+        self.log_file = Path(log_file) if log_file else self.store_dir / LOG_NAME
+        self._log_start = 0
         self.orgs = orgs
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -178,6 +186,10 @@ class EmbeddedServer(Managed):
         rendered = self.store_dir / "deadlift-server.conf"
         write_private(rendered, text)
         args += ["-c", str(rendered)]
+        try:
+            self._log_start = self.log_file.stat().st_size  # this start's lines follow
+        except OSError:
+            self._log_start = 0
         self.process = spawn_server(args, self.log_file)
         self._wait_ready(timeout)
         return self
@@ -188,15 +200,38 @@ class EmbeddedServer(Managed):
         while time.monotonic() < deadline:
             assert self.process is not None
             if self.process.poll() is not None:
+                said = self.log_tail()
+                where = "" if self._tmp is not None else f" (its log: {self.log_file})"
                 raise DeadliftError(
-                    f"nats-server exited with code {self.process.returncode} at start "
-                    f"(port {self.port} taken, or a bad config?)"
+                    f"nats-server exited with code {self.process.returncode} at start"
+                    + (
+                        f"{where}; it said:\n{said}"
+                        if said
+                        else f" (port {self.port} taken, or a bad config?){where}"
+                    )
                 )
             if (get_json(url) or {}).get("status") == "ok":
                 return
             time.sleep(0.05)
+        said = self.log_tail()
         self.stop()
-        raise DeadliftError(f"nats-server did not become ready within {timeout:.0f} s")
+        raise DeadliftError(
+            f"nats-server did not become ready within {timeout:.0f} s"
+            + (f"; it said last:\n{said}" if said else "")
+        )
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        """The last lines the server wrote since it was last started: its errors
+        (``[FTL]``, ``[ERR]``) if it logged any, else the last ``lines`` lines."""
+        try:
+            with open(self.log_file, "rb") as log:
+                log.seek(self._log_start)
+                text = log.read()[-64 * 1024 :].decode("utf-8", "replace")
+        except OSError:
+            return ""
+        written = [line for line in text.splitlines() if line.strip()]
+        errors = [line for line in written if "[FTL]" in line or "[ERR]" in line]
+        return "\n".join((errors or written)[-lines:])
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the server (SIGTERM, then SIGKILL) and remove a temp store."""

@@ -75,6 +75,7 @@ class StepContext:
     concurrency: int
     stats: Counter[str]
     on_report: Callable[[StepReport], None] | None = None
+    server: tuple[str, int] | None = None  # the NATS server connected to (telemetry)
 
 
 def step_signature(workflow: Workflow | None, step: Step) -> Any:

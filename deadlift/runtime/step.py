@@ -33,6 +33,7 @@ from deadlift.errors import (
 from deadlift.model import topology
 from deadlift.model.topology import ErrorKind, Outcome, Stream, step_subject
 from deadlift.model.workflow import Step, Workflow
+from deadlift.runtime import hops as hops_guard
 from deadlift.runtime import telemetry
 from deadlift.runtime.context import (
     SERVER_RELAY_HEADERS,
@@ -79,6 +80,7 @@ class _Job:
     error: StepError | None = None
     acks: list[asyncio.Future[Any]] = field(default_factory=list)
     targets: tuple[str, ...] = ()
+    hops: int = 0  # the input's hop count; its outputs carry one more
 
 
 def _publish_error(exc: object) -> StepError:
@@ -120,13 +122,24 @@ class StepRunner:
         self.concurrency = step.concurrency or context.concurrency
         self.granted = {n: context.functions[n] for n in step.host_functions}
         self.telemetry = telemetry.StepTelemetry(
-            org=workflow.org, workflow=workflow.name, step=step.name, module_sha256=spec.sha256
+            org=workflow.org,
+            workflow=workflow.name,
+            step=step.name,
+            module_sha256=spec.sha256,
+            destination=(
+                ",".join(workflow.trigger)
+                if binding.stream != Stream.STEPS
+                else step_subject(workflow.org, workflow.name, step.name)
+            ),
+            consumer=binding.consumer,
+            server=context.server,
         )
         self.outputs = events.OutputEncoder.for_step(workflow.org, workflow.name, step.name)
         self.targets = [
             *(step_subject(workflow.org, workflow.name, n) for n in step.next),
             *step.publish,
         ]
+        self.publishes = frozenset(step.publish)
         # A trigger's provenance comes from where it arrived (an import's own stream),
         # never from its headers; a step input carries the run's, stamped on entry.
         self.is_trigger = binding.stream != Stream.STEPS
@@ -260,6 +273,7 @@ class StepRunner:
                 fallback_id=events.derive_id(meta.stream or "", str(seq)),
                 fallback_source=f"nats:{msg.subject}",
             )
+            hops = events.hop_count(event)
         except EventDecodeError as exc:
             error = StepError(str(exc), kind=ErrorKind.DECODE, retryable=False)
             await self._fail(msg, None, attempt, started, error)
@@ -276,8 +290,17 @@ class StepRunner:
             return None
         if self.is_trigger and event.origin != self.binding.origin:
             event = stamp_origin(event, self.binding.origin)
-        span = self.telemetry.start_execution(msg.headers, msg.subject, attempt, event.run)
-        job = _Job(msg, event, attempt, started, span)
+        span = self.telemetry.start_execution(
+            msg.headers, msg.subject, attempt, event.run, message_id=event.id, size=len(msg.data)
+        )
+        job = _Job(msg, event, attempt, started, span, hops=hops)
+        # A loop, or workflows feeding each other: the run stops here (one dead letter).
+        if (
+            stop := hops_guard.over_limit(hops, self.step, self.context.settings.max_hops)
+        ) is not None:
+            job.error = stop
+            await self._finish(job)
+            return None
         if attempt > self.step.retry.max_attempts + CRASH_LOOP_DELIVERIES:
             # Delivered again and again without a worker ever finishing it: most
             # likely it crashes the worker process. Stop the crash loop.
@@ -302,7 +325,9 @@ class StepRunner:
             event_id=event.id,
             granted=self.granted,
             loop=asyncio.get_running_loop(),
-            services=self.services,
+            services=hops_guard.call_services(
+                self.services, self.workflow, self.step, self.context.publisher, hops
+            ),
             traceparent=event.traceparent,
             origin=event.origin,
             log_limit=self.context.settings.module_log_bytes,
@@ -404,12 +429,23 @@ class StepRunner:
                     run=event.run,
                     traceparent=traceparent,
                     origin=event.origin,
+                    # A hop is a crossing onto a subject that may trigger a workflow
+                    # (publish, emit); the next steps of a workflow (acyclic) keep the count.
+                    hops=job.hops or None,
+                )
+                crossing = (
+                    {**headers, events.HOPS_HEADER: str(job.hops + 1)}
+                    if self.publishes
+                    else headers
                 )
                 for subject in self.targets:
                     msg_id = topology.output_msg_id(out_id, subject)
-                    with self.telemetry.publish(subject, job.span):
+                    sent = crossing if subject in self.publishes else headers
+                    with self.telemetry.publish(
+                        subject, job.span, message_id=out_id, size=len(body)
+                    ):
                         job.acks.append(
-                            await publisher.publish_async(subject, body, headers, msg_id=msg_id)
+                            await publisher.publish_async(subject, body, sent, msg_id=msg_id)
                         )
             except EventEncodeError as exc:
                 job.error = StepError(str(exc), kind=ErrorKind.ENCODE, retryable=False)
@@ -491,6 +527,10 @@ class StepRunner:
                 attempts=attempt,
                 kind=error.kind,
                 error=str(error),
+                # A letter over max_payload keeps the event by reference (opened on use).
+                store=dlq.ObjectBodies(
+                    self.context.js, replicas=self.context.settings.stream_replicas
+                ),
             )
         except Exception as exc:  # never lose it: let it come back
             log.error("dead-lettering failed for %s (%s); will retry", self.binding.consumer, exc)

@@ -12,6 +12,7 @@ environment variables.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -115,24 +116,47 @@ class StepTelemetry:
     ``traceparent`` is still passed on unchanged.
     """
 
-    def __init__(self, *, org: str, workflow: str, step: str, module_sha256: str) -> None:
+    def __init__(
+        self,
+        *,
+        org: str,
+        workflow: str,
+        step: str,
+        module_sha256: str,
+        destination: str = "",
+        consumer: str = "",
+        server: tuple[str, int] | None = None,
+    ) -> None:
         self.attributes = {
             "deadlift.org": org,
             "deadlift.workflow": workflow,
             "deadlift.step": step,
         }
-        self.span_attributes = {
+        self.span_attributes: dict[str, Any] = {
             **self.attributes,
             "messaging.system": "nats",
             "deadlift.module.sha256": module_sha256,
         }
-        self.name = f"{org}.{workflow}.{step}"
+        if server is not None:
+            self.span_attributes["server.address"], self.span_attributes["server.port"] = server
+        # OpenTelemetry messaging conventions: "process <destination>", where the
+        # destination is the step's (low-cardinality) input: its subject or triggers.
+        self.destination = destination or f"{org}.{workflow}.{step}"
+        self.consumer = consumer
+        self.name = self.destination
         self.metrics = instruments()
         self.tracing = tracing_enabled()
         self.metering = metrics_enabled()
 
     def start_execution(
-        self, headers: Mapping[str, str] | None, subject: str, attempt: int, run: str
+        self,
+        headers: Mapping[str, str] | None,
+        subject: str,
+        attempt: int,
+        run: str,
+        *,
+        message_id: str = "",
+        size: int = 0,
     ) -> Span:
         """Start the CONSUMER span of one step execution; end it with :meth:`end_execution`."""
         if self.metering:
@@ -146,8 +170,12 @@ class StepTelemetry:
             kind=SpanKind.CONSUMER,
             attributes={
                 **self.span_attributes,
+                "messaging.operation.name": "process",
                 "messaging.operation.type": "process",
                 "messaging.destination.name": subject,
+                "messaging.consumer.group.name": self.consumer,
+                "messaging.message.id": message_id,
+                "messaging.message.body.size": size,
                 "deadlift.attempt": attempt,
                 "deadlift.run": run,
             },
@@ -181,7 +209,9 @@ class StepTelemetry:
             yield span
 
     @contextmanager
-    def publish(self, subject: str, parent: Span) -> Iterator[Span]:
+    def publish(
+        self, subject: str, parent: Span, *, message_id: str = "", size: int = 0
+    ) -> Iterator[Span]:
         """A PRODUCER span for one publish."""
         if not self.tracing:
             yield INVALID_SPAN
@@ -192,8 +222,11 @@ class StepTelemetry:
             kind=SpanKind.PRODUCER,
             attributes={
                 **self.span_attributes,
-                "messaging.operation.type": "publish",
+                "messaging.operation.name": "publish",
+                "messaging.operation.type": "send",
                 "messaging.destination.name": subject,
+                "messaging.message.id": message_id,
+                "messaging.message.body.size": size,
             },
         ) as span:
             yield span
@@ -280,6 +313,37 @@ def configure(service_name: str = "deadlift-worker") -> Any:
     return shutdown
 
 
+# OTEL_EXPORTER_OTLP_PROTOCOL (or its per-signal variant) picks the OTLP transport.
+_OTLP = {
+    ("traces", "http/protobuf"): ("opentelemetry.exporter.otlp.proto.http.trace_exporter", "otlp"),
+    ("traces", "grpc"): ("opentelemetry.exporter.otlp.proto.grpc.trace_exporter", "otlp-grpc"),
+    ("metrics", "http/protobuf"): (
+        "opentelemetry.exporter.otlp.proto.http.metric_exporter",
+        "otlp",
+    ),
+    ("metrics", "grpc"): ("opentelemetry.exporter.otlp.proto.grpc.metric_exporter", "otlp-grpc"),
+}
+
+
+def _otlp(signal: str) -> Any:
+    variable = f"OTEL_EXPORTER_OTLP_{signal.upper()}_PROTOCOL"
+    protocol = os.environ.get(variable) or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+    protocol = (protocol or "http/protobuf").strip().lower()
+    if (signal, protocol) not in _OTLP:
+        raise ConfigError(
+            f"{variable} / OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: use http/protobuf or grpc"
+        )
+    module_name, extra = _OTLP[(signal, protocol)]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise ConfigError(
+            f"OTLP over {protocol} needs its exporter: pip install 'deadlift[{extra}]'"
+        ) from None
+    kind = "OTLPSpanExporter" if signal == "traces" else "OTLPMetricExporter"
+    return getattr(module, kind)()
+
+
 def _span_exporter(name: str) -> Any:
     name = name.strip().lower()
     if name in ("", "none"):
@@ -289,13 +353,7 @@ def _span_exporter(name: str) -> Any:
 
         return ConsoleSpanExporter()
     if name == "otlp":
-        try:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-        except ImportError:
-            raise ConfigError(
-                "OTEL_TRACES_EXPORTER=otlp needs the OTLP exporter: pip install 'deadlift[otlp]'"
-            ) from None
-        return OTLPSpanExporter()
+        return _otlp("traces")
     raise ConfigError(f"OTEL_TRACES_EXPORTER={name!r}: use console, otlp or none")
 
 
@@ -308,13 +366,7 @@ def _metric_exporter(name: str) -> Any:
 
         return ConsoleMetricExporter()
     if name == "otlp":
-        try:
-            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-        except ImportError:
-            raise ConfigError(
-                "OTEL_METRICS_EXPORTER=otlp needs the OTLP exporter: pip install 'deadlift[otlp]'"
-            ) from None
-        return OTLPMetricExporter()
+        return _otlp("metrics")
     raise ConfigError(f"OTEL_METRICS_EXPORTER={name!r}: use console, otlp or none")
 
 

@@ -156,6 +156,7 @@ class Worker:
             concurrency=self.concurrency,
             stats=self.stats,
             on_report=self.report if self.observers else None,
+            server=_server_of(self.nc),
         )
 
     @property
@@ -394,3 +395,11 @@ class Worker:
                 observer(report)
             except Exception:
                 log.exception("observer failed")
+
+
+def _server_of(nc: Client) -> tuple[str, int] | None:
+    """The host and port of the server ``nc`` is connected to, if known."""
+    url = nc.connected_url
+    if url is None or url.hostname is None:
+        return None
+    return url.hostname, url.port or 4222

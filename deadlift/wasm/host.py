@@ -6,7 +6,12 @@ instance from a pool and returns it only if the call succeeded; nothing is
 limited unless the manifest says so, so every instance gets a timeout and a
 memory cap; an instance keeps its heap and globals after a failure, so a failed
 instance is dropped, and pools are keyed by org, workflow and step so no module
-state crosses them (the compiled code, which holds no state, is shared).
+state crosses them. Compiled code is per step too: a timeout interrupts every
+call on the compiled module's engine (see ``PluginSpec.compiled_key``).
+
+A failed call's StepError must not keep the dropped instance alive (a worker holds
+the errors of a batch until it is settled): see :meth:`ModuleHost.call`. Idle
+instances are capped by count and by their worst-case memory (``max_pages``).
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ from deadlift.runtime import watchdog
 from deadlift.wasm import logs
 from deadlift.wasm.hostfns import NAMESPACE, HostCall, extism_functions
 from deadlift.wasm.inspect import inspect_wasm
+
+WASM_PAGE = 64 * 1024
+INSTANTIATE_ATTEMPTS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,8 +58,30 @@ class PluginSpec:
 
     @property
     def compiled_key(self) -> tuple[Any, ...]:
-        """What the compiled code depends on: binary, limits, linked functions, config."""
-        return (self.sha256, self.timeout_ms, self.max_pages, self.host_functions, self.config)
+        """What the compiled code depends on: binary, limits, linked functions, config.
+
+        And whose it is: Extism times a call out by bumping the epoch of the
+        compiled module's wasmtime engine, which interrupts *every* call running
+        on it. Sharing compiled code across orgs would let one org's endless loop
+        time out another org's calls (measured: 7 % of a neighbour's 3 ms calls),
+        so each org compiles its own (~0.5 MB, ~1.5 ms with wasmtime's cache). Within
+        an org, the steps running the very same binary with the same limits share
+        it (an interrupted call is reported as a timeout and retried): compiling per
+        step would cost ~0.5 MB per step, too much for a host with thousands.
+        """
+        return (
+            self.sha256,
+            self.timeout_ms,
+            self.max_pages,
+            self.host_functions,
+            self.config,
+            self.org,
+        )
+
+    @property
+    def instance_bytes(self) -> int:
+        """The most memory one instance can hold: its whole ``max_pages``."""
+        return self.max_pages * WASM_PAGE
 
 
 class _Pool:
@@ -67,7 +97,13 @@ class _Pool:
 class ModuleHost:
     """Runs module functions; thread-safe, blocking (call it from an executor)."""
 
-    def __init__(self, *, max_idle_per_spec: int = 64, max_idle_total: int = 64) -> None:
+    def __init__(
+        self,
+        *,
+        max_idle_per_spec: int = 64,
+        max_idle_total: int = 64,
+        max_idle_bytes: int = 512 * 1024 * 1024,
+    ) -> None:
         self._binaries: dict[str, bytes] = {}
         self._compiled: dict[tuple[Any, ...], tuple[CompiledPlugin, frozenset[str]]] = {}
         self._pools: dict[PluginSpec, _Pool] = {}
@@ -77,6 +113,11 @@ class ModuleHost:
         # instances are capped overall (the least recently used pool gives first).
         self._max_idle_total = max_idle_total
         self._idle_total = 0
+        # An idle instance keeps the heap its last call grew, up to its max_pages:
+        # idle instances are also capped by that worst case, summed (at least one
+        # instance is always kept, however large its cap).
+        self._max_idle_bytes = max_idle_bytes
+        self._idle_bytes = 0
         logs.install()
 
     def add_binary(self, sha256: str, wasm: bytes) -> None:
@@ -109,8 +150,10 @@ class ModuleHost:
                 quiet = now - pool.last_used
                 kept = 0 if quiet >= release_after else keep
                 if quiet >= idle_for and len(pool.idle) > kept:
+                    gone = len(pool.idle) - kept
                     dropped.extend(pool.idle[kept:])
-                    self._idle_total -= len(pool.idle) - kept
+                    self._idle_total -= gone
+                    self._idle_bytes -= gone * pool.spec.instance_bytes
                     del pool.idle[kept:]
         for plugin in dropped:
             logs.unbind(plugin)
@@ -128,33 +171,36 @@ class ModuleHost:
                 missing_export or output_too_large.
         """
         pool = self._pool(spec)
+        if function not in pool.exports:
+            raise StepError(
+                f"module {spec.sha256[:12]} has no exported function {function!r}",
+                kind=ErrorKind.MISSING_EXPORT,
+                retryable=False,
+            )
         plugin = self._take(pool, context)
-        ok = False
+        failure: StepError | None = None
+        output = b""
+        finished = False
         try:
-            if function not in pool.exports:
-                raise StepError(
-                    f"module {spec.sha256[:12]} has no exported function {function!r}",
-                    kind=ErrorKind.MISSING_EXPORT,
-                    retryable=False,
-                )
             try:
                 output = plugin.call(function, data, parse=bytes, host_context=context)
             except extism.Error as exc:
-                raise _step_error(exc, spec, context, logs.take_error(plugin)) from None
-            if context.failure is not None:
-                raise StepError(str(context.failure), kind=ErrorKind.HOST_FUNCTION)
-            if len(output) > spec.max_output_bytes:
-                raise StepError(
-                    f"module output is {len(output)} bytes, over the limit of "
-                    f"{spec.max_output_bytes} (DEADLIFT_MAX_OUTPUT_BYTES)",
-                    kind=ErrorKind.OUTPUT_TOO_LARGE,
-                    retryable=False,
-                )
-            ok = True
-            return output
+                failure = _step_error(exc, spec, context, logs.take_error(plugin))
+            else:
+                failure = _output_error(output, spec, context)
+            finished = True
         finally:
             logs.flush()
-            self._give_back(pool, plugin, ok)
+            self._give_back(pool, plugin, finished and failure is None)
+            # The caller keeps the StepError (a worker: until the batch is settled),
+            # and with it this frame: it must not keep the dropped instance, whose
+            # heap may be max_pages large, alive. Hence no raise inside `except`
+            # either (its __context__ would hold extism.Error, whose traceback
+            # holds Plugin.call's frame and so the plugin).
+            del plugin
+        if failure is not None:
+            raise failure
+        return output
 
     def _pool(self, spec: PluginSpec) -> _Pool:
         with self._lock:
@@ -177,20 +223,34 @@ class ModuleHost:
             plugin = pool.idle.pop() if pool.idle else None
             if plugin is not None:
                 self._idle_total -= 1
+                self._idle_bytes -= pool.spec.instance_bytes
         if plugin is None:
-            try:
-                # Runs the start function, which no timeout bounds: the watchdog's.
-                with watchdog.phase(f"instantiating module {pool.spec.sha256[:12]}"):
-                    plugin = extism.Plugin(pool.compiled, functions=None)
-            except extism.Error as exc:
-                raise StepError(
-                    f"cannot instantiate module {pool.spec.sha256[:12]}: {exc}",
-                    kind=ErrorKind.ERROR,
-                ) from None
+            plugin = self._instantiate(pool)
             with self._lock:
                 pool.created += 1
         logs.bind(plugin, context)
         return plugin
+
+    def _instantiate(self, pool: _Pool) -> extism.Plugin:
+        what = f"module {pool.spec.sha256[:12]}"
+        for attempt in range(INSTANTIATE_ATTEMPTS):
+            try:
+                # Runs the start function, which no timeout bounds: the watchdog's.
+                with watchdog.phase(f"instantiating {what}"):
+                    return extism.Plugin(pool.compiled, functions=None)
+            except extism.Error as exc:
+                message = str(exc)
+            # Instantiating runs Wasm on the engine a concurrent call's timeout
+            # interrupts (see _SETUP_FAILURES): that is no fault of the module.
+            if "wasm trap: interrupt" not in message:
+                break
+            if attempt == INSTANTIATE_ATTEMPTS - 1:
+                raise StepError(
+                    f"cannot instantiate {what}: interrupted {INSTANTIATE_ATTEMPTS} times "
+                    "by concurrent calls of this step timing out",
+                    kind=ErrorKind.TIMEOUT,
+                )
+        raise StepError(f"cannot instantiate {what}: {message}", kind=ErrorKind.ERROR)
 
     def _give_back(self, pool: _Pool, plugin: extism.Plugin, ok: bool) -> None:
         # A failed instance may hold a corrupt heap or half-set globals: drop it.
@@ -200,22 +260,29 @@ class ModuleHost:
                 if len(pool.idle) < self._max_idle:
                     pool.idle.append(plugin)
                     self._idle_total += 1
+                    self._idle_bytes += pool.spec.instance_bytes
                 else:
                     dropped.append(plugin)
-                if self._idle_total > self._max_idle_total:
-                    dropped.extend(self._evict_locked(self._idle_total - self._max_idle_total))
+                dropped.extend(self._evict_locked())
         for instance in dropped:
             logs.unbind(instance)
 
-    def _evict_locked(self, count: int) -> list[extism.Plugin]:
-        """Take ``count`` idle instances from the least recently used pools."""
+    def _evict_locked(self) -> list[extism.Plugin]:
+        """Idle instances over the count or memory caps, least recently used pools first."""
         evicted: list[extism.Plugin] = []
+
+        def over() -> bool:
+            return self._idle_total > self._max_idle_total or (
+                self._idle_bytes > self._max_idle_bytes and self._idle_total > 1
+            )
+
         for pool in sorted(self._pools.values(), key=lambda p: p.last_used):
-            while pool.idle and len(evicted) < count:
+            while pool.idle and over():
                 evicted.append(pool.idle.pop(0))
-            if len(evicted) >= count:
+                self._idle_total -= 1
+                self._idle_bytes -= pool.spec.instance_bytes
+            if not over():
                 break
-        self._idle_total -= len(evicted)
         return evicted
 
 
@@ -267,6 +334,20 @@ def check_loadable(wasm: bytes, host_functions: tuple[str, ...]) -> None:
         raise ModuleError(f"Extism cannot instantiate the module: {exc}") from None
 
 
+def _output_error(output: bytes, spec: PluginSpec, context: HostCall) -> StepError | None:
+    """What is wrong with a call that returned, if anything."""
+    if context.failure is not None:
+        return StepError(str(context.failure), kind=ErrorKind.HOST_FUNCTION)
+    if len(output) > spec.max_output_bytes:
+        return StepError(
+            f"module output is {len(output)} bytes, over the limit of "
+            f"{spec.max_output_bytes} (DEADLIFT_MAX_OUTPUT_BYTES)",
+            kind=ErrorKind.OUTPUT_TOO_LARGE,
+            retryable=False,
+        )
+    return None
+
+
 def _step_error(
     exc: extism.Error, spec: PluginSpec, context: HostCall, logged: str | None
 ) -> StepError:
@@ -276,6 +357,12 @@ def _step_error(
     if message == "timeout":
         return StepError(
             f"module call timed out after {spec.timeout_ms} ms", kind=ErrorKind.TIMEOUT
+        )
+    if "wasm trap: interrupt" in message or (logged is None and _in_setup(message)):
+        return StepError(
+            f"module call timed out after {spec.timeout_ms} ms, or was interrupted by a "
+            f"concurrent call of this step timing out ({message.splitlines()[0]})",
+            kind=ErrorKind.TIMEOUT,
         )
     if (
         message == "oom"
@@ -291,6 +378,21 @@ def _step_error(
     if "error while executing" in message or "wasm trap" in message or "unreachable" in message:
         return StepError(f"module trapped: {_trap_reason(message, logged)}", kind=ErrorKind.TRAP)
     return StepError(f"module returned an error: {message}", kind=ErrorKind.ERROR)
+
+
+# What libextism says when the Wasm it runs *around* a call (its kernel: reset,
+# input, clearing the error) traps. Only an interrupt traps there: Extism times a
+# call out by bumping the epoch of the compiled module's engine, which every
+# instance of it shares, so another call's timeout reaching this one while
+# libextism sets it up (before its own timer starts, where it would say
+# "timeout") fails it with wasmtime's raw "wasm trap: interrupt", or a kernel
+# backtrace, or "unable to clear error message". A trap in the module's own
+# function is always logged ("call to X encountered an error"): `logged` is set.
+_SETUP_FAILURES = ("error while executing", "unable to clear error message")
+
+
+def _in_setup(message: str) -> bool:
+    return message.startswith(_SETUP_FAILURES)
 
 
 def _trap_reason(message: str, logged: str | None) -> str:

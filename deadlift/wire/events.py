@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -36,11 +37,45 @@ STEP = "deadliftstep"
 # the receiving worker from the import the event arrived on; a value sent by the
 # producer is never trusted.
 ORIGIN = "deadliftorigin"
+# How many step outputs and emitted events the run went through to reach this event:
+# absent (0) on an event from outside, one more on each event a step produces. A
+# step refuses an event over its hop limit, so a loop or storm of workflows ends.
+HOPS = "deadlifthops"
+HOPS_HEADER = PREFIX + HOPS
+_MAX_HOPS_DIGITS = 9
 
 _REQUIRED = ("specversion", "id", "source", "type")
 _KNOWN = frozenset({*_REQUIRED, "time", "subject", "datacontenttype", "dataschema"})
 # CloudEvents extension names: lowercase ASCII letters and digits (also a valid header token).
 _EXTENSION_NAME = re.compile(r"[a-z0-9]+")
+# What the NATS binding percent-encodes in a ``ce-`` value: ``%`` and anything not
+# ASCII. Everything else (the common case) travels byte-identical, unencoded.
+_KEEP = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+
+
+def encode_value(value: str) -> str:
+    """A ``ce-`` header value as the CloudEvents NATS binding sends it.
+
+    Non-ASCII characters (as UTF-8) and ``%`` are percent-encoded; an ASCII
+    value without ``%`` is returned unchanged.
+    """
+    if value.isascii() and "%" not in value:
+        return value
+    return urllib.parse.quote(value, safe=_KEEP, errors="surrogatepass")
+
+
+def decode_value(value: str) -> str:
+    """A received ``ce-`` header value, percent-decoded (see :func:`encode_value`).
+
+    A ``%`` not followed by two hex digits stays as it is, and so does a value
+    whose escapes are not UTF-8 (a foreign producer's literal text).
+    """
+    if "%" not in value:
+        return value
+    try:
+        return urllib.parse.unquote(value, errors="strict")
+    except UnicodeDecodeError:
+        return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +116,23 @@ class Event:
     def with_data(self, data: Any) -> Event:
         """A copy carrying other data."""
         return replace(self, data=data)
+
+
+def hop_count(event: Event) -> int:
+    """The event's hop count: 0 for an event from outside Deadlift.
+
+    Raises:
+        EventDecodeError: ``ce-deadlifthops`` is not a decimal number of at most 9 digits.
+    """
+    value = event.extensions.get(HOPS)
+    if value is None:
+        return 0
+    if len(value) <= _MAX_HOPS_DIGITS and value.isascii() and value.isdigit():
+        return int(value)
+    raise EventDecodeError(
+        f"{HOPS_HEADER} must be a hop count (a decimal number of at most "
+        f"{_MAX_HOPS_DIGITS} digits), not {value[:32]!r}"
+    )
 
 
 def now_rfc3339() -> str:
@@ -186,10 +238,12 @@ def encode(event: Event) -> tuple[dict[str, str], bytes]:
                 f"extension attribute {name!r} would overwrite the CloudEvents attribute"
             )
         headers[f"{PREFIX}{name}"] = value
-    if event.traceparent:
-        headers[TRACEPARENT] = event.traceparent
     for name, value in headers.items():
         _check_header_value(name, value)
+    headers = {name: encode_value(value) for name, value in headers.items()}
+    if event.traceparent:
+        _check_header_value(TRACEPARENT, event.traceparent)
+        headers[TRACEPARENT] = event.traceparent
     return headers, pack(event.data)
 
 
@@ -214,13 +268,14 @@ def _check_header_value(name: str, value: Any) -> None:
 def attributes(headers: Mapping[str, str] | None) -> dict[str, str]:
     """The CloudEvents attributes of a message's headers, by lowercase name without ``ce-``.
 
-    Empty for a message of a foreign producer (no ``ce-`` headers at all).
+    Values are percent-decoded. Empty for a message of a foreign producer (no
+    ``ce-`` headers at all).
     """
     found = {}
     for name, value in (headers or {}).items():
         lowered = name.lower()
         if lowered.startswith(PREFIX):
-            found[lowered[len(PREFIX) :]] = value
+            found[lowered[len(PREFIX) :]] = decode_value(value)
     return found
 
 
@@ -347,13 +402,18 @@ class OutputEncoder:
         run: str,
         traceparent: str | None,
         origin: str | None = None,
+        hops: int | None = None,
     ) -> tuple[dict[str, str], bytes]:
-        """Headers and body of one output event."""
+        """Headers and body of one output event (``hops``: its hop count, see :data:`HOPS`)."""
         headers = {**self._static, f"{PREFIX}id": id, f"{PREFIX}time": time}
         _check_header_value(f"{PREFIX}{RUN}", run)
-        headers[f"{PREFIX}{RUN}"] = run
+        headers[f"{PREFIX}{RUN}"] = encode_value(run)
+        if hops is not None:
+            headers[HOPS_HEADER] = str(hops)
         if origin:
-            headers[f"{PREFIX}{ORIGIN}"] = origin  # an org name: validated by the manifest
+            headers[f"{PREFIX}{ORIGIN}"] = encode_value(
+                origin
+            )  # an org name: validated by the manifest
         if traceparent:
             _check_header_value(TRACEPARENT, traceparent)
             headers[TRACEPARENT] = traceparent

@@ -323,6 +323,30 @@ async def test_an_import_written_by_the_importers_own_stream_is_refused(
     assert await raw_messages(acme, Stream.EVENTS, "acme.inbox.out") == []
 
 
+async def test_apply_refuses_subjects_the_org_may_not_use(
+    connect: Any, server: EmbeddedServer, orgs_file: Path
+) -> None:
+    """The server would refuse them only at run time, event by event: refuse at apply."""
+    acme = await connect("acme")
+    registry = await clean(acme)
+    await push_module_file(registry, module_path("echo"))
+    settings = as_org(server, orgs_file, "acme")
+    for field, trigger, publish in (
+        ("publish", "acme.ok.in", "stripe.secret.out"),
+        ("trigger", "globex.orders", "acme.ok.out"),
+    ):
+        flow = parse_workflow(f"""
+name: outside
+org: acme
+trigger: {trigger}
+steps:
+  - {{name: take, module: echo, function: echo, publish: [{publish}]}}
+""")
+        with pytest.raises(ConfigError, match=rf"{field}: .* is outside the subjects org 'acme'"):
+            await apply_workflows(acme.jetstream(), registry, settings, [(flow, "out.yaml")])
+    assert await registry.workflows() == []
+
+
 async def test_a_workflow_may_not_publish_into_an_import(
     connect: Any, server: EmbeddedServer, orgs_file: Path
 ) -> None:

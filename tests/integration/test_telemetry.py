@@ -54,9 +54,10 @@ async def test_a_cross_org_run_is_one_trace_with_steps_chained() -> None:
     assert await run_demo(verbose=False)
     spans = spans_of_run("ch_001")  # alice: a discount, so the run crosses to Acme
     by_name = {s.name: s for s in spans}
-    before = by_name["process stripe.acme-charges.before-charge"]
-    notice = by_name["process stripe.acme-charges.notice"]
-    aggregate = by_name["process acme.loyalty.aggregate"]
+    # Messaging conventions: "process <destination>", the step's trigger or input subject.
+    before = by_name["process stripe.charges.acme"]
+    notice = by_name["process deadlift.step.stripe.acme-charges.notice"]
+    aggregate = by_name["process acme.in.stripe.discounts"]
     # One trace: each step's span is the child of the step before, across accounts.
     assert before.parent is None
     assert notice.parent.span_id == before.context.span_id
@@ -67,6 +68,15 @@ async def test_a_cross_org_run_is_one_trace_with_steps_chained() -> None:
         assert span.attributes["deadlift.run"] == "ch_001"
         assert span.attributes["deadlift.attempt"] == 1
         assert len(str(span.attributes["deadlift.module.sha256"])) == 64
+        assert span.attributes["messaging.operation.name"] == "process"
+        assert span.attributes["messaging.message.body.size"] > 0
+        assert span.attributes["messaging.message.id"]
+        assert span.attributes["server.address"] == "127.0.0.1"
+    assert before.attributes["messaging.message.id"] == "ch_001"
+    assert before.attributes["messaging.consumer.group.name"] == (
+        "stripe--acme-charges--before-charge--trigger"
+    )
+    assert notice.attributes["messaging.consumer.group.name"] == "stripe--acme-charges--notice"
     assert aggregate.attributes["deadlift.org"] == "acme"
     assert before.attributes["deadlift.org"] == "stripe"
     assert aggregate.attributes["messaging.destination.name"] == "acme.in.stripe.discounts"
@@ -142,7 +152,7 @@ steps:
     assert durations[("metered", "times", "ok")] == 3
     assert points("deadlift.module.duration")[("metered", "times", None)] == 3
     assert points("deadlift.events.in_flight")[("metered", "times", None)] == 0
-    failed = [s for s in SPANS.get_finished_spans() if s.name == "process acme.doomed.fail"]
+    failed = [s for s in SPANS.get_finished_spans() if s.name == "process doomed.in"]
     assert failed and all(s.status.status_code is StatusCode.ERROR for s in failed)
     assert {s.attributes["deadlift.error.kind"] for s in failed} == {"error"}
 

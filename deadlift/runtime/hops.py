@@ -1,0 +1,78 @@
+"""The hop guard: how far a run has gone, and where it must stop.
+
+Every event a step produces (an output or an emitted event) carries its run's
+hop count plus one (``ce-deadlifthops``; an event from outside has none: 0). A
+step runs an event only while its count is at most the step's limit — its
+``loop.max_hops`` when it declares a bounded loop, else ``DEADLIFT_MAX_HOPS`` —
+and dead-letters it (kind ``hops``) beyond, so workflows that feed each other
+cannot turn one event into a storm. ``workflow apply`` refuses such cycles
+unless a step on them declares ``loop``; this is the guard at run time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from nats.js.api import PubAck
+
+from deadlift.bus.publisher import Publisher
+from deadlift.errors import StepError
+from deadlift.model.topology import ErrorKind
+from deadlift.model.workflow import Step, Workflow
+from deadlift.runtime.builtins import EMIT_SERVICE, EmitTarget
+from deadlift.runtime.services import emitter
+from deadlift.wire import events
+
+
+def over_limit(hops: int, step: Step, default_limit: int) -> StepError | None:
+    """The error dead-lettering an event that arrived after ``hops`` hops, if it is too many."""
+    limit = step.loop.max_hops if step.loop else default_limit
+    if hops <= limit:
+        return None
+    what = "the step's loop.max_hops" if step.loop else "DEADLIFT_MAX_HOPS"
+    return StepError(
+        f"the run reached this step after {hops} hops, over the limit of {limit} ({what}): "
+        "stopped as a loop or event storm; raise the limit and replay if the run is legitimate",
+        kind=ErrorKind.HOPS,
+        retryable=False,
+    )
+
+
+def call_services(
+    services: dict[str, Any], workflow: Workflow, step: Step, publisher: Publisher, hops: int
+) -> dict[str, Any]:
+    """The services of one call of a step whose input has ``hops``: its emits carry one more."""
+    if not step.emit:
+        return services
+    stamped = emitter(workflow, step, HopStamp(publisher, hops + 1))
+    return {**services, EMIT_SERVICE: EmitTarget(tuple(step.emit), stamped)}
+
+
+@dataclass(frozen=True, slots=True)
+class HopStamp:
+    """A publisher setting the hop count of what it publishes (``emit`` of one call)."""
+
+    publisher: Publisher
+    hops: int
+
+    @property
+    def max_payload(self) -> int:
+        """The wrapped publisher's."""
+        return self.publisher.max_payload
+
+    async def publish(
+        self, subject: str, body: bytes, headers: Mapping[str, str], *, msg_id: str | None = None
+    ) -> PubAck:
+        """Publish with the hop count set."""
+        stamped = {**headers, events.HOPS_HEADER: str(self.hops)}
+        return await self.publisher.publish(subject, body, stamped, msg_id=msg_id)
+
+    async def publish_async(
+        self, subject: str, body: bytes, headers: Mapping[str, str], *, msg_id: str
+    ) -> asyncio.Future[PubAck]:
+        """Start a publish with the hop count set."""
+        stamped = {**headers, events.HOPS_HEADER: str(self.hops)}
+        return await self.publisher.publish_async(subject, body, stamped, msg_id=msg_id)
