@@ -72,6 +72,19 @@ async def whoami(nc: Client, *, timeout: float = 2.0) -> Identity:
         ) from None
 
 
+def as_system(settings: Settings) -> Settings:
+    """The same server, with the system account's credentials instead of an org's."""
+    return settings.model_copy(
+        update={
+            "org": None,
+            "creds": settings.system_creds,
+            "user": settings.system_user,
+            "password": settings.system_password,
+            "token": None,
+        }
+    )
+
+
 async def require_operator(settings: Settings, *, command: str) -> Identity:
     """Prove the caller is the deployment's operator before a command that spans orgs.
 
@@ -88,17 +101,8 @@ async def require_operator(settings: Settings, *, command: str) -> Identity:
         "system account's credentials (--system-creds FILE, or DEADLIFT_SYSTEM_USER and "
         "DEADLIFT_SYSTEM_PASSWORD; declare the user under `system:` in the org manifest)"
     )
-    as_system = settings.model_copy(
-        update={
-            "org": None,
-            "creds": settings.system_creds,
-            "user": settings.system_user,
-            "password": settings.system_password,
-            "token": None,
-        }
-    )
     try:
-        nc = await bus.connect(as_system, name="deadlift-operator")
+        nc = await bus.connect(as_system(settings), name="deadlift-operator")
     except DeadliftError as exc:
         raise PermissionDeniedError(f"{refusal} ({exc})") from None
     try:

@@ -130,7 +130,7 @@ def derive_id(*parts: str) -> str:
     return digest.hexdigest()
 
 
-def foreign_event_id(stream: str, seq: int) -> str:
+def foreign_event_id(stream: str, seq: int | str) -> str:
     """The id of a header-less message: from where it is stored, so redeliveries keep it."""
     return derive_id(stream, str(seq))
 

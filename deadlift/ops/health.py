@@ -20,6 +20,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from deadlift import bus
+from deadlift.bus.identity import as_system
 from deadlift.errors import DeadliftError
 from deadlift.model.topology import Stream
 from deadlift.ops.discovery import discover_workers
@@ -121,17 +122,10 @@ async def _check_servers(
     settings: Settings, timeout: float, problems: list[str]
 ) -> list[dict[str, Any]]:
     """Every server's ``/healthz``, asked through the system account (its credentials set)."""
-    as_system = settings.model_copy(
-        update={
-            "org": None,
-            "creds": settings.system_creds,
-            "user": settings.system_user,
-            "password": settings.system_password,
-            "token": None,
-        }
-    )
     try:
-        nc = await asyncio.wait_for(bus.connect(as_system, name="deadlift-health"), timeout)
+        nc = await asyncio.wait_for(
+            bus.connect(as_system(settings), name="deadlift-health"), timeout
+        )
     except (TimeoutError, DeadliftError, OSError) as exc:
         problems.append(f"cannot ask the servers' health with the system credentials: {exc}")
         return []

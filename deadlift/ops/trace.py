@@ -25,6 +25,7 @@ from deadlift import bus
 from deadlift.bus import dlq
 from deadlift.bus.identity import require_operator
 from deadlift.errors import DeadliftError, EventDecodeError, NotFoundError
+from deadlift.model import topology
 from deadlift.model.orgs import load_orgs
 from deadlift.model.topology import IMPORT_STREAM_PREFIX, Stream
 from deadlift.ops.records import dead_record, plain
@@ -102,7 +103,7 @@ def belongs_to(run_id: str, stream: str, seq: int, headers: Mapping[str, str] | 
         return run_id in (ce.get(events.RUN), ce.get("id"))
     h = headers or {}
     origin = (h.get(dlq.H_STREAM), h.get(dlq.H_SEQ)) if dlq.H_STREAM in h else (stream, str(seq))
-    return events.derive_id(origin[0] or "", origin[1] or "") == run_id
+    return topology.foreign_event_id(origin[0] or "", origin[1] or "") == run_id
 
 
 async def _stored_headers(

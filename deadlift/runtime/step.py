@@ -270,7 +270,7 @@ class StepRunner:
             event = events.decode(
                 msg.headers,
                 msg.data,
-                fallback_id=events.derive_id(meta.stream or "", str(seq)),
+                fallback_id=topology.foreign_event_id(meta.stream or "", seq),
                 fallback_source=f"nats:{msg.subject}",
             )
             hops = events.hop_count(event)

@@ -7,7 +7,6 @@ knows nothing about NATS connections: it turns an :class:`Event` into
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -138,20 +137,6 @@ def hop_count(event: Event) -> int:
 def now_rfc3339() -> str:
     """The current UTC time in RFC 3339 form with microseconds."""
     return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-def derive_id(*parts: str) -> str:
-    """A stable 32-hex-digit id from its parts (same parts, same id).
-
-    Each part is length-prefixed, so no choice of part contents makes two
-    different part lists hash the same input.
-    """
-    digest = hashlib.blake2b(digest_size=16)
-    for part in parts:
-        raw = str(part).encode("utf-8", "surrogatepass")
-        digest.update(len(raw).to_bytes(8, "big"))
-        digest.update(raw)
-    return digest.hexdigest()
 
 
 def new_id() -> str:

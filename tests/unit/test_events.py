@@ -12,8 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deadlift.errors import DeadliftError, EventDecodeError, EventEncodeError
+from deadlift.model.topology import derive_id
 from deadlift.wire import events
-from deadlift.wire.events import Event, decode, derive_id, encode, new_event
+from deadlift.wire.events import Event, decode, encode, new_event
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
