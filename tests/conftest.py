@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,3 +74,17 @@ async def eventually(
             return last
         await asyncio.sleep(0.05)
     raise AssertionError(f"{message} not met within {timeout} s (last value: {last!r})")
+
+
+async def recreated(make: Callable[[], Awaitable[Any]], attempts: int = 40) -> Any:
+    """Create a stream (or bucket) whose namesake was just deleted.
+
+    nats-server removes a deleted stream's store a moment later; creating the same
+    name meanwhile fails with "error creating store for stream" (500, 10049).
+    """
+    for _ in range(attempts - 1):
+        try:
+            return await make()
+        except nats.js.errors.ServerError:
+            await asyncio.sleep(0.05)
+    return await make()

@@ -16,7 +16,7 @@ from deadlift.model.workflow import Workflow, parse_workflow
 from deadlift.ops.control import apply_workflows, push_module_file
 from deadlift.ops.server import EmbeddedServer
 from deadlift.settings import Settings
-from tests.conftest import module_path
+from tests.conftest import module_path, recreated
 
 
 @pytest.fixture(scope="session")
@@ -46,8 +46,9 @@ async def nc(settings: Settings) -> AsyncIterator[Client]:
 
 @pytest.fixture
 async def registry(nc: Client) -> Registry:
-    """The registry on the clean JetStream."""
-    return await Registry.open(nc.jetstream())
+    """The registry on the clean JetStream (its buckets were just deleted: see ``recreated``)."""
+    registry: Registry = await recreated(lambda: Registry.open(nc.jetstream()))
+    return registry
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from deadlift.errors import ConfigError
 from deadlift.ops.tail import subscribe_all
 from deadlift.settings import Settings
 from deadlift.wire import events
-from tests.conftest import module_path
+from tests.conftest import module_path, recreated
 from tests.unit.hostile_names import (
     BAD_NAMES,
     BAD_PATTERNS,
@@ -46,7 +46,7 @@ BAD_HEADER_VALUES = ["a\rb", "a\nb", "a\x00b", "a\r\nNats-Msg-Id: forged", "ok\x
 @pytest.fixture
 async def stream(nc: Client) -> str:
     """A stream capturing ``attack.>`` on the clean JetStream."""
-    await nc.jetstream().add_stream(name=STREAM, subjects=["attack.>"])
+    await recreated(lambda: nc.jetstream().add_stream(name=STREAM, subjects=["attack.>"]))
     return STREAM
 
 

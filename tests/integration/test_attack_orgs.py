@@ -39,7 +39,7 @@ from deadlift.runtime.step import StepReport
 from deadlift.runtime.worker import Worker
 from deadlift.settings import Settings
 from deadlift.wire import events
-from tests.conftest import ROOT, eventually, module_path, raw_messages
+from tests.conftest import ROOT, eventually, module_path, raw_messages, recreated
 
 SECRET = "acme-crm-token-do-not-leak"
 DEADLIFT = [sys.executable, "-m", "deadlift.cli"]
@@ -115,12 +115,8 @@ async def clean(nc: Client) -> Registry:
     js = nc.jetstream()
     for info in await js.streams_info():
         await js.delete_stream(info.config.name)
-    for _ in range(20):  # a stream re-created at once may find its old store still going
-        try:
-            return await Registry.open(js)
-        except nats.js.errors.ServerError:
-            await asyncio.sleep(0.1)
-    return await Registry.open(js)
+    registry: Registry = await recreated(lambda: Registry.open(js))
+    return registry
 
 
 # -- 1. identity comes from the connection ----------------------------------------------
