@@ -26,7 +26,7 @@ from deadlift.ops.control import apply_workflows
 from deadlift.runtime.worker import StepReport, Worker
 from deadlift.settings import Settings
 from deadlift.wire import events
-from tests.conftest import publish, stored
+from tests.conftest import publish, recreated, stored
 
 PING = """
 name: ping
@@ -162,7 +162,9 @@ async def test_a_1500_step_chain_applies(
     js = nc.jetstream()
     # A stream made elsewhere with a consumer ceiling (nats-server's own default is
     # 1,000): apply is refused at step 1,000 and leaves no consumer behind.
-    await js.add_stream(name=Stream.STEPS, subjects=["deadlift.step.>"], max_consumers=1000)
+    await recreated(
+        lambda: js.add_stream(name=Stream.STEPS, subjects=["deadlift.step.>"], max_consumers=1000)
+    )
     with pytest.raises(ConfigError, match=r"s1000': cannot create consumer .*maximum consumers"):
         await apply_workflows(js, registry, settings, [doc(long_chain(1500), "long.yaml")])
     assert (await js.stream_info(Stream.STEPS)).state.consumer_count == 0
