@@ -20,14 +20,14 @@ from rich.markup import escape
 from deadlift.cli.common import (
     EXIT_ERROR,
     EXIT_OK,
-    SINGLE_TENANT_WARNING,
     err_console,
     fail,
     settings_of,
     stop_requested,
+    tenancy,
+    tenancy_options,
 )
 from deadlift.errors import DeadliftError
-from deadlift.model.orgs import load_orgs
 from deadlift.ops.cluster import LocalCluster
 from deadlift.ops.health import probe
 from deadlift.ops.tls import CertificateAuthority
@@ -53,13 +53,7 @@ from deadlift.ops.tls import CertificateAuthority
     help="one sub-directory per node (n1, n2, …): config, log, JetStream store; "
     "tls/: the routes' CA and certificates",
 )
-@click.option(
-    "--single-tenant",
-    is_flag=True,
-    help="development only: one shared account, no authentication (default: one "
-    "account per org from the org manifest, --orgs)",
-)
-@click.option("--accounts", is_flag=True, hidden=True, help="the default; kept for scripts")
+@tenancy_options
 @click.pass_context
 def cluster(
     ctx: click.Context, size: int, port: int, store_dir: str, single_tenant: bool, accounts: bool
@@ -74,13 +68,9 @@ def cluster(
     The first line printed is the client URLs, comma-separated, usable as
     --server (DEADLIFT_NATS_URL). Set DEADLIFT_STREAM_REPLICAS=3 for R3 streams.
     """
-    if single_tenant and accounts:
-        raise click.UsageError("--single-tenant and --accounts exclude each other")
-    if single_tenant:
-        err_console.print(SINGLE_TENANT_WARNING)
     settings = settings_of(ctx)
     try:
-        orgs = None if single_tenant else load_orgs(settings.orgs_file)
+        orgs = tenancy(settings, single_tenant=single_tenant, accounts=accounts)
         ports = [port + i for i in range(size)] if port else None
         running = LocalCluster(size, store_dir=store_dir, orgs=orgs, ports=ports).start()
     except DeadliftError as exc:

@@ -117,6 +117,34 @@ def org_manifest(settings: Settings) -> OrgManifest:
     return load_orgs(settings.orgs_file)
 
 
+def tenancy_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--single-tenant`` (development, loud) and the hidden, default ``--accounts``."""
+    command = click.option(
+        "--accounts", is_flag=True, hidden=True, help="the default; kept for scripts"
+    )(command)
+    return click.option(
+        "--single-tenant",
+        is_flag=True,
+        help="development only: one shared account, no authentication (default: one "
+        "account per org from the org manifest, --orgs)",
+    )(command)
+
+
+def tenancy(settings: Settings, *, single_tenant: bool, accounts: bool) -> OrgManifest | None:
+    """The org manifest a server runs with, or None for the single-tenant mode (warned).
+
+    Raises:
+        click.UsageError: both flags given.
+        ConfigError: the manifest is missing or invalid.
+    """
+    if single_tenant and accounts:
+        raise click.UsageError("--single-tenant and --accounts exclude each other")
+    if single_tenant:
+        err_console.print(SINGLE_TENANT_WARNING)
+        return None
+    return org_manifest(settings)
+
+
 def with_registry(
     func: Callable[..., Awaitable[T]],
 ) -> Callable[..., Coroutine[Any, Any, T]]:

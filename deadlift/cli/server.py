@@ -7,13 +7,13 @@ import time
 import click
 
 from deadlift.cli.common import (
-    SINGLE_TENANT_WARNING,
     console,
-    err_console,
     fail,
     org_manifest,
     settings_of,
     stop_requested,
+    tenancy,
+    tenancy_options,
 )
 from deadlift.errors import ConfigError, DeadliftError
 from deadlift.model.orgs import render_nats_config
@@ -35,13 +35,7 @@ from deadlift.ops.server import EmbeddedServer
     type=click.Path(exists=True, dir_okay=False),
     help="extra nats-server config file",
 )
-@click.option(
-    "--single-tenant",
-    is_flag=True,
-    help="development only: one shared account, no authentication (default: one "
-    "account per org from the org manifest, --orgs)",
-)
-@click.option("--accounts", is_flag=True, hidden=True, help="the default; kept for scripts")
+@tenancy_options
 @click.pass_context
 def server(
     ctx: click.Context,
@@ -52,15 +46,11 @@ def server(
     accounts: bool,
 ) -> None:
     """Run the bundled nats-server with JetStream until Ctrl-C (one account per org)."""
-    if single_tenant and accounts:
-        raise click.UsageError("--single-tenant and --accounts exclude each other")
-    if single_tenant:
-        err_console.print(SINGLE_TENANT_WARNING)
     # Handlers first: a SIGTERM while the server starts must still stop it (it runs
     # in its own session, so nothing else would).
     stopping = stop_requested()
     try:
-        orgs = None if single_tenant else org_manifest(settings_of(ctx))
+        orgs = tenancy(settings_of(ctx), single_tenant=single_tenant, accounts=accounts)
         embedded = EmbeddedServer(
             port=port, store_dir=store_dir, config_file=config_file, orgs=orgs
         )

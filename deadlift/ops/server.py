@@ -15,6 +15,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from abc import ABC, abstractmethod
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -102,14 +103,16 @@ def kill_server(process: subprocess.Popen[bytes] | None) -> None:
         process.wait()
 
 
-class Managed:
+class Managed(ABC):
     """``with`` support for things that ``start()`` and ``stop()``."""
 
+    @abstractmethod
     def start(self) -> Self:
-        raise NotImplementedError
+        """Start and wait until ready."""
 
+    @abstractmethod
     def stop(self) -> None:
-        raise NotImplementedError
+        """Stop and release what it holds."""
 
     def __enter__(self) -> Self:
         return self.start()
