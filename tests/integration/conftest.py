@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import nats.js.errors
 import pytest
+from click.testing import CliRunner, Result
 from nats.aio.client import Client
 
 from deadlift import bus
 from deadlift.bus.registry import Registry
+from deadlift.cli import main
 from deadlift.model.workflow import Workflow, parse_workflow
 from deadlift.ops.control import apply_workflows, push_module_file
 from deadlift.ops.server import EmbeddedServer
@@ -74,3 +78,21 @@ def apply(nc: Client, registry: Registry, settings: Settings) -> Callable[..., A
         return applied
 
     return apply_
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """The CLI configures root logging; put it back for the tests that follow."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+async def cli(settings: Settings, *args: str) -> Result:
+    """``deadlift --server URL ARGS`` in-process with CliRunner (in a thread: it runs a loop)."""
+    runner = CliRunner()
+    return await asyncio.to_thread(
+        runner.invoke, main, ["--server", settings.nats_url, *args], catch_exceptions=True
+    )

@@ -9,24 +9,21 @@ working. The workflow parser gets the same inputs in tests/unit/test_names.py.
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
 from nats.aio.client import Client
 
 from deadlift import bus
 from deadlift.bus import dlq
 from deadlift.bus.registry import Registry
-from deadlift.cli import main
 from deadlift.errors import ConfigError
 from deadlift.ops.tail import subscribe_all
 from deadlift.settings import Settings
 from deadlift.wire import events
 from tests.conftest import module_path, recreated
+from tests.integration.conftest import cli
 from tests.unit.hostile_names import (
     BAD_NAMES,
     BAD_PATTERNS,
@@ -156,24 +153,6 @@ async def test_dead_letter_scopes_refuse_hostile_names(nc: Client) -> None:
 
 
 # -- the CLI, against the real server --------------------------------------------------------
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """The CLI configures root logging; put it back for the tests that follow."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
-async def cli(settings: Settings, *args: str) -> Result:
-    """``deadlift --server URL ARGS`` in-process with CliRunner (in a thread: it runs a loop)."""
-    runner = CliRunner()
-    return await asyncio.to_thread(
-        runner.invoke, main, ["--server", settings.nats_url, *args], catch_exceptions=True
-    )
 
 
 def refused_by_cli(result: Result, field: str, why: str) -> None:

@@ -10,24 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from click.testing import CliRunner, Result
 from nats.aio.client import Client
 
 from deadlift import bus
 from deadlift.bus import dlq
 from deadlift.bus.registry import Registry
-from deadlift.cli.app import main
 from deadlift.model.topology import Bucket, Stream, step_subject
 from deadlift.ops import dead_letters
 from deadlift.runtime.worker import Worker
 from deadlift.settings import Settings
 from deadlift.wire import events
 from tests.conftest import raw_messages
+from tests.integration.conftest import cli
 
 FLOW = """
 name: fragile
@@ -38,24 +35,6 @@ steps:
      retry: {max_attempts: 1}}
 """
 STEP = step_subject("acme", "fragile", "run")
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """The CLI configures root logging; put it back for the tests that follow."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
-async def cli(settings: Settings, *args: str) -> Result:
-    """``deadlift --server URL ARGS`` in-process (in a thread: it runs its own loop)."""
-    runner = CliRunner()
-    return await asyncio.to_thread(
-        runner.invoke, main, ["--server", settings.nats_url, *args], catch_exceptions=True
-    )
 
 
 def event(data: Any, *, id: str, **headers: str) -> tuple[dict[str, str], bytes]:
