@@ -27,17 +27,21 @@ def cross_org(workflow: Workflow, orgs: OrgManifest | None) -> CrossOrg:
     """Find the workflow's cross-org edges in the manifest."""
     if orgs is None or workflow.org not in orgs.orgs:
         return CrossOrg()
-    org = orgs.orgs[workflow.org]
     imported = {
         trigger: imp.org
         for trigger in workflow.trigger
-        for imp in org.imports
+        for imp in orgs.imports_of(workflow.org)
         if subject_covers(imp.local_subject, trigger) or trigger == imp.local_subject
     }
     exported: dict[str, list[str]] = {}
     for step in workflow.steps:
         for subject in step.publish:
-            targets = [t for e in org.exports if subject_covers(e.subject, subject) for t in e.to]
+            targets = [
+                t
+                for e in orgs.exports_of(workflow.org)
+                if subject_covers(e.subject, subject)
+                for t in e.to
+            ]
             if targets:
                 exported[subject] = sorted(set(targets))
     return CrossOrg(imported, exported)

@@ -46,9 +46,11 @@ VERSION_MAX = 64
 
 NAME_PATTERN = r"^[a-z][a-z0-9_]*(-[a-z0-9_]+)*$"
 VERSION_PATTERN = r"^[A-Za-z0-9]+([._-][A-Za-z0-9]+)*$"
-# A module reference in a workflow: NAME, NAME@VERSION (or NAME@latest), sha256:<hex>.
+# A module reference in a workflow: NAME, NAME@VERSION (or NAME@latest), sha256:<hex>;
+# a guest's module accepted through an integration is OWNER/NAME[@VERSION].
 MODULE_REF_PATTERN = (
-    r"^(sha256:[0-9a-f]{64}|[a-z][a-z0-9_]*(-[a-z0-9_]+)*(@[A-Za-z0-9]+([._-][A-Za-z0-9]+)*)?)$"
+    r"^(sha256:[0-9a-f]{64}|([a-z][a-z0-9_]*(-[a-z0-9_]+)*/)?"
+    r"[a-z][a-z0-9_]*(-[a-z0-9_]+)*(@[A-Za-z0-9]+([._-][A-Za-z0-9]+)*)?)$"
 )
 RESERVED_VERSIONS = frozenset({"latest"})
 
@@ -219,7 +221,7 @@ def check_version(value: object, *, field: str = "version") -> str:
 
 
 def check_module_ref(value: object, *, field: str = "module") -> str:
-    """Validate ``NAME``, ``NAME@VERSION`` (``NAME@latest``) or ``sha256:<64 hex>``.
+    """Validate ``[OWNER/]NAME``, ``[OWNER/]NAME@VERSION`` (``@latest``) or ``sha256:<64 hex>``.
 
     Raises:
         ConfigError: naming ``field`` and the accepted forms.
@@ -230,12 +232,13 @@ def check_module_ref(value: object, *, field: str = "module") -> str:
         )
     name, _, version = value.partition("@")
     too_long = not value.startswith("sha256:") and (
-        len(name) > NAME_MAX or len(version) > VERSION_MAX
+        any(len(part) > NAME_MAX for part in name.split("/")) or len(version) > VERSION_MAX
     )
     if too_long or not _MODULE_REF.fullmatch(value):
         raise ConfigError(
             f"{_at(field)}invalid module reference {shown(value)}{_why(value)}; use NAME, "
-            "NAME@VERSION or sha256:<64 lowercase hex digits> (names: "
+            "NAME@VERSION, OWNER/NAME@VERSION (a guest's accepted module) or "
+            "sha256:<64 lowercase hex digits> (names: "
             f"{NAME_RULE}; versions: {VERSION_RULE})"
         )
     return value

@@ -26,6 +26,8 @@ from pydantic import (
 )
 
 from deadlift.errors import ConfigError
+from deadlift.model import integrations as links
+from deadlift.model.integrations import Integration
 from deadlift.model.workflow import NAME_PATTERN, check_subject, subject_covers
 
 DEFAULT_FILE = "config/orgs.yaml"
@@ -47,6 +49,9 @@ INTERNAL_PUBLISH = [
     "$SYS.REQ.USER.INFO",
 ]
 INTERNAL_SUBSCRIBE = ["deadlift.>", "_INBOX.>", "$SRV.>"]
+# Control messages from another org arrive here through an integration's import;
+# no user may publish here, so their sender is always the account they came from.
+SERVER_WRITTEN = [f"{links.FROM}.>"]
 
 
 class User(BaseModel):
@@ -182,6 +187,7 @@ class OrgManifest(BaseModel):
     # system password, and Deadlift itself never needs one.
     system: User | None = None
     orgs: dict[str, Org] = Field(min_length=1)
+    integrations: dict[str, Integration] = Field(default_factory=dict)
 
     @field_validator("orgs")
     @classmethod
@@ -209,19 +215,88 @@ class OrgManifest(BaseModel):
                         raise ValueError(
                             f"org {name}: exports {export.subject} to unknown org {target!r}"
                         )
+        self._check_integrations()
         for name, org in self.orgs.items():
             for imp in org.imports:
-                source = self.orgs.get(imp.org)
-                if source is None:
+                if imp.org not in self.orgs:
                     raise ValueError(f"org {name}: imports from unknown org {imp.org!r}")
                 if not any(
-                    subject_covers(e.subject, imp.subject) and name in e.to for e in source.exports
+                    subject_covers(e.subject, imp.subject) and name in e.to
+                    for e in self.exports_of(imp.org)
                 ):
                     raise ValueError(
                         f"org {name}: imports {imp.subject} from {imp.org}, which exports no "
                         f"subject covering it to {name}; add an export to org {imp.org}"
                     )
         return self
+
+    def _check_integrations(self) -> None:
+        seen: dict[tuple[str, str], str] = {}
+        for key, item in self.integrations.items():
+            if not re.fullmatch(NAME_PATTERN, key):
+                raise ValueError(
+                    f"integration name {key!r}: use lowercase letters, digits, _ and -"
+                )
+            where = f"integration {key}"
+            for role in ("host", "guest"):
+                if getattr(item, role) not in self.orgs:
+                    raise ValueError(f"{where}: {role} {getattr(item, role)!r} is not an org")
+            if item.host == item.guest:
+                raise ValueError(
+                    f"{where}: host and guest are one org; an org runs its own modules"
+                )
+            pair = (item.host, item.guest)
+            if pair in seen:
+                raise ValueError(
+                    f"{where}: {item.host} already hosts {item.guest} in integration "
+                    f"{seen[pair]}; declare one integration per host and guest"
+                )
+            seen[pair] = key
+            for name, event in item.events.items():
+                if event.sender not in pair:
+                    raise ValueError(
+                        f"{where}: event {name}: from {event.sender!r} must be "
+                        f"{item.host} or {item.guest}"
+                    )
+                if not any(subject_covers(own, event.subject) for own in self._own(event.sender)):
+                    raise ValueError(
+                        f"{where}: event {name}: {event.subject} is not a subject of "
+                        f"{event.sender} (its own are {', '.join(self._own(event.sender))})"
+                    )
+
+    def _own(self, name: str) -> list[str]:
+        return [f"{name}.>", *self.orgs[name].subjects]
+
+    def exports_of(self, name: str) -> list[Export]:
+        """What ``name`` exports: declared, and each event it sends in an integration."""
+        derived = [
+            Export(subject=event.subject, to=[item.receiver(event)])
+            for item in self.integrations.values()
+            for event in item.events.values()
+            if event.sender == name
+        ]
+        return [*self.org(name).exports, *derived]
+
+    def imports_of(self, name: str) -> list[Import]:
+        """What ``name`` imports: declared, and each event it receives in an integration."""
+        derived = [
+            Import(org=event.sender, subject=event.subject, to=event.to)
+            for item in self.integrations.values()
+            for event in item.events.values()
+            if name in (item.host, item.guest) and event.sender != name
+        ]
+        return [*self.org(name).imports, *derived]
+
+    def integrations_of(self, name: str) -> dict[str, Integration]:
+        """The integrations ``name`` takes part in, as host or guest."""
+        return {k: i for k, i in self.integrations.items() if name in (i.host, i.guest)}
+
+    def hosting(self, host: str, guest: str) -> tuple[str, Integration] | None:
+        """The integration in which ``host`` runs ``guest``'s modules, if any."""
+        for key, item in self.integrations.items():
+            if (item.host, item.guest) == (host, guest):
+                return key, item
+        return None
 
     def org(self, name: str) -> Org:
         """The org called ``name``."""
@@ -242,7 +317,7 @@ class OrgManifest(BaseModel):
     def own_subjects(self, name: str) -> list[str]:
         """Subjects the org's users may publish and subscribe to (besides Deadlift's own)."""
         org = self.org(name)
-        local_imports = [i.local_subject for i in org.imports]
+        local_imports = [i.local_subject for i in self.imports_of(name)]
         return [f"{name}.>", *org.subjects, *local_imports]
 
     def import_subjects(self, name: str) -> list[str]:
@@ -251,7 +326,7 @@ class OrgManifest(BaseModel):
         An org's own users may subscribe to them but never publish on them, so an
         event on one of these subjects came through the import, from its exporter.
         """
-        return [i.local_subject for i in self.org(name).imports]
+        return [i.local_subject for i in self.imports_of(name)]
 
     def org_of_account(self, account: str) -> str | None:
         """The org whose NATS account is ``account``."""
@@ -262,7 +337,7 @@ class OrgManifest(BaseModel):
 
     def origin_of(self, org: str, subject: str) -> str | None:
         """The org an event on ``subject`` came from, by ``org``'s import, or None (its own)."""
-        for imp in self.org(org).imports:
+        for imp in self.imports_of(org):
             if subject_covers(imp.local_subject, subject):
                 return imp.org
         return None
@@ -286,6 +361,7 @@ def load_orgs(path: str | Path) -> OrgManifest:
         raise ConfigError(f"{path}: cannot read org manifest: {exc.strerror}") from None
     except (yaml.YAMLError, ValueError) as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    _read_schema_files(raw, path.parent, source=path)
     try:
         return OrgManifest.model_validate(raw)
     except ValidationError as exc:
@@ -295,6 +371,50 @@ def load_orgs(path: str | Path) -> OrgManifest:
             for e in exc.errors()
         )
         raise ConfigError(f"{path}: invalid org manifest: {problems}") from None
+
+
+def _read_schema_files(raw: Any, base: Path, *, source: Path) -> None:
+    """Replace each event's ``schema: FILE`` by the schema read from FILE (next to the manifest)."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("integrations"), dict):
+        return
+    for key, item in raw["integrations"].items():
+        events = item.get("events") if isinstance(item, dict) else None
+        for name, event in (events or {}).items() if isinstance(events, dict) else ():
+            if not isinstance(event, dict) or not isinstance(event.get("schema"), str):
+                continue
+            file = base / event["schema"]
+            where = f"{source}: integrations.{key}.events.{name}.schema"
+            try:
+                event["schema"] = yaml.safe_load(file.read_text(encoding="utf-8"))
+            except OSError as exc:
+                raise ConfigError(f"{where}: cannot read {file}: {exc.strerror}") from None
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{where}: {file} is not JSON or YAML: {exc}") from None
+
+
+def _control_links(manifest: OrgManifest, name: str) -> tuple[list[Any], list[Any]]:
+    """The exports and imports of ``name`` for its integrations' control messages."""
+    exports: dict[str, Any] = {}
+    imports: dict[str, Any] = {}
+    for item in manifest.integrations_of(name).values():
+        peer = item.peer(name)
+        sends, receives = (
+            (links.HOST_TO_GUEST, links.GUEST_TO_HOST)
+            if name == item.host
+            else (links.GUEST_TO_HOST, links.HOST_TO_GUEST)
+        )
+        for kind in sends:
+            subject = links.share_subject(peer, kind, ">")
+            exports[subject] = {"stream": subject, "accounts": [account_name(peer)]}
+        for kind in receives:
+            imports[links.from_subject(peer, kind, ">")] = {
+                "stream": {
+                    "account": account_name(peer),
+                    "subject": links.share_subject(name, kind, ">"),
+                },
+                "to": links.from_subject(peer, kind, ">"),
+            }
+    return list(exports.values()), list(imports.values())
 
 
 def _user_entry(
@@ -316,7 +436,7 @@ def nats_accounts(manifest: OrgManifest) -> dict[str, Any]:
     for name, org in manifest.orgs.items():
         own = manifest.own_subjects(name)
         # Import subjects: readable, never writable by the org's own users.
-        imported = manifest.import_subjects(name)
+        imported = [*manifest.import_subjects(name), *SERVER_WRITTEN]
         account: dict[str, Any] = {
             "jetstream": org.limits.jetstream(),
             "limits": {"max_connections": org.limits.max_connections},
@@ -328,19 +448,22 @@ def nats_accounts(manifest: OrgManifest) -> dict[str, Any]:
                 for u in org.users
             ],
         }
-        if org.exports:
-            account["exports"] = [
-                {"stream": e.subject, "accounts": [account_name(t) for t in e.to]}
-                for e in org.exports
-            ]
-        if org.imports:
-            account["imports"] = [
-                {
-                    "stream": {"account": account_name(i.org), "subject": i.subject},
-                    **({"to": i.to} if i.to else {}),
-                }
-                for i in org.imports
-            ]
+        control_exports, control_imports = _control_links(manifest, name)
+        exports = [
+            {"stream": e.subject, "accounts": [account_name(t) for t in e.to]}
+            for e in manifest.exports_of(name)
+        ]
+        imports = [
+            {
+                "stream": {"account": account_name(i.org), "subject": i.subject},
+                **({"to": i.to} if i.to else {}),
+            }
+            for i in manifest.imports_of(name)
+        ]
+        if exports or control_exports:
+            account["exports"] = [*exports, *control_exports]
+        if imports or control_imports:
+            account["imports"] = [*imports, *control_imports]
         accounts[account_name(name)] = account
     system = manifest.system
     accounts[SYSTEM_ACCOUNT] = {}

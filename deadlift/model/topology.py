@@ -18,6 +18,12 @@ class Stream(StrEnum):
     DLQ = "DEADLIFT_DLQ"  # dead letters: deadlift.dlq.>
 
 
+# Integrations (deadlift.model.integrations): a host keeps the modules a guest offers
+# it, one stream per guest (its republished receipts tell the guest it has them);
+# a guest keeps the run records of its modules at every host.
+OFFERS_STREAM_PREFIX = "DEADLIFT_OFFERS_"
+GUEST_RUNS_STREAM = "DEADLIFT_GUEST_RUNS"
+
 # Events another org exports to this one are captured per exporter, apart from
 # the org's own: a stream's duplicate window is keyed by Nats-Msg-Id, which the
 # sender chooses, so a shared stream would let an exporter pre-occupy (and so
@@ -59,6 +65,7 @@ class ErrorKind(StrEnum):
     EXHAUSTED = "exhausted"
     PROVENANCE = "provenance"
     HOPS = "hops"  # the run passed through more steps than its hop limit: a loop or a storm
+    SCHEMA = "schema"  # an output for another org breaks the integration's JSON Schema
 
 
 # Workers advertise themselves as the NATS micro service WORKER_SERVICE; each answers
@@ -74,8 +81,23 @@ STATE_BUCKET_PREFIX = "deadlift_state_"
 # stream capturing them stores reply traffic, its own PubAcks included, and feeds itself.
 INBOX_PREFIX = "_INBOX"
 # Subjects no workflow may trigger on, publish or emit to: Deadlift's and NATS's own.
-RESERVED_PREFIXES = (f"{STEP_PREFIX}.", f"{DLQ_PREFIX}.", "$", f"{INBOX_PREFIX}.")
-RESERVED_PATTERNS = (f"{STEP_PREFIX}.>", f"{DLQ_PREFIX}.>")
+# Integration control subjects (offers, receipts, run records) are Deadlift's too.
+SHARE_PREFIX = "deadlift.share"
+FROM_PREFIX = "deadlift.from"
+RESERVED_PREFIXES = (
+    f"{STEP_PREFIX}.",
+    f"{DLQ_PREFIX}.",
+    f"{SHARE_PREFIX}.",
+    f"{FROM_PREFIX}.",
+    "$",
+    f"{INBOX_PREFIX}.",
+)
+RESERVED_PATTERNS = (
+    f"{STEP_PREFIX}.>",
+    f"{DLQ_PREFIX}.>",
+    f"{SHARE_PREFIX}.>",
+    f"{FROM_PREFIX}.>",
+)
 
 
 def import_stream(exporter_account: str) -> str:

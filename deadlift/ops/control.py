@@ -216,7 +216,7 @@ def resolve_imports(workflow: Workflow, manifest: OrgManifest, *, source: str) -
     """
     if workflow.org not in manifest.orgs:
         return workflow
-    patterns = manifest.org(workflow.org).imports
+    patterns = manifest.imports_of(workflow.org)
     imports: dict[str, str] = {}
     for trigger in workflow.trigger:
         for imp in patterns:

@@ -90,11 +90,11 @@ def org_server_config(
     JetStream in its own domain, and a leaf connection to the hub bound to that
     account, over TLS (``tls``: the org's leaf certificate and the hub's CA).
     """
-    own = manifest.model_copy(update={"orgs": {org: _local_org(manifest, org)}})
+    own = manifest.model_copy(update={"orgs": {org: _local_org(manifest, org)}, "integrations": {}})
     accounts = nats_accounts(own)
     # What arrives from other orgs comes over the leaf connection only: the org's
     # own users may read those subjects, never publish on them.
-    imported = [i.local_subject for i in manifest.org(org).imports]
+    imported = manifest.import_subjects(org)
     if imported:
         for entry in accounts["accounts"][account_name(org)].get("users", []):
             publish = entry.setdefault("permissions", {}).setdefault("publish", {})
@@ -128,7 +128,7 @@ def _local_org(manifest: OrgManifest, org: str) -> Any:
     over the leaf connection), exports need no declaration locally.
     """
     declared = manifest.org(org)
-    imported = [i.local_subject for i in declared.imports]
+    imported = manifest.import_subjects(org)
     return declared.model_copy(
         update={"imports": [], "exports": [], "subjects": [*declared.subjects, *imported]}
     )

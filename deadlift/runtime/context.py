@@ -17,6 +17,7 @@ from typing import Any
 from nats.js import JetStreamContext
 
 from deadlift.bus.publisher import Publisher
+from deadlift.model.orgs import OrgManifest
 from deadlift.model.workflow import Step, Workflow
 from deadlift.runtime.watchdog import Watchdog
 from deadlift.settings import Settings
@@ -62,6 +63,8 @@ class StepContext:
         functions: host functions on offer, by name (a step gets those it grants).
         stats: counts per outcome (``ok``, ``retry``…, ``duplicate``), shared.
         on_report: called with a :class:`StepReport` per event, or None (then none is built).
+        orgs: the org manifest, when the worker has one: integrations (contracts,
+            run records of guest modules) are held to it.
     """
 
     js: JetStreamContext
@@ -76,6 +79,7 @@ class StepContext:
     stats: Counter[str]
     on_report: Callable[[StepReport], None] | None = None
     server: tuple[str, int] | None = None  # the NATS server connected to (telemetry)
+    orgs: OrgManifest | None = None
 
 
 def step_signature(workflow: Workflow | None, step: Step) -> Any:

@@ -157,6 +157,7 @@ class Worker:
             stats=self.stats,
             on_report=self.report if self.observers else None,
             server=_server_of(self.nc),
+            orgs=self.orgs,
         )
 
     @property

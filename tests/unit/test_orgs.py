@@ -49,10 +49,14 @@ def test_shipped_manifest_renders_one_account_per_org() -> None:
     accounts = rendered["accounts"]
     assert set(accounts) == {"ACME", "STRIPE", "GLOBEX", "SYS"}
     assert all(accounts[a]["jetstream"]["max_file"] > 0 for a in ("ACME", "STRIPE", "GLOBEX"))
-    assert accounts["STRIPE"]["exports"] == [{"stream": "stripe.out.acme.>", "accounts": ["ACME"]}]
-    assert accounts["ACME"]["imports"] == [
-        {"stream": {"account": "STRIPE", "subject": "stripe.out.acme.>"}, "to": "acme.in.stripe.>"}
+    # The integration acme-at-stripe declares the event; nats-config derives the pair.
+    assert {"stream": "stripe.out.acme.discounts", "accounts": ["ACME"]} in accounts["STRIPE"][
+        "exports"
     ]
+    assert {
+        "stream": {"account": "STRIPE", "subject": "stripe.out.acme.discounts"},
+        "to": "acme.in.stripe.discounts",
+    } in accounts["ACME"]["imports"]
     acme_pub = accounts["ACME"]["users"][0]["permissions"]["publish"]["allow"]
     assert "acme.>" in acme_pub and "$JS.API.>" in acme_pub
     assert not any(s.startswith("stripe") for s in acme_pub)
@@ -100,4 +104,8 @@ def test_rendered_accounts_ship_no_system_password_and_set_limits() -> None:
     acme = rendered["accounts"]["ACME"]
     assert acme["jetstream"]["max_file"] > 0 and acme["jetstream"]["max_consumers"] > 0
     assert acme["limits"]["max_connections"] > 0
-    assert acme["users"][0]["permissions"]["publish"]["deny"] == ["acme.in.stripe.>"]
+    # Only the server writes where imports arrive: events and integration control messages.
+    assert acme["users"][0]["permissions"]["publish"]["deny"] == [
+        "acme.in.stripe.discounts",
+        "deadlift.from.>",
+    ]
