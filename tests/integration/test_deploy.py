@@ -576,6 +576,7 @@ def test_the_config_map_is_the_production_manifest_and_the_workflows_of_config()
         for secret in org.secrets.values():
             assert secret.value is None and (secret.env or secret.file), name
         assert all(u.nkey and not u.password for u in org.users), name
+    assert production.integrations == ORGS.integrations
     assert production.system is None or not production.system.password
 
 

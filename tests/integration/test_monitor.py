@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -321,8 +322,15 @@ def operator_orgs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     orgs is the operator's job."""
     manifest = yaml.safe_load(ORGS.read_text())
     manifest["system"] = {"user": "operator", "password": "operator-test"}
+    # The relay's event, declared like the shipped discounts (no schema).
+    manifest["integrations"]["acme-at-stripe"]["events"]["relayed"] = {
+        "from": "stripe",
+        "subject": "stripe.out.acme.relayed",
+        "to": "acme.in.stripe.relayed",
+    }
     path = tmp_path_factory.mktemp("orgs") / "orgs.yaml"
     path.write_text(yaml.safe_dump(manifest))
+    shutil.copytree(ORGS.parent / "schemas", path.parent / "schemas")  # the event schemas
     return path
 
 
