@@ -88,3 +88,31 @@ async def recreated(make: Callable[[], Awaitable[Any]], attempts: int = 40) -> A
         except nats.js.errors.ServerError:
             await asyncio.sleep(0.05)
     return await make()
+
+
+async def share_module(
+    guest: tuple[Any, Any], host: tuple[Any, Any], manifest: Any, name: str
+) -> str:
+    """The guest signs and offers its module ``name`` (already pushed) to the host, which
+    accepts it; returns the accepted ``owner/name@version``.
+
+    ``guest`` and ``host`` are ``(client, registry)``; the integration between them is
+    the manifest's, the guest's key the development seed in ``config/keys``.
+    """
+    from deadlift.bus.identity import whoami
+    from deadlift.bus.integration_streams import ensure_integration_streams
+    from deadlift.bus.offers import accept_offer, offer_module
+
+    (guest_nc, guest_registry), (host_nc, host_registry) = guest, host
+    owner = manifest.org_of_account((await whoami(guest_nc)).account)
+    hosting = manifest.org_of_account((await whoami(host_nc)).account)
+    await ensure_integration_streams(host_nc.jetstream(), manifest, hosting)
+    seed = (ROOT / "config" / "keys" / f"{owner}.seed").read_text().strip()
+    meta = await guest_registry.resolve(name)
+    offer = await offer_module(
+        guest_nc, guest_registry, manifest, owner=owner, ref=meta.ref, host=hosting, seed=seed
+    )
+    accepted, _ = await accept_offer(
+        host_nc.jetstream(), host_registry, manifest, host=hosting, ref=offer.ref
+    )
+    return str(accepted.ref)

@@ -1,7 +1,9 @@
 """The registry: module binaries in a JetStream Object Store, metadata and workflows in KV.
 
 The store is content-addressed: a binary is kept once under its sha256, and any
-number of ``name@version`` entries point at it.
+number of ``name@version`` entries point at it. A guest org's module that the
+org accepted (:mod:`deadlift.bus.offers`) is kept as ``owner/name@version``,
+with the owner's signature; the org's own modules have no owner.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from deadlift.errors import ConfigError, InUseError, ModuleError, NotFoundError
 from deadlift.model import names
+from deadlift.model.contracts import module_name, module_owner
 from deadlift.model.workflow import NAME_PATTERN, Workflow
 from deadlift.wasm.codecs import CODECS
 from deadlift.wasm.hostfns import NAMESPACE
@@ -51,11 +54,21 @@ class ModuleMeta(BaseModel):
     timeout_ms: int | None = None
     max_memory_pages: int | None = None
     pushed_at: float = 0.0
+    # A guest's module accepted by this org: its owner org, the owner's signature
+    # and the key it verified with at accept. None for the org's own modules.
+    owner: str | None = Field(None, pattern=NAME_PATTERN)
+    signature: str | None = None
+    signing_key: str | None = None
+    accepted_at: float | None = None
 
     @property
     def ref(self) -> str:
-        """``name@version``."""
-        return f"{self.name}@{self.version}"
+        """``name@version``, or ``owner/name@version`` for a guest's module."""
+        return (
+            f"{self.owner}/{self.name}@{self.version}"
+            if self.owner
+            else f"{self.name}@{self.version}"
+        )
 
 
 class Registry:
@@ -105,21 +118,73 @@ class Registry:
             ModuleError: not Wasm, too large, or Extism cannot load it.
             ConfigError: bad name, version or codec, or the version is taken.
         """
-        info = _validate(wasm, name=name, version=version, codec=codec, source=source)
-        host_imports = info.host_imports(NAMESPACE)
-        try:
-            await probe_module(
-                wasm,
-                host_functions=host_imports,
-                max_pages=max_memory_pages or DEFAULT_MAX_PAGES,
-                timeout_s=probe_timeout_s or DEFAULT_TIMEOUT_S,
-            )
-        except ModuleError as exc:
-            raise ModuleError(f"{source}: {exc}") from None
-        sha = hashlib.sha256(wasm).hexdigest()
-        wanted = version
+        template = await _checked(
+            wasm,
+            name=name,
+            version=version,
+            codec=codec,
+            timeout_ms=timeout_ms,
+            max_memory_pages=max_memory_pages,
+            source=source,
+            probe_timeout_s=probe_timeout_s,
+        )
+        return await self._store(wasm, template, version)
+
+    async def accept_module(
+        self,
+        wasm: bytes,
+        *,
+        owner: str,
+        name: str,
+        version: str,
+        signature: str,
+        signing_key: str,
+        codec: str = "json",
+        timeout_ms: int | None = None,
+        max_memory_pages: int | None = None,
+        source: str = "<offer>",
+        probe_timeout_s: float | None = None,
+    ) -> tuple[ModuleMeta, bool]:
+        """Store a guest's module as ``owner/name@version``, validated and probed as a push.
+
+        The caller has verified ``signature`` with ``signing_key``
+        (:func:`deadlift.bus.offers.accept_offer`); both are kept so every load can
+        verify it again. Accepting the same binary again is a no-op.
+
+        Raises:
+            ModuleError: not Wasm, too large, or Extism cannot load it.
+            ConfigError: bad name, version or codec, or the version is taken by
+                another binary of that owner.
+        """
+        names.check_name(owner, field=f"{source}: owner")
+        template = await _checked(
+            wasm,
+            name=name,
+            version=version,
+            codec=codec,
+            timeout_ms=timeout_ms,
+            max_memory_pages=max_memory_pages,
+            source=source,
+            probe_timeout_s=probe_timeout_s,
+        )
+        now = time.time()
+        owned = template.model_copy(
+            update={
+                "owner": owner,
+                "signature": signature,
+                "signing_key": signing_key,
+                "accepted_at": now,
+            }
+        )
+        return await self._store(wasm, owned, version)
+
+    async def _store(
+        self, wasm: bytes, template: ModuleMeta, wanted: str | None
+    ) -> tuple[ModuleMeta, bool]:
+        """Store a checked binary and its metadata (``template`` with version and time set)."""
+        name, owner, sha = template.name, template.owner, template.sha256
         while True:
-            existing = await self.versions(name)
+            existing = await self.versions(name, owner=owner)
             version = wanted
             if version is None:
                 if existing and existing[-1].sha256 == sha:
@@ -130,47 +195,47 @@ class Registry:
                     if meta.sha256 == sha:
                         return meta, False
                     raise ConfigError(
-                        f"{name}@{version} already exists with another binary "
-                        f"(sha256 {meta.sha256[:12]}); versions are immutable, push a new version"
+                        f"{meta.ref} already exists with another binary "
+                        f"(sha256 {meta.sha256[:12]}); versions are immutable, "
+                        + ("offer a new version" if owner else "push a new version")
                     )
-            meta = ModuleMeta(
-                name=name,
-                version=version,
-                sha256=sha,
-                codec=codec,
-                size=len(wasm),
-                exports=sorted(info.exports),
-                host_imports=sorted(host_imports),
-                timeout_ms=timeout_ms,
-                max_memory_pages=max_memory_pages,
-                pushed_at=time.time(),
-            )
+            meta = template.model_copy(update={"version": version, "pushed_at": time.time()})
             # Binary first: metadata must never point at a missing binary.
             if not await self._has_binary(sha):
                 await self._binaries.put(sha, wasm)
             try:
                 # create, not put: of two concurrent pushes of one version, one wins.
                 await self._modules.create(
-                    _module_key(name, version), meta.model_dump_json().encode()
+                    _module_key(name, version, owner), meta.model_dump_json().encode()
                 )
             except nats.js.errors.KeyWrongLastSequenceError:
                 continue  # pushed meanwhile: look again (a no-op, a refusal or the next version)
             return meta, True
 
     async def modules(self) -> list[ModuleMeta]:
-        """Every module version, sorted by name then push time."""
+        """Every module version, the org's own first, by owner, name, then push time."""
         metas = [
             ModuleMeta.model_validate_json(v)
             for v in await _values(self.js, MODULES, self._modules)
         ]
-        return sorted(metas, key=lambda m: (m.name, m.pushed_at))
+        return sorted(metas, key=lambda m: (m.owner or "", m.name, m.pushed_at))
 
-    async def versions(self, name: str) -> list[ModuleMeta]:
-        """The versions of one module, oldest first."""
-        return [m for m in await self.modules() if m.name == name]
+    async def versions(self, name: str, *, owner: str | None = None) -> list[ModuleMeta]:
+        """The versions of one module (the org's own, or ``owner``'s accepted), oldest first."""
+        return [
+            m
+            for m in await self.modules()
+            if m.name == name
+            and m.owner == owner
+            # An owned entry counts only as accepted (the only way one is written).
+            and (owner is None or m.accepted_at is not None)
+        ]
 
     async def resolve(self, ref: str) -> ModuleMeta:
-        """Find a module by ``name`` (latest), ``name@version`` or ``sha256:<hex>``.
+        """Find a module by ``[owner/]name`` (latest), ``[owner/]name@version`` or ``sha256:<hex>``.
+
+        ``owner/…`` looks only at that owner's accepted modules; a plain name and
+        ``sha256:`` only at the org's own.
 
         Raises:
             NotFoundError: naming what exists instead.
@@ -179,12 +244,19 @@ class Registry:
         if ref.startswith("sha256:"):
             sha = ref.removeprefix("sha256:")
             for meta in reversed(await self.modules()):
-                if meta.sha256 == sha:
+                if meta.sha256 == sha and meta.owner is None:
                     return meta
             raise NotFoundError(f"no module with sha256 {sha}; push it with `deadlift module push`")
-        name, _, version = ref.partition("@")
-        versions = await self.versions(name)
+        owner, name = module_owner(ref), module_name(ref)
+        version = ref.partition("@")[2]
+        versions = await self.versions(name, owner=owner)
         if not versions:
+            if owner:
+                raise NotFoundError(
+                    f"{owner} has no accepted module {name!r}; list offers with "
+                    f"`deadlift module offers` and accept one with "
+                    f"`deadlift module accept {owner}/{name}@VERSION`"
+                )
             raise NotFoundError(
                 f"module {name!r} is not registered; push it with "
                 f"`deadlift module push FILE.wasm --name {name}`"
@@ -195,7 +267,8 @@ class Registry:
             if meta.version == version:
                 return meta
         known = ", ".join(m.version for m in versions)
-        raise NotFoundError(f"module {name!r} has no version {version!r} (versions: {known})")
+        shown = f"{owner}/{name}" if owner else name
+        raise NotFoundError(f"module {shown!r} has no version {version!r} (versions: {known})")
 
     async def remove_module(self, ref: str) -> list[ModuleMeta]:
         """Remove ``name@version`` (or every version of ``name``); return what was removed.
@@ -207,8 +280,9 @@ class Registry:
         names.check_module_ref(ref, field="module")
         if ref.startswith("sha256:"):
             raise ConfigError(f"module rm {ref}: name the module as NAME or NAME@VERSION")
-        name, _, version = ref.partition("@")
-        versions = await self.versions(name)
+        owner, name = module_owner(ref), module_name(ref)
+        version = ref.partition("@")[2]
+        versions = await self.versions(name, owner=owner)
         if version == "latest" and versions:
             version = versions[-1].version
         chosen = [m for m in versions if not version or m.version == version]
@@ -222,15 +296,19 @@ class Registry:
                 # A step uses the module if its binary would go (whatever its
                 # reference: name, name@version or sha256:), or if its reference
                 # names what goes and would no longer resolve.
-                ref_name, _, ref_version = step.module.partition("@")
-                names_it = ref_name == name and (not version or ref_version == version)
+                ref_version = step.module.partition("@")[2]
+                names_it = (
+                    module_owner(step.module) == owner
+                    and module_name(step.module) == name
+                    and (not version or ref_version == version)
+                )
                 if step.module_sha256 in orphans or names_it:
                     raise InUseError(
                         f"module {ref} is used by workflow {workflow.key} step {step.name!r}; "
                         "change or remove that workflow first"
                     )
         for meta in chosen:
-            await self._modules.purge(_module_key(meta.name, meta.version))
+            await self._modules.purge(_module_key(meta.name, meta.version, meta.owner))
         remaining = {m.sha256 for m in await self.modules()}
         for sha in shas - remaining:  # the store is content-addressed: drop orphans only
             with contextlib.suppress(nats.js.errors.NotFoundError):
@@ -270,6 +348,11 @@ class Registry:
             try:
                 meta = await self.resolve(step.module)
             except NotFoundError as exc:
+                owner = module_owner(step.module)
+                if owner is not None:
+                    raise ConfigError(
+                        f"{where}: {not_accepted(step.module, workflow.org)}"
+                    ) from None
                 raise ConfigError(f"{where}: module: {exc}") from None
             if step.function not in meta.exports:
                 raise ConfigError(
@@ -339,6 +422,51 @@ class Registry:
             await watcher.stop()
 
 
+def not_accepted(ref: str, host: str) -> str:
+    """Why a host may not use a guest's module reference yet, and what to do."""
+    accept = ref if "@" in ref else f"{ref}@VERSION"
+    return (
+        f"module {ref} is not accepted: list offers with `deadlift --org {host} module offers`, "
+        f"accept with `deadlift --org {host} module accept {accept}`"
+    )
+
+
+async def _checked(
+    wasm: bytes,
+    *,
+    name: str,
+    version: str | None,
+    codec: str,
+    timeout_ms: int | None,
+    max_memory_pages: int | None,
+    source: str,
+    probe_timeout_s: float | None,
+) -> ModuleMeta:
+    """Validate and probe a binary; its metadata, version and time still to be set."""
+    info = _validate(wasm, name=name, version=version, codec=codec, source=source)
+    host_imports = info.host_imports(NAMESPACE)
+    try:
+        await probe_module(
+            wasm,
+            host_functions=host_imports,
+            max_pages=max_memory_pages or DEFAULT_MAX_PAGES,
+            timeout_s=probe_timeout_s or DEFAULT_TIMEOUT_S,
+        )
+    except ModuleError as exc:
+        raise ModuleError(f"{source}: {exc}") from None
+    return ModuleMeta(
+        name=name,
+        version=version or "0",
+        sha256=hashlib.sha256(wasm).hexdigest(),
+        codec=codec,
+        size=len(wasm),
+        exports=sorted(info.exports),
+        host_imports=sorted(host_imports),
+        timeout_ms=timeout_ms,
+        max_memory_pages=max_memory_pages,
+    )
+
+
 def _validate(wasm: bytes, *, name: str, version: str | None, codec: str, source: str) -> WasmInfo:
     names.check_name(name, field=f"{source}: module name")
     if version is not None:
@@ -393,8 +521,9 @@ async def kv_entries(js: JetStreamContext, bucket: str, kv: Any) -> list[tuple[s
     return entries
 
 
-def _module_key(name: str, version: str) -> str:
-    return f"{name}/{version}"
+def _module_key(name: str, version: str, owner: str | None = None) -> str:
+    # Names have no '/': an owned key (three parts) never clashes with an own one.
+    return f"{owner}/{name}/{version}" if owner else f"{name}/{version}"
 
 
 def _next_version(existing: list[ModuleMeta]) -> str:

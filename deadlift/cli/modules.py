@@ -1,4 +1,8 @@
-"""``deadlift module push|ls|inspect|rm``: Wasm modules in the registry."""
+"""``deadlift module push|ls|inspect|rm``: Wasm modules in the registry.
+
+Offers of guest orgs' modules (``module offer|offers|accept|keygen``) are in
+:mod:`deadlift.cli.offers`.
+"""
 
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from deadlift.settings import Settings
 
 @click.group()
 def module() -> None:
-    """Push and list Wasm modules."""
+    """Push and list Wasm modules; offer them to a host org, accept a guest's."""
 
 
 @module.command("push")
@@ -107,9 +111,12 @@ def module_ls(ctx: click.Context, as_json: bool) -> None:
         if as_json:
             click.echo(dump_json([m.model_dump() for m in metas]))
             return
-        table = Table("module", "version", "sha256", "codec", "size", "exports", "host imports")
+        table = Table(
+            "owner", "module", "version", "sha256", "codec", "size", "exports", "host imports"
+        )
         for m in metas:
             table.add_row(
+                m.owner or "-",
                 m.name,
                 m.version,
                 m.sha256[:12],
@@ -169,7 +176,7 @@ def with_iso_times(info: dict[str, Any]) -> dict[str, Any]:
 @click.argument("ref")
 @click.pass_context
 def module_rm(ctx: click.Context, ref: str) -> None:
-    """Remove NAME@VERSION (or every version of NAME); refused while a workflow uses it."""
+    """Remove [OWNER/]NAME@VERSION (or every version); refused while a workflow uses it."""
 
     @with_registry
     async def rm(settings: Settings, nc: Any, registry: Registry) -> None:

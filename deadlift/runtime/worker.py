@@ -19,10 +19,13 @@ from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
 
+import nats.errors
 from nats.aio.client import Client
 
 from deadlift import bus
 from deadlift.bus.identity import Identity, whoami
+from deadlift.bus.integration_streams import ensure_integration_streams
+from deadlift.bus.offers import guest_module_problem
 from deadlift.bus.publisher import JetStreamPublisher
 from deadlift.bus.registry import Registry
 from deadlift.errors import DeadliftError
@@ -182,6 +185,20 @@ class Worker:
         self._trim_task = asyncio.create_task(self._trim(), name="deadlift-pool-trim")
         if self.advertise:
             self._service = await advertise(self.nc, self.describe)
+        await self._ensure_integration_streams()
+
+    async def _ensure_integration_streams(self) -> None:
+        """Keep this org's integration streams: offers it hosts, run records it guests."""
+        assert self.identity is not None
+        org = self.orgs.org_of_account(self.identity.account) if self.orgs else None
+        if self.orgs is None or org is None:
+            return  # no manifest, or a single-tenant server: no accounts to cross
+        try:
+            await ensure_integration_streams(
+                self.js, self.orgs, org, replicas=self.settings.stream_replicas
+            )
+        except (DeadliftError, nats.errors.Error, TimeoutError) as exc:
+            log.warning("integration streams of org %s not ensured: %s", org, exc)
 
     async def drain(self, timeout: float = 30.0) -> None:
         """Return when no step of this worker has an event pending or in flight.
@@ -346,6 +363,12 @@ class Worker:
             return []
         try:
             assert self.registry is not None
+            # A guest's module runs only as accepted and signed by its owner, checked
+            # on every load against the manifest's key, before the binary is touched.
+            refusal = await guest_module_problem(self.registry, self.orgs, workflow, step)
+            if refusal:
+                log.error("%s not started: %s", where, refusal)
+                return []
             if not self.host.has_binary(step.module_sha256):
                 wasm = await self.registry.binary(step.module_sha256)
                 # Instantiation runs its start function, unbounded: try it in a child first.
