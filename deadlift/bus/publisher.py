@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import nats.errors
 import nats.js.errors
@@ -44,6 +44,19 @@ class Publisher(Protocol):
     ) -> asyncio.Future[PubAck]:
         """Start a publish whose subject was validated before (a step's targets at apply);
         await the returned future for the PubAck."""
+        ...
+
+
+@runtime_checkable
+class Sender(Protocol):
+    """Sends a message no stream acknowledges: a core NATS publish, fire and forget.
+
+    For what crosses accounts through a stream export (run records): no PubAck
+    comes back across accounts.
+    """
+
+    async def send(self, subject: str, body: bytes) -> None:
+        """Hand the message to the connection; raise if it cannot take it."""
         ...
 
 
@@ -121,6 +134,11 @@ class JetStreamPublisher:
         )
         return future
 
+    async def send(self, subject: str, body: bytes) -> None:
+        """A core publish (no PubAck), size-checked: the subject is the caller's own."""
+        check_size(self.max_payload, subject, {}, body)
+        await self.nc.publish(subject, body)
+
 
 @dataclass(frozen=True, slots=True)
 class Published:
@@ -138,6 +156,7 @@ class MemoryPublisher:
     max_payload: int = 1024 * 1024
     messages: list[Published] = field(default_factory=list)
     fail_with: Exception | None = None  # raise this on the next publishes (an outage)
+    sent: list[Published] = field(default_factory=list)  # core publishes (no stream)
     _ids: set[str] = field(default_factory=set)
 
     def on(self, subject: str) -> list[Published]:
@@ -166,6 +185,13 @@ class MemoryPublisher:
         except Exception as exc:  # as a real publish reports an outage: on the future
             future.set_exception(exc)
         return future
+
+    async def send(self, subject: str, body: bytes) -> None:
+        """Record a core publish in :attr:`sent` (``fail_with`` applies too)."""
+        check_size(self.max_payload, subject, {}, body)
+        if self.fail_with is not None:
+            raise self.fail_with
+        self.sent.append(Published(subject, body, {}))
 
     def _store(self, subject: str, body: bytes, headers: Mapping[str, str]) -> PubAck:
         if self.fail_with is not None:

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +21,6 @@ import nats.errors
 from nats.aio.msg import Msg
 from opentelemetry.trace import Span
 
-from deadlift.bus import dlq
 from deadlift.bus.streams import StepBinding
 from deadlift.errors import (
     DeadliftError,
@@ -33,8 +32,8 @@ from deadlift.errors import (
 from deadlift.model import topology
 from deadlift.model.topology import ErrorKind, Outcome, Stream, step_subject
 from deadlift.model.workflow import Step, Workflow
+from deadlift.runtime import crossings, runs, telemetry
 from deadlift.runtime import hops as hops_guard
-from deadlift.runtime import telemetry
 from deadlift.runtime.context import (
     SERVER_RELAY_HEADERS,
     StepContext,
@@ -44,6 +43,8 @@ from deadlift.runtime.context import (
     stamp_origin,
     step_signature,
 )
+from deadlift.runtime.letters import dead_letter
+from deadlift.runtime.letters import settle as _settle
 from deadlift.wasm.codecs import from_module, to_module
 from deadlift.wasm.host import PluginSpec
 from deadlift.wasm.hostfns import HostCall
@@ -88,18 +89,6 @@ def _publish_error(exc: object) -> StepError:
     return StepError(f"publish failed: {exc or type(exc).__name__}", kind=ErrorKind.PUBLISH)
 
 
-async def _settle(action: Awaitable[Any], what: str) -> None:
-    """Ack/nak/term/in_progress without letting a lost connection crash the step.
-
-    If the server never hears it, the event is redelivered after ack_wait and
-    its outputs are deduplicated: nothing is lost.
-    """
-    try:
-        await action
-    except (nats.errors.Error, OSError, TimeoutError) as exc:
-        log.warning("%s failed (%s); the event will be redelivered", what, exc)
-
-
 class StepRunner:
     """Pulls one step's events from its consumer and runs them, bounded in flight."""
 
@@ -117,7 +106,7 @@ class StepRunner:
         self.step = step
         self.spec = spec
         self.binding = binding
-        self.services = services
+        self.services, self.crossings = crossings.of_step(services, context.orgs, workflow, step)
         self.signature = step_signature(workflow, step)
         self.concurrency = step.concurrency or context.concurrency
         self.granted = {n: context.functions[n] for n in step.host_functions}
@@ -143,6 +132,8 @@ class StepRunner:
         # A trigger's provenance comes from where it arrived (an import's own stream),
         # never from its headers; a step input carries the run's, stamped on entry.
         self.is_trigger = binding.stream != Stream.STEPS
+        # A guest's module (another org's, under an integration): the guest sees its runs.
+        self.runs = runs.recorder_for(context, workflow, step, spec.sha256)
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -331,6 +322,7 @@ class StepRunner:
             traceparent=event.traceparent,
             origin=event.origin,
             log_limit=self.context.settings.module_log_bytes,
+            log_lines=self.runs.capture() if self.runs else None,
             host_timeout_s=self.spec.timeout_ms / 1000,
         )
         return job
@@ -410,7 +402,7 @@ class StepRunner:
 
     async def _publish_all(self, jobs: list[_Job]) -> None:
         """Start publishing every output (PubAcks are awaited in :meth:`_confirm`)."""
-        publisher = self.context.publisher
+        publisher = crossings.gate(jobs, self.crossings, self.context.publisher)
         now = events.now_rfc3339()  # one occurrence time per batch
         for job in jobs:
             if job.error is not None or job.output is None:
@@ -477,7 +469,9 @@ class StepRunner:
         """Ack a job that succeeded or fail it; report; end its span."""
         try:
             if job.error is not None:
-                await self._fail(job.msg, job.event, job.attempt, job.started, job.error, job.span)
+                await self._fail(
+                    job.msg, job.event, job.attempt, job.started, job.error, job.span, job.call
+                )
                 return
             await _settle(job.msg.ack(), "ack")
             outcome = Outcome.FILTERED if job.output is None else Outcome.OK
@@ -489,6 +483,7 @@ class StepRunner:
                 output=job.output,
                 targets=job.targets if job.output is not None else (),
                 span=job.span,
+                call=job.call,
             )
         finally:
             self.telemetry.end_execution(job.span)
@@ -501,51 +496,20 @@ class StepRunner:
         started: float,
         error: StepError,
         span: Span | None = None,
+        call: HostCall | None = None,
     ) -> None:
         retry = self.step.retry
         if error.retryable and attempt < retry.max_attempts:
             await _settle(msg.nak(delay=retry.delay(attempt)), "nak")
-            self._report(event, Outcome.RETRY, started, attempt, error=error, span=span)
+            self._report(event, Outcome.RETRY, started, attempt, error=error, span=span, call=call)
             return
-        meta = msg.metadata
-        try:
-            await dlq.record(
-                self.context.publisher,
-                org=self.workflow.org,
-                workflow=self.workflow.name,
-                step=self.step.name,
-                module=self.spec.sha256,
-                subject=msg.subject,
-                headers=(
-                    provenance_headers(msg.headers, self.binding.origin)
-                    if self.is_trigger
-                    else msg.headers
-                ),
-                body=msg.data,
-                stream=meta.stream or "",
-                seq=meta.sequence.stream if meta.sequence else 0,
-                attempts=attempt,
-                kind=error.kind,
-                error=str(error),
-                # A letter over max_payload keeps the event by reference (opened on use).
-                store=dlq.ObjectBodies(
-                    self.context.js, replicas=self.context.settings.stream_replicas
-                ),
-            )
-        except Exception as exc:  # never lose it: let it come back
-            log.error("dead-lettering failed for %s (%s); will retry", self.binding.consumer, exc)
-            await _settle(msg.nak(delay=1.0), "nak")
-            return
-        await _settle(msg.term(), "term")
-        log.warning(
-            "event %s dead-lettered at %s after %d attempt(s): [%s] %s",
-            event.id if event else "?",
-            self.binding.consumer,
-            attempt,
-            error.kind,
-            error,
+        headers = (
+            provenance_headers(msg.headers, self.binding.origin) if self.is_trigger else msg.headers
         )
-        self._report(event, Outcome.DEAD, started, attempt, error=error, span=span)
+        where = (self.workflow, self.step, self.spec.sha256, self.binding.consumer)
+        if not await dead_letter(self.context, where, msg, headers, event, attempt, error):
+            return
+        self._report(event, Outcome.DEAD, started, attempt, error=error, span=span, call=call)
 
     def _report(
         self,
@@ -558,8 +522,11 @@ class StepRunner:
         targets: tuple[str, ...] = (),
         error: StepError | None = None,
         span: Span | None = None,
+        call: HostCall | None = None,
     ) -> None:
         self.context.stats[outcome] += 1
+        if self.runs is not None:
+            self.runs.note(event, outcome, started, attempt, output, error, span, call)
         self.telemetry.record(
             outcome,
             time.perf_counter() - started,

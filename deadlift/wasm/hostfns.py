@@ -86,6 +86,10 @@ class HostCall:
     log_bytes: int = 0
     log_dropped_lines: int = 0
     log_dropped_bytes: int = 0
+    # When a list, the module's own lines of this call (level, escaped text) are
+    # also kept here, at most logs.CAPTURE_LINES (for the run record a guest sees).
+    log_lines: list[tuple[str, str]] | None = None
+    log_lines_over: int = 0
 
     def run_async(self, awaitable: Awaitable[Any], timeout: float | None = None) -> Any:
         """Run a coroutine on the worker's loop from the module's thread and wait for it.

@@ -22,6 +22,10 @@ A module's log text is untrusted:
 The host's own lines about a call (``call to X encountered an error: ...``) are
 escaped and counted the same way, but the error text is kept whole, unescaped,
 for :func:`take_error`.
+
+A call whose ``HostCall.log_lines`` is a list also keeps the module's own lines
+that passed (escaped, cut as above; at most :data:`CAPTURE_LINES`, the rest
+counted in ``log_lines_over``): the run record a guest sees of its module's call.
 """
 
 from __future__ import annotations
@@ -42,7 +46,15 @@ logger = logging.getLogger("deadlift.module")
 _PLUGIN = re.compile(r'plugin="([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})"')
 _LEVEL = re.compile(r"\b(TRACE|DEBUG|INFO|WARN|ERROR)\b")
 # libextism's format: `<time>  INFO extism::pdk: <message> plugin="<uuid>"`
-_LINE = re.compile(r"^\S+\s+[A-Z]+\s+[\w:]+: (?P<message>.*?)(?: plugin=\"[0-9a-f-]+\")?\s*$", re.S)
+_LINE = re.compile(
+    r"^\S+\s+[A-Z]+\s+(?P<target>[\w:]+): (?P<message>.*?)(?: plugin=\"[0-9a-f-]+\")?\s*$", re.S
+)
+# The target of the lines a module logs itself (``Host.log``); the host's own
+# lines about a call (``extism::plugin``) are not the module's.
+_MODULE_TARGET = "extism::pdk"
+# At most this many of a call's own lines are kept for its run record (when the
+# HostCall asks for them with ``log_lines``); the byte budget above caps their text.
+CAPTURE_LINES = 50
 _LEVELS = {
     "TRACE": 5,
     "DEBUG": logging.DEBUG,
@@ -221,6 +233,14 @@ def _admit(call: Any, message: str) -> str | None:
     return kept + _TRUNCATED
 
 
+def _capture(call: Any, level: str, message: str) -> None:
+    """Keep one of the module's own lines for the call's run record (``_lock`` held)."""
+    if len(call.log_lines) < CAPTURE_LINES:
+        call.log_lines.append((level, message))
+    else:
+        call.log_lines_over += 1
+
+
 def _emit(line: str) -> None:
     plugins = _PLUGIN.findall(line)
     plugin = plugins[-1] if plugins else None
@@ -228,6 +248,7 @@ def _emit(line: str) -> None:
     level = _LEVELS[level_match.group(1)] if level_match else logging.INFO
     parsed = _LINE.match(line)
     text = parsed.group("message") if parsed else line.rstrip()
+    own = parsed is not None and parsed.group("target") == _MODULE_TARGET
     # With RUST_BACKTRACE set, libextism appends the host's Rust stack: noise to module authors.
     text = text.split("\nStack backtrace:", 1)[0].rstrip()
     escaped = escape(text)
@@ -238,6 +259,8 @@ def _emit(line: str) -> None:
             if _CALL_ERROR in text:
                 _errors[plugin] = text.split(_CALL_ERROR, 1)[1]
             message = _admit(context, escaped)
+            if own and message is not None and getattr(context, "log_lines", None) is not None:
+                _capture(context, level_match.group(1) if level_match else "INFO", message)
     if message is None:
         return
     if context is None:
