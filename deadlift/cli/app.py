@@ -8,7 +8,20 @@ from __future__ import annotations
 
 import click
 
-from deadlift.cli import cluster, dev, dlq, events, modules, monitor, server, worker, workflows
+from deadlift.cli import (
+    cluster,
+    contract,
+    dev,
+    dlq,
+    events,
+    guest,
+    modules,
+    monitor,
+    offers,
+    server,
+    worker,
+    workflows,
+)
 from deadlift.runtime.telemetry import configure_logging
 from deadlift.settings import Settings, default_orgs_file
 
@@ -81,9 +94,24 @@ def main(
     ctx.obj = {"settings": settings}
 
 
-for _module in (cluster, dev, dlq, events, modules, monitor, server, worker, workflows):
+for _module in (
+    cluster,
+    contract,
+    dev,
+    dlq,
+    events,
+    guest,
+    modules,
+    monitor,
+    server,
+    worker,
+    workflows,
+):
     for _command in _module.COMMANDS:
         main.add_command(_command)
+# Offers are module commands: `deadlift module offer|offers|accept|keygen`.
+for _command in offers.COMMANDS:
+    modules.module.add_command(_command)
 
 
 if __name__ == "__main__":

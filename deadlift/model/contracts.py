@@ -54,9 +54,38 @@ def outgoing_event(manifest: OrgManifest, sender: str, subject: str) -> EventSch
 
 def step_problems(manifest: OrgManifest, workflow: Workflow, step: Step) -> list[str]:
     """Why ``step`` breaks an integration of ``workflow.org`` (empty: it keeps them all)."""
+    problems = _received_problems(manifest, workflow, step)
     owner = module_owner(step.module)
     if owner is None:
-        return []
+        return problems
+    return problems + _guest_problems(manifest, workflow, step, owner)
+
+
+def _received_problems(manifest: OrgManifest, workflow: Workflow, step: Step) -> list[str]:
+    """A step may not publish or emit where a peer's integration events arrive.
+
+    Only the peer's export delivers there (the org's users may not publish on
+    an import): such a step would fail on every event.
+    """
+    org = workflow.org
+    problems: list[str] = []
+    for key, item in manifest.integrations_of(org).items():
+        for name, event in item.events.items():
+            if event.sender == org:
+                continue
+            for field, subjects in (("publish", step.publish), ("emit", step.emit)):
+                problems.extend(
+                    f"{field}: {subject}: {event.local_subject} is where {event.sender}'s event "
+                    f"{name} of integration {key} arrives; only {event.sender} sends there, so "
+                    "publish to one of the org's own subjects"
+                    for subject in subjects
+                    if subjects_overlap(event.local_subject, subject)
+                )
+    return problems
+
+
+def _guest_problems(manifest: OrgManifest, workflow: Workflow, step: Step, owner: str) -> list[str]:
+    """Why a step running ``owner``'s module breaks the integration hosting it."""
     org = workflow.org
     name = module_name(step.module)
     if owner == org:

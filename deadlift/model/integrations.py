@@ -160,7 +160,16 @@ def schema_problem(schema: dict[str, Any], data: Any) -> str | None:
     """Why ``data`` does not satisfy ``schema`` (the first problem, with its path), or None."""
     import json
 
-    validator = _validator(json.dumps(schema, sort_keys=True))
+    return validation_problem(_validator(json.dumps(schema, sort_keys=True)), data)
+
+
+def schema_validator(schema: dict[str, Any]) -> Draft202012Validator:
+    """A validator of ``schema``: build it once to check many payloads."""
+    return Draft202012Validator(schema)
+
+
+def validation_problem(validator: Draft202012Validator, data: Any) -> str | None:
+    """Like :func:`schema_problem`, with a validator built before (see :func:`schema_validator`)."""
     error = next(iter(validator.iter_errors(data)), None)
     if error is None:
         return None

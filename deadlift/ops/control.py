@@ -15,6 +15,7 @@ from deadlift.bus.identity import Identity, whoami
 from deadlift.bus.registry import ModuleMeta, Registry
 from deadlift.errors import ConfigError, ModuleError
 from deadlift.model import names
+from deadlift.model.contracts import check_workflow
 from deadlift.model.orgs import OrgManifest, load_orgs
 from deadlift.model.workflow import (
     Step,
@@ -90,7 +91,7 @@ async def module_info(registry: Registry, ref: str) -> dict[str, Any]:
     return {
         **meta.model_dump(),
         "used_by": await module_users(registry, meta.sha256),
-        "versions": [m.version for m in await registry.versions(meta.name)],
+        "versions": [m.version for m in await registry.versions(meta.name, owner=meta.owner)],
     }
 
 
@@ -106,14 +107,20 @@ async def apply_workflows(
 
     Nothing is stored unless every workflow is valid. A workflow must belong to
     the org of the connection's account; with an org manifest (``orgs``, else
-    ``settings.orgs_file`` when it exists), triggers that arrive through an
-    import are recorded with their exporter and captured apart.
+    ``settings.orgs_file`` when it exists), it must keep its org's integrations
+    (:func:`~deadlift.model.contracts.check_workflow`), and triggers that arrive
+    through an import are recorded with their exporter and captured apart.
     """
     # The org comes from the connection: a workflow claiming another org is refused.
     identity = await whoami(js._nc)  # the JetStream context's own connection
     manifest = orgs if orgs is not None else load_orgs_if_present(settings.orgs_file)
     workflows = list(workflows)
     _check_documents(workflows, identity, settings)
+    if manifest is not None:
+        # Before the registry: a step exceeding its grants is refused even while the
+        # guest's module is not accepted yet.
+        for workflow, source in workflows:
+            check_workflow(manifest, workflow, source=source)
     resolved = [(await registry.resolve_workflow(w, source=src), src) for w, src in workflows]
     if manifest is not None and not identity.single_tenant:
         resolved = [(resolve_imports(w, manifest, source=src), src) for w, src in resolved]

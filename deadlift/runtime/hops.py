@@ -23,6 +23,7 @@ from deadlift.errors import StepError
 from deadlift.model.topology import ErrorKind
 from deadlift.model.workflow import Step, Workflow
 from deadlift.runtime.builtins import EMIT_SERVICE, EmitTarget
+from deadlift.runtime.crossings import CONTRACTS_SERVICE, EmitContracts
 from deadlift.runtime.services import emitter
 from deadlift.wire import events
 
@@ -44,19 +45,30 @@ def over_limit(hops: int, step: Step, default_limit: int) -> StepError | None:
 def call_services(
     services: dict[str, Any], workflow: Workflow, step: Step, publisher: Publisher, hops: int
 ) -> dict[str, Any]:
-    """The services of one call of a step whose input has ``hops``: its emits carry one more."""
+    """The services of one call of a step whose input has ``hops``: its emits carry one more.
+
+    An emit crossing an integration is held to the event's schema first (see
+    :mod:`deadlift.runtime.crossings`).
+    """
     if not step.emit:
         return services
-    stamped = emitter(workflow, step, HopStamp(publisher, hops + 1))
+    contracts: EmitContracts | None = services.get(CONTRACTS_SERVICE)
+    stamped = emitter(workflow, step, HopStamp(publisher, hops + 1, contracts))
+    if contracts is not None:
+        stamped = contracts.checked(stamped)
     return {**services, EMIT_SERVICE: EmitTarget(tuple(step.emit), stamped)}
 
 
 @dataclass(frozen=True, slots=True)
 class HopStamp:
-    """A publisher setting the hop count of what it publishes (``emit`` of one call)."""
+    """A publisher setting the hop count of what it publishes (``emit`` of one call).
+
+    With ``contracts``, an event crossing an integration also gets ``ce-dataschema``.
+    """
 
     publisher: Publisher
     hops: int
+    contracts: EmitContracts | None = None
 
     @property
     def max_payload(self) -> int:
@@ -67,12 +79,20 @@ class HopStamp:
         self, subject: str, body: bytes, headers: Mapping[str, str], *, msg_id: str | None = None
     ) -> PubAck:
         """Publish with the hop count set."""
-        stamped = {**headers, events.HOPS_HEADER: str(self.hops)}
-        return await self.publisher.publish(subject, body, stamped, msg_id=msg_id)
+        return await self.publisher.publish(
+            subject, body, self._stamp(subject, headers), msg_id=msg_id
+        )
 
     async def publish_async(
         self, subject: str, body: bytes, headers: Mapping[str, str], *, msg_id: str
     ) -> asyncio.Future[PubAck]:
         """Start a publish with the hop count set."""
+        return await self.publisher.publish_async(
+            subject, body, self._stamp(subject, headers), msg_id=msg_id
+        )
+
+    def _stamp(self, subject: str, headers: Mapping[str, str]) -> dict[str, str]:
         stamped = {**headers, events.HOPS_HEADER: str(self.hops)}
-        return await self.publisher.publish_async(subject, body, stamped, msg_id=msg_id)
+        if self.contracts is not None:
+            stamped.update(self.contracts.headers(subject))
+        return stamped
