@@ -19,8 +19,11 @@ from deadlift.model.orgs import OrgManifest, account_name
 from deadlift.model.topology import GUEST_RUNS_STREAM, OFFERS_STREAM_PREFIX
 
 RUNS_MAX_AGE = timedelta(days=7)
-RUNS_MAX_BYTES = 256 * 1024 * 1024
-OFFERS_MAX_BYTES = 512 * 1024 * 1024
+# Both count against the org's storage limit (1 GiB by default): kept small, so a
+# host with many guests still has room for its own streams. Offers are binaries
+# waiting for the host (the oldest go first when full); records are small JSON.
+RUNS_MAX_BYTES = 128 * 1024 * 1024
+OFFERS_MAX_BYTES = 64 * 1024 * 1024
 
 
 def offers_stream(guest: str) -> str:

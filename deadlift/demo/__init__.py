@@ -1,34 +1,45 @@
 """The Acme/Stripe story, end to end (``deadlift demo``), and ``deadlift dev``.
 
-Stripe receives charge requests for Acme's customers. Stripe's worker runs
-*Acme's* module ``before_charge_action`` with Stripe's host functions
-(``past_purchases``, ``send_email``). Ten similar purchases in 30 days → a
-loyalty discount email. Stripe's next step publishes a discount event for Acme;
-Acme's workflow aggregates the discounts per customer in its own state.
+The integration ``acme-at-stripe`` (config/orgs.yaml) says it all: Acme authors
+``before_charge_action``, signs it and offers it to Stripe; Stripe accepts it
+(the signature is checked against Acme's declared key) and runs it before each
+charge with Stripe's host functions (``past_purchases``, ``send_email``). Ten
+similar purchases in 30 days → a loyalty discount email. Stripe's next step
+publishes the discount event the contract declares (checked against its JSON
+Schema); Acme counts the discounts in its own state, and sees every run of its
+module at Stripe — including a charge its module refused — without Stripe's data.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import shlex
 import shutil
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from deadlift import bus
+from deadlift.bus.identity import whoami
+from deadlift.bus.integration_streams import ensure_integration_streams
+from deadlift.bus.offers import accept_offer, offer_module
 from deadlift.bus.registry import Registry, kv_entries
 from deadlift.demo import stripe
 from deadlift.errors import DeadliftError
-from deadlift.model.orgs import load_orgs
+from deadlift.model.orgs import OrgManifest, load_orgs
 from deadlift.model.workflow import load_workflow
 from deadlift.ops.control import apply_files, push_module_file
+from deadlift.ops.guest import guest_runs
 from deadlift.ops.server import EmbeddedServer
 from deadlift.runtime.builtins import decode_key, state_bucket
 from deadlift.runtime.worker import StepReport, Worker
@@ -39,16 +50,25 @@ ROOT = Path(__file__).resolve().parents[2]
 MODULES = ROOT / "workers" / "dist"
 WORKFLOWS = ROOT / "config" / "workflows"
 ORGS = ROOT / "config" / "orgs.yaml"
+# Development signing seeds, one per guest org (config/keys/<org>.seed): the
+# manifest declares their public keys. Real seeds are the guest's secret.
+KEYS = ROOT / "config" / "keys"
 CHARGE_SUBJECT = "stripe.charges.acme"
 
 # (charge id, customer, category, amount); alice twice, so Acme counts her twice.
-CHARGES = [
+# ch_006 has no amount: Acme's module refuses it, and Acme sees that run fail.
+CHARGES: list[tuple[str, str, str, float | None]] = [
     ("ch_001", "alice", "coffee", 4.5),
     ("ch_002", "bob", "coffee", 3.9),
     ("ch_003", "carol", "books", 15.0),
     ("ch_004", "dave", "tea", 6.0),
     ("ch_005", "alice", "coffee", 4.5),
+    ("ch_006", "erin", "coffee", None),
 ]
+REFUSED = {"ch_006"}
+# What the refused charge logs (the module's error, its dead letter): the story's,
+# so `demo --quiet` does not show it as if something went wrong.
+EXPECTED_LOGS = (*REFUSED, 'missing field "amount"')
 EXPECTED = {"alice": 2, "dave": 1}
 
 console = Console(highlight=False, width=max(132, Console().width))
@@ -80,7 +100,7 @@ class Printer:
             detail = f"[{report.error_kind}] {_short(report.error, 60)}"
         console.print(
             f"  {report.org:<6} {report.workflow + '/' + report.step:<26} "
-            f"{report.module:<21} {report.latency_ms:6.1f} ms {outcome} "
+            f"{report.module:<30} {report.latency_ms:6.1f} ms {outcome} "
             f"{report.run[:8]:<8} {detail}",
             overflow="ellipsis",
             no_wrap=True,
@@ -169,15 +189,58 @@ def stripe_host_functions() -> dict[str, Any]:
     return {"past_purchases": stripe.past_purchases, "send_email": stripe.send_email}
 
 
+async def share_guest_modules(
+    sessions: dict[str, OrgSession], manifest: OrgManifest, *, quiet: bool = False
+) -> None:
+    """Each guest signs and offers its integration modules; each host accepts them.
+
+    Uses the development seeds in ``config/keys``; a guest without one is skipped.
+    """
+    say = _silent if quiet else console.print
+    for key, item in manifest.integrations.items():
+        guest, host = sessions.get(item.guest), sessions.get(item.host)
+        seed_file = KEYS / f"{item.guest}.seed"
+        if guest is None or host is None or not seed_file.is_file():
+            continue
+        seed = seed_file.read_text(encoding="utf-8").strip()
+        # The host's offers stream exists before the guest offers (its worker
+        # would create it too).
+        await ensure_integration_streams(host.js, manifest, item.host)
+        # The owner is the account the guest's connection belongs to.
+        owner = manifest.org_of_account((await whoami(guest.nc)).account) or item.guest
+        for name in item.modules:
+            meta = await guest.registry.resolve(name)
+            offer = await offer_module(
+                guest.nc,
+                guest.registry,
+                manifest,
+                owner=owner,
+                ref=meta.ref,
+                host=item.host,
+                seed=seed,
+            )
+            say(
+                f"  {item.guest}: signed and offered {offer.name}@{offer.version} "
+                f"(sha256:{offer.sha256[:12]}) to {item.host} ({key})"
+            )
+            accepted, _ = await accept_offer(
+                host.js, host.registry, manifest, host=item.host, ref=offer.ref
+            )
+            say(
+                f"  {item.host}: verified {item.guest}'s signature and accepted "
+                f"{accepted.ref}; grants {', '.join(item.modules[name].grants) or 'nothing'}"
+            )
+
+
 async def run_demo(*, verbose: bool = True, timeout: float = 30.0) -> bool:
-    """Run the story across two NATS accounts on a throwaway server; True when checks pass.
+    """Run the story across NATS accounts on a throwaway server; True when checks pass.
 
     Not ``verbose``: print only the verdict line (and the checks that failed).
     """
     stripe.clear_outbox()
     manifest = load_orgs(_require(ORGS, "org manifest"))
     say = console.print if verbose else _silent
-    with EmbeddedServer(orgs=manifest) as server:
+    with EmbeddedServer(orgs=manifest) as server, _quiet_about_the_refused_charge(verbose):
         say(
             f"[bold]Deadlift demo[/bold] — embedded nats-server at {server.url}, "
             f"one account per org: {', '.join(manifest.orgs)}"
@@ -185,10 +248,11 @@ async def run_demo(*, verbose: bool = True, timeout: float = 30.0) -> bool:
         acme = await OrgSession.open(server.url, "acme", ORGS)
         stripe_org = await OrgSession.open(server.url, "stripe", ORGS)
         try:
-            # Acme hands its module to Stripe; Stripe runs it next to its own data.
             quiet = not verbose
-            await stripe_org.push(["before_charge_action", "discount_notice"], quiet=quiet)
-            await acme.push(["aggregate_discounts"], quiet=quiet)
+            say("\n[bold]Acme authors its module; Stripe accepts it[/bold] (acme-at-stripe)")
+            await acme.push(["before_charge_action", "aggregate_discounts"], quiet=quiet)
+            await share_guest_modules({"acme": acme, "stripe": stripe_org}, manifest, quiet=quiet)
+            await stripe_org.push(["discount_notice"], quiet=quiet)
             charges = _require(WORKFLOWS / "stripe-charges.yaml", "workflow")
             await stripe_org.apply([charges], quiet=quiet)
             await acme.apply([_require(WORKFLOWS / "acme-loyalty.yaml", "workflow")], quiet=quiet)
@@ -216,22 +280,80 @@ async def run_demo(*, verbose: bool = True, timeout: float = 30.0) -> bool:
                     timeout,
                 )
             counts = await _read_counts(acme.js)
+            runs = await _acme_runs(acme.js, printer, timeout=5.0)
         finally:
             await acme.close()
             await stripe_org.close()
-    return _verdict(finished, counts, printer, verbose=verbose)
+    _show_runs(runs, say)
+    return _verdict(finished, counts, printer, runs, verbose=verbose)
+
+
+@contextlib.contextmanager
+def _quiet_about_the_refused_charge(verbose: bool) -> Iterator[None]:
+    """Not verbose: drop the log lines the refused charge is expected to cause."""
+
+    def unexpected(record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in EXPECTED_LOGS)
+
+    loggers = (
+        [] if verbose else [logging.getLogger(n) for n in ("deadlift.module", "deadlift.worker")]
+    )
+    for logger in loggers:
+        logger.addFilter(unexpected)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(unexpected)
+
+
+async def _acme_runs(js: Any, printer: Printer, *, timeout: float) -> list[dict[str, Any]]:
+    """The run records of Acme's module at Stripe, as Acme's own stream keeps them."""
+    wanted = sum(1 for r in printer.reports if r.step == "before-charge")
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = await guest_runs(js, host="stripe", last=100)
+        if len(runs) >= wanted or time.monotonic() > deadline:
+            return runs
+        await asyncio.sleep(0.05)
+
+
+def _show_runs(runs: list[dict[str, Any]], say: Any) -> None:
+    say(
+        "\n[bold]Acme's view: the runs of its module at Stripe[/bold] "
+        "(deadlift --org acme guest runs)"
+    )
+    table = Table("host", "step", "module", "outcome", "attempt", "ms")
+    table.add_column("error, or the module's last log line", no_wrap=True, overflow="ellipsis")
+    for run in runs:
+        detail = ""
+        if run.get("error"):
+            detail = f"[{run.get('error_kind')}] {run['error']}"
+        elif run.get("logs"):
+            detail = str(run["logs"][-1].get("text", ""))
+        table.add_row(
+            escape(str(run.get("host"))),
+            escape(str(run.get("step"))),
+            escape(str(run.get("module"))),
+            escape(str(run.get("outcome"))),
+            str(run.get("attempt")),
+            f"{run.get('latency_ms', 0):.1f}",
+            escape(detail),
+        )
+    say(table)
 
 
 async def _send_charges(org: OrgSession) -> None:
     for charge_id, customer, category, amount in CHARGES:
-        charge = {
+        charge: dict[str, Any] = {
             "charge_id": charge_id,
             "customer": customer,
             "email": f"{customer}@acme.example",
-            "amount": amount,
             "category": category,
             "ts": int(time.time()),
         }
+        if amount is not None:
+            charge["amount"] = amount
         event = events.new_event(
             charge,
             source="https://stripe.example/charges",
@@ -258,7 +380,12 @@ def _silent(*args: Any, **kwargs: Any) -> None:
 
 
 def _verdict(
-    finished: bool, counts: dict[str, int], printer: Printer, *, verbose: bool = True
+    finished: bool,
+    counts: dict[str, int],
+    printer: Printer,
+    runs: list[dict[str, Any]],
+    *,
+    verbose: bool = True,
 ) -> bool:
     say = console.print if verbose else _silent
     emails = stripe.outbox()
@@ -271,10 +398,17 @@ def _verdict(
             continue
         table.add_row(customer, str(counts.get(customer, 0)), str(EXPECTED.get(customer, 0)))
     say(table)
-    outcomes = Counter(r.outcome for r in printer.reports)
+    dead = {r.event_id for r in printer.reports if r.outcome == "dead"}
+    at_stripe = [r for r in printer.reports if r.step == "before-charge"]
     checks = {
         "every event processed in time": finished,
-        "no step failed": outcomes["dead"] == 0,
+        "only the charge without an amount failed": dead == REFUSED,
+        "Acme sees every run of its module at Stripe": len(runs) == len(at_stripe)
+        and {r["outcome"] for r in runs} == {r.outcome for r in at_stripe},
+        "Acme sees why its module failed": any(
+            r["outcome"] == "dead" and "amount" in str(r.get("error")) for r in runs
+        ),
+        "Acme sees no charge data": not any("input" in r or "output" in r for r in runs),
         "one email per discount": Counter(e["to"].split("@")[0] for e in emails)
         == Counter(EXPECTED),
         "Acme's counts match": {k: v for k, v in counts.items() if not k.startswith("_")}
@@ -309,6 +443,8 @@ async def run_dev(
         try:
             for session in sessions:
                 await session.push(modules, quiet=True)
+            await share_guest_modules({s.settings.org or "": s for s in sessions}, manifest)
+            for session in sessions:
                 mine = [p for p, w in flows.items() if w.org == session.settings.org]
                 await session.apply(mine)
                 workers.append(

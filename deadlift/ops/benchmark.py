@@ -11,6 +11,8 @@ Scenarios (each on its own embedded nats-server, file store, one tiny module):
 * **3-step latency at 100 events/s** — end-to-end p50 / p99.
 * **2 worker processes** against one.
 * **worker RSS with 20 modules loaded**.
+* **1 step, guest module** against the same step with the host's own module, on a
+  server with accounts: the cost of run records (:mod:`deadlift.ops.bench_guest`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -35,55 +37,21 @@ from deadlift import bus
 from deadlift.bus.registry import Registry
 from deadlift.model.topology import Stream
 from deadlift.model.workflow import parse_workflow
+from deadlift.ops.bench_guest import guest_throughput
+from deadlift.ops.bench_support import Result
+from deadlift.ops.bench_support import done as _done
+from deadlift.ops.bench_support import module_wasm as _wasm
+from deadlift.ops.bench_support import prefill as _prefill
+from deadlift.ops.bench_support import until as _until
 from deadlift.ops.control import apply_workflows
 from deadlift.ops.server import EmbeddedServer
 from deadlift.runtime.worker import Worker
 from deadlift.settings import Settings
 from deadlift.wire import events
 
-ROOT = Path(__file__).resolve().parents[2]
-MODULE = ROOT / "workers" / "dist" / "add_ten.wasm"
-
-
-@dataclass
-class Result:
-    """One scenario's figures."""
-
-    name: str
-    events: int
-    seconds: float
-    p50_ms: float | None = None
-    p99_ms: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def rate(self) -> float:
-        """Events per second."""
-        return self.events / self.seconds if self.seconds else 0.0
-
-
-def _wasm() -> bytes:
-    if not MODULE.is_file():
-        raise FileNotFoundError(f"{MODULE} not found; run from a Deadlift checkout")
-    return MODULE.read_bytes()
-
 
 def _manifest(wasm: bytes) -> dict[str, Any]:
     return {"wasm": [{"data": wasm}], "timeout_ms": 1000, "memory": {"max_pages": 256}}
-
-
-async def _prefill(js: Any, subject: str, count: int) -> None:
-    """Publish ``count`` Deadlift events, awaiting their PubAcks in windows."""
-    window: list[Any] = []
-    for n in range(count):
-        event = events.new_event({"value": n}, source="bench", type="bench")
-        headers, body = events.encode(event)
-        headers[events.MSG_ID] = event.id
-        window.append(await js.publish_async(subject, body, headers=headers))
-        if len(window) >= 2000:
-            await asyncio.gather(*window)
-            window.clear()
-    await asyncio.gather(*window)
 
 
 # -- baselines -------------------------------------------------------------------
@@ -168,14 +136,6 @@ async def _stored(js: Any, subject: str) -> int:
     return sum((info.state.subjects or {}).values())
 
 
-async def _until(condition: Callable[[], Awaitable[bool]], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not await condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("benchmark did not finish in time")
-        await asyncio.sleep(0.005)
-
-
 async def deadlift_throughput(count: int, *, steps: int = 1) -> Result:
     """Events/s through a worker for a chain of ``steps`` steps (backlog pre-published)."""
     with EmbeddedServer() as server:
@@ -190,10 +150,6 @@ async def deadlift_throughput(count: int, *, steps: int = 1) -> Result:
         await worker.shutdown()
         await nc.drain()
     return Result(f"deadlift {steps} step{'s' if steps > 1 else ''}", count, seconds)
-
-
-async def _done(worker: Worker, total: int) -> bool:
-    return worker.stats["ok"] >= total
 
 
 async def deadlift_latency(count: int, *, rate: float = 100.0, steps: int = 3) -> Result:
@@ -355,7 +311,7 @@ def _rss_mb(pid: int) -> float:
 Progress = Callable[[int, int, str, Result | None], None]
 """Told ``(number, of, scenario, None)`` as a scenario starts and ``(…, result)`` as it ends."""
 
-SCENARIOS = 8
+SCENARIOS = 10
 
 
 async def _scenario(
@@ -393,7 +349,19 @@ async def run(
     single = await _scenario(progress, 6, "1 worker process", worker_processes(events_count, 1))
     double = await _scenario(progress, 7, "2 worker processes", worker_processes(events_count, 2))
     rss = await _scenario(progress, 8, "worker RSS, 20 modules", worker_rss(20))
-    results = [bare, per_message, one, three, latency, single, double, rss]
+    own = await _scenario(
+        progress,
+        9,
+        "1 step, own module (accounts)",
+        guest_throughput(events_count, guest=False, wasm=_wasm()),
+    )
+    guest = await _scenario(
+        progress,
+        10,
+        "1 step, guest module + run records",
+        guest_throughput(events_count, guest=True, wasm=_wasm()),
+    )
+    results = [bare, per_message, one, three, latency, single, double, rss, own, guest]
     targets = {
         "1-step >= 1.0x bare loop": one.rate >= bare.rate,
         "1-step >= 10x per-message instantiation": one.rate >= 10 * per_message.rate,
@@ -412,6 +380,7 @@ async def run(
             "deadlift 1 step / bare loop": one.rate / bare.rate,
             "deadlift 1 step / per-message instantiation": one.rate / per_message.rate,
             "2 processes / 1 process": double.rate / single.rate,
+            "guest module (run records) / own module": guest.rate / own.rate,
         },
         "targets": targets,
     }

@@ -35,7 +35,7 @@ from deadlift.ops.leafnodes import LeafTopology
 from deadlift.ops.server import EmbeddedServer
 from deadlift.settings import Settings
 from deadlift.wire import events
-from tests.conftest import ROOT, eventually, module_path, stored
+from tests.conftest import ROOT, eventually, module_path, share_module, stored
 
 pytestmark = pytest.mark.slow
 CALCULATOR = (ROOT / "config" / "workflows" / "calculator.yaml").read_text()
@@ -300,11 +300,19 @@ async def test_four_workers_of_two_orgs_share_steps_and_a_sigkill_loses_nothing(
     acme, acme_settings, acme_registry = await org_session(org_server.url, "acme")
     stripe, stripe_settings, stripe_registry = await org_session(org_server.url, "stripe")
     await prepare(
-        acme, acme_settings, acme_registry, ["add_ten", "multiply_by_five", "aggregate_discounts"]
+        acme,
+        acme_settings,
+        acme_registry,
+        ["add_ten", "multiply_by_five", "aggregate_discounts", "before_charge_action"],
     )
-    await prepare(
-        stripe, stripe_settings, stripe_registry, ["before_charge_action", "discount_notice"]
+    # Acme's module reaches Stripe as the shipped integration says: signed, offered, accepted.
+    await share_module(
+        (acme, acme_registry),
+        (stripe, stripe_registry),
+        load_orgs(ORGS_FILE),
+        "before_charge_action",
     )
+    await prepare(stripe, stripe_settings, stripe_registry, ["discount_notice"])
     host_functions = ("--host-functions", "deadlift.demo.stripe")
     workers = {
         "acme": [start_worker(acme_settings, "-c", "4", org="acme") for _ in range(2)],
