@@ -154,13 +154,14 @@ class StepRunner:
         )
 
     async def stop(self) -> None:
-        """Stop pulling and wait for in-flight events to finish (acked or nak'd)."""
+        """Stop pulling; finish in-flight events and those already delivered (acked or nak'd)."""
         self._stopping = True
         try:
             if self._task is not None:
                 await self._task
             if self._inflight:
                 await asyncio.gather(*self._inflight, return_exceptions=True)
+            await self._finish_delivered()
         finally:
             # Also when the wait is given up (a stuck call): a pull subscription left
             # behind makes the connection's drain wait out its whole drain_timeout.
@@ -169,20 +170,48 @@ class StepRunner:
                 with contextlib.suppress(Exception):
                     await self._sub.unsubscribe()
 
-    async def _hand_back(self) -> None:
-        """Nak messages that reached this runner after it stopped pulling.
+    async def _finish_delivered(self) -> None:
+        """Run the events the server delivered after the last fetch returned.
 
-        A pull request can still deliver a message just after the last fetch
-        returned. Left alone it would wait out ack_wait before redelivery; a nak
-        hands it to the next worker (or the replacement runner) at once.
+        A batch fetch returns when its short wait ends while the server may still
+        be sending the rest of the batch. Those events are this runner's (the
+        server counts them delivered): running them now acks them. A nak instead
+        would be lost if the server restarts before redelivering (naks are not
+        stored), leaving them to wait out ack_wait — what a Ctrl-C of
+        ``deadlift dev`` did to about a batch per step.
         """
-        await asyncio.sleep(0.05)
+        for _ in range(3):  # a batch's rest arrives at once; more would be a server's retry
+            msgs = await self._delivered()
+            if not msgs:
+                return
+            await self._handle_batch(msgs)
+
+    async def _hand_back(self) -> None:
+        """Nak what was delivered but not run (the stop was cut short): another worker's now."""
+        for msg in await self._delivered():
+            await _settle(msg.nak(), "nak")
+
+    async def _delivered(self) -> list[Msg]:
+        """The events waiting in this runner's subscription, taken from it.
+
+        A flush (PING/PONG) first: the server answers it only after everything it
+        sent this client before, so all of it is queued by then, however busy the
+        event loop is. nats-py internals, best effort.
+        """
+        nc = getattr(self._sub, "_nc", None)
+        if nc is not None:
+            try:
+                await nc.flush(timeout=2)
+            except (nats.errors.Error, TimeoutError) as exc:
+                log.debug("flush before taking delivered events failed: %s", exc)
         inner = getattr(self._sub, "_sub", None)
-        queue = getattr(inner, "_pending_queue", None)  # nats-py internals, best effort
+        queue = getattr(inner, "_pending_queue", None)
+        found = []
         while queue is not None and not queue.empty():
             msg = queue.get_nowait()
             if getattr(msg, "reply", None) and str(msg.reply).startswith("$JS.ACK."):
-                await _settle(msg.nak(), "nak")
+                found.append(msg)  # not a status message (408, 404): an event
+        return found
 
     async def _loop(self) -> None:
         # Two batches in flight: while one publishes and waits for PubAcks, the
