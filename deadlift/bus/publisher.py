@@ -9,6 +9,7 @@ records instead, for tests that need no server.
 from __future__ import annotations
 
 import asyncio
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -79,6 +80,38 @@ def _with_id(headers: Mapping[str, str], msg_id: str | None) -> dict[str, str]:
     if msg_id is not None:
         merged[MSG_ID] = msg_id
     return merged
+
+
+class Stamping(ABC):
+    """A publisher that forwards to ``publisher``, adding headers of its own (:meth:`stamp`)."""
+
+    __slots__ = ()
+    publisher: Publisher
+
+    @abstractmethod
+    def stamp(self, subject: str, headers: Mapping[str, str]) -> Mapping[str, str]:
+        """The headers to publish on ``subject`` with."""
+
+    @property
+    def max_payload(self) -> int:
+        """The wrapped publisher's."""
+        return self.publisher.max_payload
+
+    async def publish(
+        self, subject: str, body: bytes, headers: Mapping[str, str], *, msg_id: str | None = None
+    ) -> PubAck:
+        """Publish with the stamped headers."""
+        return await self.publisher.publish(
+            subject, body, self.stamp(subject, headers), msg_id=msg_id
+        )
+
+    async def publish_async(
+        self, subject: str, body: bytes, headers: Mapping[str, str], *, msg_id: str
+    ) -> asyncio.Future[PubAck]:
+        """Start a publish with the stamped headers."""
+        return await self.publisher.publish_async(
+            subject, body, self.stamp(subject, headers), msg_id=msg_id
+        )
 
 
 class JetStreamPublisher:

@@ -13,15 +13,12 @@ subject: a step with no integration event pays nothing per event.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from nats.js.api import PubAck
-
-from deadlift.bus.publisher import Publisher
+from deadlift.bus.publisher import Publisher, Stamping
 from deadlift.errors import HostFunctionError, StepError
 from deadlift.model.contracts import EventSchema, outgoing_event
 from deadlift.model.integrations import schema_validator, validation_problem
@@ -117,34 +114,14 @@ def gate(
 
 
 @dataclass(frozen=True, slots=True)
-class SchemaStamp:
+class SchemaStamp(Stamping):
     """A publisher adding the header naming the schema of what crosses an integration."""
 
     publisher: Publisher
     crossings: Mapping[str, Crossing]
 
-    @property
-    def max_payload(self) -> int:
-        """The wrapped publisher's."""
-        return self.publisher.max_payload
-
-    async def publish(
-        self, subject: str, body: bytes, headers: Mapping[str, str], *, msg_id: str | None = None
-    ) -> PubAck:
-        """Publish, with ``ce-dataschema`` on a crossing subject."""
-        return await self.publisher.publish(
-            subject, body, self._stamp(subject, headers), msg_id=msg_id
-        )
-
-    async def publish_async(
-        self, subject: str, body: bytes, headers: Mapping[str, str], *, msg_id: str
-    ) -> asyncio.Future[PubAck]:
-        """Start a publish, with ``ce-dataschema`` on a crossing subject."""
-        return await self.publisher.publish_async(
-            subject, body, self._stamp(subject, headers), msg_id=msg_id
-        )
-
-    def _stamp(self, subject: str, headers: Mapping[str, str]) -> Mapping[str, str]:
+    def stamp(self, subject: str, headers: Mapping[str, str]) -> Mapping[str, str]:
+        """The headers, with ``ce-dataschema`` on a crossing subject."""
         crossing = self.crossings.get(subject)
         return headers if crossing is None else {**headers, **crossing.headers}
 

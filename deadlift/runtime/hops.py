@@ -11,14 +11,11 @@ unless a step on them declares ``loop``; this is the guard at run time.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from nats.js.api import PubAck
-
-from deadlift.bus.publisher import Publisher
+from deadlift.bus.publisher import Publisher, Stamping
 from deadlift.errors import StepError
 from deadlift.model.topology import ErrorKind
 from deadlift.model.workflow import Step, Workflow
@@ -60,7 +57,7 @@ def call_services(
 
 
 @dataclass(frozen=True, slots=True)
-class HopStamp:
+class HopStamp(Stamping):
     """A publisher setting the hop count of what it publishes (``emit`` of one call).
 
     With ``contracts``, an event crossing an integration also gets ``ce-dataschema``.
@@ -70,28 +67,8 @@ class HopStamp:
     hops: int
     contracts: EmitContracts | None = None
 
-    @property
-    def max_payload(self) -> int:
-        """The wrapped publisher's."""
-        return self.publisher.max_payload
-
-    async def publish(
-        self, subject: str, body: bytes, headers: Mapping[str, str], *, msg_id: str | None = None
-    ) -> PubAck:
-        """Publish with the hop count set."""
-        return await self.publisher.publish(
-            subject, body, self._stamp(subject, headers), msg_id=msg_id
-        )
-
-    async def publish_async(
-        self, subject: str, body: bytes, headers: Mapping[str, str], *, msg_id: str
-    ) -> asyncio.Future[PubAck]:
-        """Start a publish with the hop count set."""
-        return await self.publisher.publish_async(
-            subject, body, self._stamp(subject, headers), msg_id=msg_id
-        )
-
-    def _stamp(self, subject: str, headers: Mapping[str, str]) -> dict[str, str]:
+    def stamp(self, subject: str, headers: Mapping[str, str]) -> dict[str, str]:
+        """The headers with the hop count (and the schema of a crossing event)."""
         stamped = {**headers, events.HOPS_HEADER: str(self.hops)}
         if self.contracts is not None:
             stamped.update(self.contracts.headers(subject))
