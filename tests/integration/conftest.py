@@ -1,4 +1,9 @@
-"""Fixtures of the integration tests: a real nats-server -js on a free loopback port."""
+"""Fixtures of the integration tests: a real nats-server -js on a free loopback port.
+
+A module that plays several orgs declares them in a module fixture ``orgs_file``;
+``orgs``, ``server``, ``clients``, ``connect``, ``acme`` and ``stripe`` then give it
+its own server with one account per org (see ``tests/integration/accounts.py``).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import nats.js.errors
@@ -16,11 +22,13 @@ from nats.aio.client import Client
 from deadlift import bus
 from deadlift.bus.registry import Registry
 from deadlift.cli import main
+from deadlift.model.orgs import OrgManifest, load_orgs
 from deadlift.model.workflow import Workflow, parse_workflow
 from deadlift.ops.control import apply_workflows, push_module_file
 from deadlift.ops.server import EmbeddedServer
 from deadlift.settings import Settings
 from tests.conftest import module_path, recreated
+from tests.integration.accounts import Clients, Connect, Org
 
 
 @pytest.fixture(scope="session")
@@ -78,6 +86,52 @@ def apply(nc: Client, registry: Registry, settings: Settings) -> Callable[..., A
         return applied
 
     return apply_
+
+
+# -- one account per org, for a module that declares its orgs in a fixture `orgs_file` --
+
+
+@pytest.fixture(scope="module")
+def orgs(orgs_file: Path) -> OrgManifest:
+    """The module's org manifest."""
+    return load_orgs(orgs_file)
+
+
+@pytest.fixture(scope="module")
+def server(orgs: OrgManifest) -> Iterator[EmbeddedServer]:
+    """A nats-server with one account per org of the module's manifest, for the module."""
+    with EmbeddedServer(orgs=orgs) as embedded:
+        yield embedded
+
+
+@pytest.fixture
+async def clients(
+    server: EmbeddedServer, orgs_file: Path, orgs: OrgManifest
+) -> AsyncIterator[Clients]:
+    """Connects as the module's orgs; every client is closed at the end of the test."""
+    opened = Clients(server, orgs_file, orgs)
+    yield opened
+    await opened.close()
+
+
+@pytest.fixture
+def connect(clients: Clients) -> Connect:
+    """``await connect("acme")``: that org on clean streams (``Clients.org``)."""
+    return clients.org
+
+
+@pytest.fixture
+async def acme(connect: Connect) -> Org:
+    """Acme on clean streams."""
+    org: Org = await connect("acme")
+    return org
+
+
+@pytest.fixture
+async def stripe(connect: Connect) -> Org:
+    """Stripe on clean streams."""
+    org: Org = await connect("stripe")
+    return org
 
 
 @pytest.fixture

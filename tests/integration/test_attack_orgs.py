@@ -13,7 +13,6 @@ import os
 import stat
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +20,10 @@ import nats
 import nats.errors
 import nats.js.errors
 import pytest
-import yaml
-from nats.aio.client import Client
 from nats.js.api import RePublish, StreamConfig
 
 from deadlift import bus
 from deadlift.bus.identity import require_operator, whoami
-from deadlift.bus.registry import Registry
 from deadlift.errors import ConfigError, DeadliftError, PermissionDeniedError
 from deadlift.model.orgs import load_orgs
 from deadlift.model.topology import Stream
@@ -39,7 +35,8 @@ from deadlift.runtime.step import StepReport
 from deadlift.runtime.worker import Worker
 from deadlift.settings import Settings
 from deadlift.wire import events
-from tests.conftest import ROOT, eventually, module_path, raw_messages, recreated
+from tests.conftest import ROOT, eventually, module_path, raw_messages
+from tests.integration.accounts import Clients, Connect, as_org, clean, write_orgs
 
 SECRET = "acme-crm-token-do-not-leak"
 DEADLIFT = [sys.executable, "-m", "deadlift.cli"]
@@ -79,44 +76,13 @@ def manifest() -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def orgs_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("orgs") / "orgs.yaml"
-    path.write_text(yaml.safe_dump(manifest()))
-    return path
-
-
-@pytest.fixture(scope="module")
-def server(orgs_file: Path) -> Iterator[EmbeddedServer]:
-    with EmbeddedServer(orgs=load_orgs(orgs_file)) as embedded:
-        yield embedded
-
-
-def as_org(server: EmbeddedServer, orgs_file: Path, org: str) -> Settings:
-    return Settings(nats_url=server.url, org=org, orgs_file=str(orgs_file), ack_wait_s=5.0)
+    return write_orgs(tmp_path_factory.mktemp("orgs"), manifest())
 
 
 @pytest.fixture
-async def connect(server: EmbeddedServer, orgs_file: Path) -> AsyncIterator[Any]:
-    """``await connect("acme")``: a client of that org's account; all closed at the end."""
-    opened: list[Client] = []
-
-    async def connect_(org: str) -> Client:
-        client = await bus.connect(as_org(server, orgs_file, org))
-        opened.append(client)
-        return client
-
-    yield connect_
-    for client in opened:
-        if not client.is_closed:
-            await client.close()
-
-
-async def clean(nc: Client) -> Registry:
-    """Delete the org's streams (so each test starts empty); return its registry."""
-    js = nc.jetstream()
-    for info in await js.streams_info():
-        await js.delete_stream(info.config.name)
-    registry: Registry = await recreated(lambda: Registry.open(js))
-    return registry
+def connect(clients: Clients) -> Connect:
+    """``await connect("acme")``: a client of that org's account, its streams as they are."""
+    return clients.connect
 
 
 # -- 1. identity comes from the connection ----------------------------------------------

@@ -10,8 +10,8 @@ before the module is even accepted, and ``contract check`` reports both sides.
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,137 +19,60 @@ import pytest
 import yaml
 
 from deadlift import bus
-from deadlift.bus.connection import DeadliftClient
-from deadlift.bus.registry import Registry
 from deadlift.errors import ConfigError
 from deadlift.model.integrations import schema_uri
-from deadlift.model.orgs import OrgManifest, load_orgs
+from deadlift.model.orgs import OrgManifest
 from deadlift.model.topology import Stream, step_subject
-from deadlift.model.workflow import Workflow, parse_workflow
-from deadlift.ops.control import apply_workflows, push_module_file
-from deadlift.ops.server import EmbeddedServer
+from deadlift.model.workflow import parse_workflow
+from deadlift.ops.control import push_module_file
 from deadlift.runtime.step import StepReport
 from deadlift.runtime.worker import Worker
 from deadlift.settings import Settings
 from deadlift.wire import events, signing
-from tests.conftest import module_path, raw_messages, recreated
+from tests.conftest import module_path, publish, raw_messages
+from tests.integration.accounts import Clients, Connect, Org, write_orgs
 from tests.integration.conftest import cli
+from tests.manifests import discount_schema, integration, logins
 
 _, PUBLIC = signing.new_key()
 DISCOUNTS = "stripe.out.acme.discounts"
 ARRIVES = "acme.in.stripe.discounts"
 URI = schema_uri("acme-at-stripe", "discounts")
-SCHEMA = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "title": "Loyalty discount",
-    "type": "object",
-    "required": ["customer", "discount_percent"],
-    "properties": {
-        "customer": {"type": "string", "minLength": 1},
-        "discount_percent": {"type": "number", "exclusiveMinimum": 0, "maximum": 100},
-    },
-    "additionalProperties": False,
-}
+SCHEMA = discount_schema("discount_percent")
 VALID = {"customer": "alice", "discount_percent": 10}
 INVALID = {"customer": "alice", "discount_percent": 250}
 
 
 def manifest() -> dict[str, Any]:
+    discounts = {"from": "stripe", "subject": DISCOUNTS, "to": ARRIVES, "schema": "discount.json"}
     return {
-        "orgs": {
-            "acme": {"users": [{"user": "acme", "password": "a"}]},
-            "stripe": {"users": [{"user": "stripe", "password": "s"}]},
-            "globex": {"users": [{"user": "globex", "password": "g"}]},
-        },
+        "orgs": logins("acme", "stripe", "globex"),
         "integrations": {
-            "acme-at-stripe": {
-                "host": "stripe",
-                "guest": "acme",
-                "signing_key": PUBLIC,
-                "modules": {"before_charge_action": {"grants": ["past_purchases"]}},
-                "events": {
-                    "discounts": {
-                        "from": "stripe",
-                        "subject": DISCOUNTS,
-                        "to": ARRIVES,
-                        "schema": "discount.json",
-                    }
-                },
-            }
+            "acme-at-stripe": integration(
+                PUBLIC,
+                {"before_charge_action": {"grants": ["past_purchases"]}},
+                events={"discounts": discounts},
+            )
         },
     }
 
 
+def write_manifest(folder: Path, data: dict[str, Any]) -> Path:
+    """The manifest and, beside it, the schema it names."""
+    (folder / "discount.json").write_text(json.dumps(SCHEMA))
+    return write_orgs(folder, data)
+
+
 @pytest.fixture(scope="module")
 def orgs_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("orgs")
-    (folder / "discount.json").write_text(json.dumps(SCHEMA))
-    path = folder / "orgs.yaml"
-    path.write_text(yaml.safe_dump(manifest()))
-    return path
-
-
-@pytest.fixture(scope="module")
-def orgs(orgs_file: Path) -> OrgManifest:
-    return load_orgs(orgs_file)
-
-
-@pytest.fixture(scope="module")
-def server(orgs: OrgManifest) -> Iterator[EmbeddedServer]:
-    with EmbeddedServer(orgs=orgs) as embedded:
-        yield embedded
-
-
-def as_org(server: EmbeddedServer, orgs_file: Path, org: str) -> Settings:
-    return Settings(nats_url=server.url, org=org, orgs_file=str(orgs_file), ack_wait_s=5.0)
-
-
-class Org:
-    """One org's connection, registry and settings, on clean streams."""
-
-    def __init__(self, nc: DeadliftClient, registry: Registry, settings: Settings) -> None:
-        self.nc = nc
-        self.js = nc.jetstream()
-        self.registry = registry
-        self.settings = settings
-
-    async def apply(self, text: str, orgs: OrgManifest) -> Workflow:
-        [applied] = await apply_workflows(
-            self.js, self.registry, self.settings, [(parse_workflow(text), "flow.yaml")], orgs=orgs
-        )
-        return applied
+    return write_manifest(tmp_path_factory.mktemp("orgs"), manifest())
 
 
 @pytest.fixture
-async def connect(server: EmbeddedServer, orgs_file: Path) -> AsyncIterator[Any]:
-    opened: list[DeadliftClient] = []
-
-    async def connect_(org: str) -> Org:
-        settings = as_org(server, orgs_file, org)
-        client = await bus.connect(settings)
-        opened.append(client)
-        js = client.jetstream()
-        for info in await js.streams_info():
-            await js.delete_stream(info.config.name or "")
-        registry: Registry = await recreated(lambda: Registry.open(js))
-        return Org(client, registry, settings)
-
-    yield connect_
-    for client in opened:
-        if not client.is_closed:
-            await client.close()
-
-
-@pytest.fixture
-async def stripe(connect: Any) -> Org:
-    org: Org = await connect("stripe")
-    return org
-
-
-@pytest.fixture
-async def acme(connect: Any) -> Org:
-    org: Org = await connect("acme")
-    return org
+def connect(clients: Clients) -> Connect:
+    """``await connect("acme")``: that org on clean streams; no worker has made its
+    integration streams yet."""
+    return functools.partial(clients.org, streams=False)
 
 
 NOTICE = f"""
@@ -175,13 +98,6 @@ trigger: {ARRIVES}
 steps:
   - {{name: count, module: echo, function: echo}}
 """
-
-
-async def publish(nc: Any, subject: str, data: Any) -> None:
-    event = events.new_event(data, source="test", type="test.event")
-    headers, body = events.encode(event)
-    headers[events.MSG_ID] = event.id
-    await bus.JetStreamPublisher(nc).publish(subject, body, headers)
 
 
 async def arrived(acme: Org) -> list[Any]:
@@ -310,7 +226,7 @@ async def test_apply_refuses_more_than_the_grants_before_the_module_is_accepted(
 ) -> None:
     # acme/before_charge_action was never offered nor accepted: the grants are refused first.
     with pytest.raises(ConfigError) as caught:
-        await stripe.apply(GREEDY, orgs)
+        await stripe.apply(GREEDY, orgs, source="flow.yaml")
     assert str(caught.value) == (
         "flow.yaml: step 'check': host_functions: send_email not granted to "
         "acme/before_charge_action by integration acme-at-stripe (grants: past_purchases)"
@@ -375,9 +291,8 @@ async def test_contract_check_reports_an_unused_event_and_a_side_it_cannot_read(
     # This copy of the manifest has no password for acme: only Stripe can be read.
     data = manifest()
     data["orgs"]["acme"]["users"] = [{"nkey": signing.new_key()[1]}]
-    (tmp_path / "discount.json").write_text(json.dumps(SCHEMA))
-    (tmp_path / "orgs.yaml").write_text(yaml.safe_dump(data))
-    settings = stripe.settings.model_copy(update={"orgs_file": str(tmp_path / "orgs.yaml")})
+    written = write_manifest(tmp_path, data)
+    settings = stripe.settings.model_copy(update={"orgs_file": str(written)})
     code, report = await contract_check(settings, "--org", "stripe")
     assert code == 0, report
     sides = {s["org"]: s for s in report["sides"]}

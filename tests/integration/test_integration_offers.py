@@ -14,67 +14,49 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from nats.aio.client import Client
 from nats.js.api import RePublish, StreamConfig
 
-from deadlift import bus
 from deadlift.bus import offers
-from deadlift.bus.connection import DeadliftClient
-from deadlift.bus.integration_streams import ensure_integration_streams, offers_stream
+from deadlift.bus.integration_streams import offers_stream
 from deadlift.bus.offers import accept_offer, chunk_size, list_offers, offer_module
-from deadlift.bus.registry import MODULES, Registry
-from deadlift.demo import stripe_host_functions
+from deadlift.bus.registry import MODULES
 from deadlift.errors import ConfigError, PermissionDeniedError
 from deadlift.model import integrations as links
 from deadlift.model import topology
-from deadlift.model.orgs import OrgManifest, load_orgs
+from deadlift.model.orgs import OrgManifest
 from deadlift.model.topology import Stream
-from deadlift.model.workflow import Workflow, parse_workflow
-from deadlift.ops.control import apply_workflows, push_module_file
-from deadlift.ops.server import EmbeddedServer
+from deadlift.model.workflow import Workflow
 from deadlift.runtime.step import StepReport
 from deadlift.runtime.worker import Worker
 from deadlift.settings import Settings
-from deadlift.wire import events, signing
-from tests.conftest import eventually, module_path, recreated
+from deadlift.wire import signing
+from tests.conftest import eventually, module_path, publish
+from tests.integration.accounts import Org, write_orgs
 from tests.integration.conftest import cli
+from tests.manifests import integration, logins
 
 SEED, PUBLIC = signing.new_key()  # acme's signing key for this module's tests
 
 
 def manifest() -> dict[str, Any]:
     """Stripe hosts Acme's modules; Globex is a third org with no integration."""
+    modules = {
+        "before_charge_action": {"grants": ["past_purchases", "send_email"]},
+        "scorer": {"publish": ["stripe.scored"]},
+    }
     return {
-        "orgs": {
-            "acme": {"users": [{"user": "acme", "password": "a"}]},
-            "stripe": {"users": [{"user": "stripe", "password": "s"}]},
-            "globex": {"users": [{"user": "globex", "password": "g"}]},
-        },
-        "integrations": {
-            "acme-at-stripe": {
-                "host": "stripe",
-                "guest": "acme",
-                "signing_key": PUBLIC,
-                "modules": {
-                    "before_charge_action": {"grants": ["past_purchases", "send_email"]},
-                    "scorer": {"publish": ["stripe.scored"]},
-                },
-            }
-        },
+        "orgs": logins("acme", "stripe", "globex"),
+        "integrations": {"acme-at-stripe": integration(PUBLIC, modules)},
     }
 
 
 @pytest.fixture(scope="module")
 def orgs_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("orgs") / "orgs.yaml"
-    path.write_text(yaml.safe_dump(manifest()))
-    return path
+    return write_orgs(tmp_path_factory.mktemp("orgs"), manifest())
 
 
 @pytest.fixture(scope="module")
@@ -82,86 +64,6 @@ def key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("keys") / "acme.seed"
     path.write_text(SEED + "\n")
     return path
-
-
-@pytest.fixture(scope="module")
-def server(orgs_file: Path) -> Iterator[EmbeddedServer]:
-    with EmbeddedServer(orgs=load_orgs(orgs_file)) as embedded:
-        yield embedded
-
-
-def as_org(server: EmbeddedServer, orgs_file: Path, org: str) -> Settings:
-    return Settings(
-        nats_url=server.url,
-        org=org,
-        orgs_file=str(orgs_file),
-        ack_wait_s=5.0,
-        default_timeout_ms=2000,
-    )
-
-
-class Org:
-    """One org's connection, registry and settings, on clean streams."""
-
-    def __init__(
-        self, name: str, nc: DeadliftClient, registry: Registry, settings: Settings
-    ) -> None:
-        self.name = name
-        self.nc = nc
-        self.js = nc.jetstream()
-        self.registry = registry
-        self.settings = settings
-
-    async def push(self, file: str, **options: Any) -> Any:
-        meta, _ = await push_module_file(self.registry, module_path(file), **options)
-        return meta
-
-    async def apply(self, text: str, orgs: OrgManifest) -> Workflow:
-        [applied] = await apply_workflows(
-            self.js, self.registry, self.settings, [(parse_workflow(text), "test.yaml")], orgs=orgs
-        )
-        return applied
-
-
-@pytest.fixture
-def orgs(orgs_file: Path) -> OrgManifest:
-    return load_orgs(orgs_file)
-
-
-@pytest.fixture
-async def connect(server: EmbeddedServer, orgs_file: Path) -> AsyncIterator[Any]:
-    """``await connect("acme")``: that org on clean streams; every client closed at the end."""
-    opened: list[DeadliftClient] = []
-    manifest_ = load_orgs(orgs_file)
-
-    async def connect_(org: str) -> Org:
-        settings = as_org(server, orgs_file, org)
-        client = await bus.connect(settings)
-        opened.append(client)
-        js = client.jetstream()
-        for info in await js.streams_info():
-            await js.delete_stream(info.config.name or "")
-        registry: Registry = await recreated(lambda: Registry.open(js))
-        # Re-created as a worker or `module offers` would, patiently (just deleted).
-        await recreated(lambda: ensure_integration_streams(js, manifest_, org))
-        return Org(org, client, registry, settings)
-
-    yield connect_
-    for client in opened:
-        if not client.is_closed:
-            await client.close()
-
-
-@pytest.fixture
-async def acme(connect: Any) -> Org:
-    org: Org = await connect("acme")
-    return org
-
-
-@pytest.fixture
-async def stripe(connect: Any) -> Org:
-    org: Org = await connect("stripe")
-    return org
 
 
 CHARGES = """
@@ -193,13 +95,6 @@ async def offer(acme: Org, orgs: OrgManifest, ref: str, *, seed: str = SEED) -> 
     )
 
 
-async def publish(nc: Client, subject: str, data: Any) -> None:
-    event = events.new_event(data, source="test", type="test.event")
-    headers, body = events.encode(event)
-    headers[events.MSG_ID] = event.id
-    await bus.JetStreamPublisher(nc).publish(subject, body, headers)
-
-
 def charge(customer: str = "alice") -> dict[str, Any]:
     return {
         "charge_id": "ch_1",
@@ -212,14 +107,7 @@ def charge(customer: str = "alice") -> dict[str, Any]:
 
 
 def worker(org: Org, orgs: OrgManifest, reports: list[StepReport]) -> Worker:
-    return Worker(
-        org.nc,
-        settings=org.settings,
-        orgs=orgs,
-        observers=[reports.append],
-        host_functions=stripe_host_functions(),
-        advertise=False,
-    )
+    return org.host(orgs, observers=[reports.append])
 
 
 # -- offer, list, accept, run ---------------------------------------------------------
@@ -392,10 +280,11 @@ async def test_an_offer_written_by_a_stream_of_the_host_is_skipped(
     await stripe.js.publish(f"stripe.evil.scorer.{sha}.0", wasm)
     await stripe.js.publish(f"stripe.evil.scorer.{sha}.meta", json.dumps(document).encode())
     stream = offers_stream("acme")
-    info = await eventually(
-        lambda: _stored(stripe, stream), message="the republished forgery is stored"
-    )
-    assert info == 2
+
+    async def both_stored() -> bool:
+        return await _stored(stripe, stream) == 2
+
+    await eventually(both_stored, message="the republished forgery (chunk and document) stored")
     assert await list_offers(stripe.js, stripe.registry, orgs, "stripe") == []
     with pytest.raises(Exception, match="has not offered scorer@1"):
         await accept_offer(stripe.js, stripe.registry, orgs, host="stripe", ref="acme/scorer@1")

@@ -11,33 +11,25 @@ nats-server with one account per org.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from nats.aio.msg import Msg
 
 from deadlift import bus
-from deadlift.bus.connection import DeadliftClient
-from deadlift.bus.integration_streams import ensure_integration_streams
 from deadlift.bus.offers import accept_offer, offer_module
-from deadlift.bus.registry import Registry
-from deadlift.demo import stripe_host_functions
-from deadlift.model.orgs import OrgManifest, load_orgs
-from deadlift.model.workflow import parse_workflow
+from deadlift.model.orgs import OrgManifest
 from deadlift.ops import guest
-from deadlift.ops.control import apply_workflows, push_module_file
-from deadlift.ops.server import EmbeddedServer
 from deadlift.runtime.step import StepReport
-from deadlift.runtime.worker import Worker
-from deadlift.settings import Settings
 from deadlift.wire import events, signing
-from tests.conftest import eventually, module_path, recreated
+from tests.conftest import eventually
+from tests.integration.accounts import Clients, Connect, Org, write_orgs
 from tests.integration.conftest import cli
+from tests.manifests import integration, logins
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 ACME_SEED, ACME_KEY = signing.new_key()
@@ -46,30 +38,24 @@ INITECH_SEED, INITECH_KEY = signing.new_key()
 
 def manifest() -> dict[str, Any]:
     """Stripe hosts Acme (logs, no payloads) and Initech (logs and payloads); Globex is alone."""
+    grants = {"grants": ["past_purchases", "send_email"]}
     return {
-        "orgs": {
-            name: {
-                "users": [{"user": name, "password": name[0] * 3}],
-                # Each guest's offers stream reserves 512 MiB of the host's storage.
-                **({"limits": {"max_storage": "4GiB"}} if name == "stripe" else {}),
-            }
-            for name in ("acme", "initech", "stripe", "globex")
-        },
+        # Each guest's offers stream reserves 512 MiB of the host's storage.
+        "orgs": logins(
+            "acme", "initech", "stripe", "globex", stripe={"limits": {"max_storage": "4GiB"}}
+        ),
         "integrations": {
-            "acme-at-stripe": {
-                "host": "stripe",
-                "guest": "acme",
-                "signing_key": ACME_KEY,
-                "modules": {"before_charge_action": {"grants": ["past_purchases", "send_email"]}},
-                "guest_sees": {"logs": True, "payloads": False},
-            },
-            "initech-at-stripe": {
-                "host": "stripe",
-                "guest": "initech",
-                "signing_key": INITECH_KEY,
-                "modules": {"scorer": {}},
-                "guest_sees": {"logs": True, "payloads": True},
-            },
+            "acme-at-stripe": integration(
+                ACME_KEY,
+                {"before_charge_action": grants},
+                guest_sees={"logs": True, "payloads": False},
+            ),
+            "initech-at-stripe": integration(
+                INITECH_KEY,
+                {"scorer": {}},
+                guest="initech",
+                guest_sees={"logs": True, "payloads": True},
+            ),
         },
     }
 
@@ -97,33 +83,11 @@ steps:
 
 @pytest.fixture(scope="module")
 def orgs_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("orgs") / "orgs.yaml"
-    path.write_text(yaml.safe_dump(manifest()))
-    return path
+    return write_orgs(tmp_path_factory.mktemp("orgs"), manifest())
 
 
-@pytest.fixture(scope="module")
-def server(orgs_file: Path) -> Iterator[EmbeddedServer]:
-    with EmbeddedServer(orgs=load_orgs(orgs_file)) as embedded:
-        yield embedded
-
-
-def as_org(server: EmbeddedServer, orgs_file: Path, org: str) -> Settings:
-    return Settings(
-        nats_url=server.url,
-        org=org,
-        orgs_file=str(orgs_file),
-        ack_wait_s=5.0,
-        default_timeout_ms=2000,
-    )
-
-
-class Org:
-    """One org's connection, registry and settings, on clean streams."""
-
-    def __init__(self, name: str, nc: DeadliftClient, registry: Registry, settings: Settings):
-        self.name, self.nc, self.js = name, nc, nc.jetstream()
-        self.registry, self.settings = registry, settings
+class Guest(Org):
+    """An org that may ask the hosts of its modules for their runs."""
 
     async def runs(self, *args: str) -> Any:
         """``deadlift --org ORG guest ARGS --json``, parsed."""
@@ -136,38 +100,16 @@ class Org:
 
 
 @pytest.fixture
-async def connect(server: EmbeddedServer, orgs_file: Path) -> AsyncIterator[Any]:
-    opened: list[DeadliftClient] = []
-    orgs = load_orgs(orgs_file)
-
-    async def connect_(org: str, *, streams: bool = True) -> Org:
-        settings = as_org(server, orgs_file, org)
-        client = await bus.connect(settings)
-        opened.append(client)
-        js = client.jetstream()
-        for info in await js.streams_info():
-            await js.delete_stream(info.config.name or "")
-        registry: Registry = await recreated(lambda: Registry.open(js))
-        if streams:  # as the org's worker or CLI does on start
-            await recreated(lambda: ensure_integration_streams(js, orgs, org))
-        return Org(org, client, registry, settings)
-
-    yield connect_
-    for client in opened:
-        if not client.is_closed:
-            await client.close()
-
-
-@pytest.fixture
-def orgs(orgs_file: Path) -> OrgManifest:
-    return load_orgs(orgs_file)
+def connect(clients: Clients) -> Connect:
+    """``await connect("acme")``: that org as a ``Guest`` on clean streams."""
+    return functools.partial(clients.org, kind=Guest)
 
 
 async def ship(
     guest_org: Org, host: Org, orgs: OrgManifest, file: str, name: str, seed: str
 ) -> None:
     """The guest pushes, signs and offers its module; the host accepts it."""
-    await push_module_file(guest_org.registry, module_path(file), name=name)
+    await guest_org.push(file, name=name)
     await offer_module(
         guest_org.nc,
         guest_org.registry,
@@ -212,13 +154,7 @@ async def test_each_guest_sees_its_own_runs_and_a_third_org_nothing(
     await ship(acme, stripe, orgs, "before_charge_action", "before_charge_action", ACME_SEED)
     await ship(initech, stripe, orgs, "add_ten", "scorer", INITECH_SEED)
     for text in (CHARGES, SCORING):
-        await apply_workflows(
-            stripe.js,
-            stripe.registry,
-            stripe.settings,
-            [(parse_workflow(text), "t.yaml")],
-            orgs=orgs,
-        )
+        await stripe.apply(text, orgs, source="t.yaml")
     # Globex listens on every control subject its account has: nothing ever comes.
     overheard: list[Msg] = []
 
@@ -229,14 +165,7 @@ async def test_each_guest_sees_its_own_runs_and_a_third_org_nothing(
         await globex.nc.subscribe(subject, cb=overhear)
 
     reports: list[StepReport] = []
-    async with Worker(
-        stripe.nc,
-        settings=stripe.settings,
-        orgs=orgs,
-        observers=[reports.append],
-        host_functions=stripe_host_functions(),
-        advertise=False,
-    ) as running:
+    async with stripe.host(orgs, observers=[reports.append]) as running:
         await publish(stripe.nc, "stripe.charges", charge())
         await publish(stripe.nc, "stripe.charges", charge(customer=42))  # the module fails on it
         await publish(stripe.nc, "stripe.score", {"value": 1})
@@ -304,13 +233,7 @@ async def test_each_guest_sees_its_own_runs_and_a_third_org_nothing(
 async def test_a_guest_follows_new_runs(connect: Any, orgs: OrgManifest) -> None:
     acme, stripe = await connect("acme"), await connect("stripe")
     await ship(acme, stripe, orgs, "before_charge_action", "before_charge_action", ACME_SEED)
-    await apply_workflows(
-        stripe.js,
-        stripe.registry,
-        stripe.settings,
-        [(parse_workflow(CHARGES), "t.yaml")],
-        orgs=orgs,
-    )
+    await stripe.apply(CHARGES, orgs, source="t.yaml")
     stop = asyncio.Event()
     seen: list[dict[str, Any]] = []
 
@@ -320,13 +243,7 @@ async def test_a_guest_follows_new_runs(connect: Any, orgs: OrgManifest) -> None
 
     follower = asyncio.create_task(follow())
     await asyncio.sleep(0.2)  # subscribed
-    async with Worker(
-        stripe.nc,
-        settings=stripe.settings,
-        orgs=orgs,
-        host_functions=stripe_host_functions(),
-        advertise=False,
-    ) as running:
+    async with stripe.host(orgs) as running:
         for customer in ("alice", "bob"):
             await publish(stripe.nc, "stripe.charges", charge(customer))
         await running.drain()

@@ -25,52 +25,32 @@ from deadlift.model.workflow import parse_workflow
 from deadlift.ops import contract
 from deadlift.runtime import crossings
 from deadlift.wire import events
+from tests import manifests
 from tests.conftest import ROOT
 
 KEY = "UBA5VKKOGUIAHM6DF7GL4R2CSGTITX6A4HJXMRO2QJWESFMXVLMUNXG4"
-SCHEMA = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "title": "Discount",
-    "type": "object",
-    "required": ["customer", "percent"],
-    "properties": {
-        "customer": {"type": "string", "minLength": 1},
-        "percent": {"type": "number", "exclusiveMinimum": 0, "maximum": 100},
-    },
-    "additionalProperties": False,
-}
+SCHEMA = manifests.discount_schema("percent")
 ASYNCAPI_SPEC = Path(__file__).parent / "specs" / "asyncapi-3.0.0-without-id.json.gz"
 
 
 def raw() -> dict[str, Any]:
     """Stripe hosts Acme's module; Stripe sends discounts, Acme sends refunds; Globex is apart."""
-    return {
-        "orgs": {
-            "acme": {"users": [{"user": "acme", "password": "a"}], "subjects": ["calc.>"]},
-            "stripe": {"users": [{"user": "stripe", "password": "s"}]},
-            "globex": {"users": [{"user": "globex", "password": "g"}]},
+    module = {"grants": ["past_purchases", "send_email"], "publish": ["stripe.audit.>"]}
+    sent = {
+        "discounts": {
+            "from": "stripe",
+            "subject": "stripe.out.acme.discounts",
+            "to": "acme.in.stripe.discounts",
+            "schema": SCHEMA,
         },
+        "refunds": {"from": "acme", "subject": "acme.out.stripe.refunds"},
+    }
+    return {
+        "orgs": manifests.logins("acme", "stripe", "globex", acme={"subjects": ["calc.>"]}),
         "integrations": {
-            "acme-at-stripe": {
-                "host": "stripe",
-                "guest": "acme",
-                "signing_key": KEY,
-                "modules": {
-                    "before_charge_action": {
-                        "grants": ["past_purchases", "send_email"],
-                        "publish": ["stripe.audit.>"],
-                    }
-                },
-                "events": {
-                    "discounts": {
-                        "from": "stripe",
-                        "subject": "stripe.out.acme.discounts",
-                        "to": "acme.in.stripe.discounts",
-                        "schema": SCHEMA,
-                    },
-                    "refunds": {"from": "acme", "subject": "acme.out.stripe.refunds"},
-                },
-            }
+            "acme-at-stripe": manifests.integration(
+                KEY, {"before_charge_action": module}, events=sent
+            )
         },
     }
 

@@ -36,6 +36,7 @@ from deadlift.wasm.hostfns import HostCall, HostFunction, host_function
 from deadlift.wasm.logs import CAPTURE_LINES
 from deadlift.wire import events
 from tests.conftest import module_path
+from tests.manifests import integration, logins
 from tests.unit.fakes import FakeMsg, delivered
 
 MODULES = ("before_charge_action", "hostile", "add_ten")
@@ -48,24 +49,12 @@ SECRET = "card 4242-4242 of customer cus_42"  # the host's data: never in a reco
 
 
 def manifest(*, logs: bool = True, payloads: bool = False) -> OrgManifest:
+    modules = {"before_charge_action": {"grants": ["past_purchases", "send_email"]}, "hostile": {}}
+    sees = {"logs": logs, "payloads": payloads}
     return OrgManifest.model_validate(
         {
-            "orgs": {
-                name: {"users": [{"user": name, "password": "dev"}]}
-                for name in ("acme", "stripe", "globex")
-            },
-            "integrations": {
-                "acme-at-stripe": {
-                    "host": "stripe",
-                    "guest": "acme",
-                    "signing_key": KEY,
-                    "modules": {
-                        "before_charge_action": {"grants": ["past_purchases", "send_email"]},
-                        "hostile": {},
-                    },
-                    "guest_sees": {"logs": logs, "payloads": payloads},
-                }
-            },
+            "orgs": logins("acme", "stripe", "globex"),
+            "integrations": {"acme-at-stripe": integration(KEY, modules, guest_sees=sees)},
         }
     )
 
