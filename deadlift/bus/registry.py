@@ -8,6 +8,7 @@ with the owner's signature; the org's own modules have no owner.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -404,12 +405,23 @@ class Registry:
         """Remove a workflow from the registry."""
         await self._workflows.delete(key)
 
-    async def watch_workflows(self) -> AsyncIterator[tuple[str, Workflow | None]]:
+    async def watch_workflows(
+        self, stop: asyncio.Event | None = None
+    ) -> AsyncIterator[tuple[str, Workflow | None]]:
         """Yield ``(key, workflow)`` for every stored workflow, then for each change.
 
-        A deleted workflow yields ``(key, None)``.
+        A deleted workflow yields ``(key, None)``. Setting ``stop`` ends the iteration.
         """
         watcher = await self._workflows.watchall()
+        stopper = None
+        if stop is not None:
+
+            async def stop_when_asked() -> None:
+                await stop.wait()
+                with contextlib.suppress(Exception):
+                    await watcher.stop()  # the iteration then ends
+
+            stopper = asyncio.get_running_loop().create_task(stop_when_asked())
         try:
             async for entry in watcher:
                 if entry is None:
@@ -419,7 +431,10 @@ class Registry:
                 else:
                     yield entry.key, Workflow.model_validate_json(entry.value)
         finally:
-            await watcher.stop()
+            if stopper is not None:
+                stopper.cancel()
+            with contextlib.suppress(Exception):  # stopped already, or the connection is gone
+                await watcher.stop()
 
 
 def not_accepted(ref: str, host: str) -> str:

@@ -97,6 +97,7 @@ class Worker:
         self.publisher = JetStreamPublisher(nc)
         self.state = StateBuckets(self.js, replicas=self.settings.stream_replicas)
         self._watch_task: asyncio.Task[None] | None = None
+        self._watch_stop = asyncio.Event()
         self._trim_task: asyncio.Task[None] | None = None
         self._closed = asyncio.Event()
         self._shutting_down = False
@@ -251,9 +252,14 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._trim_task
         if self._watch_task is not None:
+            # Ending the watch (its watcher stops: the iteration ends) does not rely
+            # on the cancel alone: Python 3.11's wait_for can swallow a cancel that
+            # lands as nats-py's subscribe completes, and the task would wait forever.
+            self._watch_stop.set()
             self._watch_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch_task
+            _, pending = await asyncio.wait({self._watch_task}, timeout=5.0)
+            if pending:
+                log.warning("the registry watch did not stop; shutting down without it")
         async with self._lock:
             runners = [r for group in self._runners.values() for r in group]
             self._runners.clear()
@@ -305,7 +311,7 @@ class Worker:
         assert self.registry is not None
         while not self._shutting_down:
             try:
-                async for key, workflow in self.registry.watch_workflows():
+                async for key, workflow in self.registry.watch_workflows(self._watch_stop):
                     await self._reconcile(key, workflow)
             except asyncio.CancelledError:
                 raise

@@ -491,3 +491,20 @@ async def test_cli_module_rm_in_use_exits_1(settings: Settings, push: Push, appl
     refused = cli(settings, "module", "rm", "add_ten")
     assert "acme.single step 'only'" in refused.stderr, refused.stderr
     assert refused.returncode == 1, refused.stderr
+
+
+async def test_a_workflow_watch_ends_when_asked_to_stop(registry: Registry) -> None:
+    """The worker ends its registry watch this way on shutdown: a cancel alone can be
+    swallowed (Python 3.11's wait_for inside nats-py's subscribe), leaving it waiting."""
+    stop = asyncio.Event()
+    seen = []
+
+    async def watch() -> None:
+        async for key, _ in registry.watch_workflows(stop):
+            seen.append(key)
+
+    task = asyncio.create_task(watch())
+    await asyncio.sleep(0.2)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    assert task.done() and task.exception() is None
