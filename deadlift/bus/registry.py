@@ -223,34 +223,30 @@ class Registry:
 
     async def versions(self, name: str, *, owner: str | None = None) -> list[ModuleMeta]:
         """The versions of one module (the org's own, or ``owner``'s accepted), oldest first."""
-        return [
-            m
-            for m in await self.modules()
-            if m.name == name
-            and m.owner == owner
-            # An owned entry counts only as accepted (the only way one is written).
-            and (owner is None or m.accepted_at is not None)
-        ]
+        return _versions(await self.modules(), name, owner)
 
-    async def resolve(self, ref: str) -> ModuleMeta:
+    async def resolve(self, ref: str, *, known: list[ModuleMeta] | None = None) -> ModuleMeta:
         """Find a module by ``[owner/]name`` (latest), ``[owner/]name@version`` or ``sha256:<hex>``.
 
         ``owner/…`` looks only at that owner's accepted modules; a plain name and
         ``sha256:`` only at the org's own.
 
+        ``known``: every module's metadata, read once by a caller resolving many.
+
         Raises:
             NotFoundError: naming what exists instead.
         """
         names.check_module_ref(ref, field="module")
+        metas = known if known is not None else await self.modules()
         if ref.startswith("sha256:"):
             sha = ref.removeprefix("sha256:")
-            for meta in reversed(await self.modules()):
+            for meta in reversed(metas):
                 if meta.sha256 == sha and meta.owner is None:
                     return meta
             raise NotFoundError(f"no module with sha256 {sha}; push it with `deadlift module push`")
         owner, name = module_owner(ref), module_name(ref)
         version = ref.partition("@")[2]
-        versions = await self.versions(name, owner=owner)
+        versions = _versions(metas, name, owner)
         if not versions:
             if owner:
                 raise NotFoundError(
@@ -267,9 +263,9 @@ class Registry:
         for meta in versions:
             if meta.version == version:
                 return meta
-        known = ", ".join(m.version for m in versions)
+        listed = ", ".join(m.version for m in versions)
         shown = f"{owner}/{name}" if owner else name
-        raise NotFoundError(f"module {shown!r} has no version {version!r} (versions: {known})")
+        raise NotFoundError(f"module {shown!r} has no version {version!r} (versions: {listed})")
 
     async def remove_module(self, ref: str) -> list[ModuleMeta]:
         """Remove ``name@version`` (or every version of ``name``); return what was removed.
@@ -336,18 +332,27 @@ class Registry:
 
     # -- workflows -----------------------------------------------------------
 
-    async def resolve_workflow(self, workflow: Workflow, *, source: str = "<workflow>") -> Workflow:
+    async def resolve_workflow(
+        self,
+        workflow: Workflow,
+        *,
+        source: str = "<workflow>",
+        known: list[ModuleMeta] | None = None,
+    ) -> Workflow:
         """Pin each step to a module binary and check its function and imports.
+
+        ``known``: every module's metadata, read once by a caller resolving many.
 
         Raises:
             ConfigError: naming the step: unknown module, missing export, or
                 host functions the module imports but the step does not grant.
         """
         steps = []
+        metas = known if known is not None else await self.modules()
         for step in workflow.steps:
             where = f"{source}: step {step.name!r}"
             try:
-                meta = await self.resolve(step.module)
+                meta = await self.resolve(step.module, known=metas)
             except NotFoundError as exc:
                 owner = module_owner(step.module)
                 if owner is not None:
@@ -435,6 +440,17 @@ class Registry:
                 stopper.cancel()
             with contextlib.suppress(Exception):  # stopped already, or the connection is gone
                 await watcher.stop()
+
+
+def _versions(metas: list[ModuleMeta], name: str, owner: str | None) -> list[ModuleMeta]:
+    return [
+        m
+        for m in metas
+        if m.name == name
+        and m.owner == owner
+        # An owned entry counts only as accepted (the only way one is written).
+        and (owner is None or m.accepted_at is not None)
+    ]
 
 
 def not_accepted(ref: str, host: str) -> str:

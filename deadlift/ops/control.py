@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import Iterable
@@ -27,6 +28,9 @@ from deadlift.model.workflow import (
 )
 from deadlift.runtime.http_policy import parse_allowed_host
 from deadlift.settings import Settings
+
+# Consumer create/update requests in flight at once during an apply.
+CONSUMER_REQUESTS = 32
 
 
 async def push_module_file(
@@ -121,7 +125,10 @@ async def apply_workflows(
         # guest's module is not accepted yet.
         for workflow, source in workflows:
             check_workflow(manifest, workflow, source=source)
-    resolved = [(await registry.resolve_workflow(w, source=src), src) for w, src in workflows]
+    known = await registry.modules()  # read once for every step of every workflow
+    resolved = [
+        (await registry.resolve_workflow(w, source=src, known=known), src) for w, src in workflows
+    ]
     if manifest is not None and not identity.single_tenant:
         resolved = [(resolve_imports(w, manifest, source=src), src) for w, src in resolved]
     keys = [w.key for w, _ in resolved]
@@ -158,10 +165,20 @@ async def _create_consumers(
     nothing of the apply is left behind then but the streams' subjects.
     """
     had = {(i.stream, i.consumer) for w in stored for s in w.steps for i in bus.step_inputs(w, s)}
-    try:
-        for workflow in workflows:
-            for step in workflow.steps:
-                await bus.ensure_consumers(js, settings, workflow, step)
+    slots = asyncio.Semaphore(CONSUMER_REQUESTS)
+
+    async def ensure(workflow: Workflow, step: Step) -> None:
+        async with slots:
+            await bus.ensure_consumers(js, settings, workflow, step)
+
+    try:  # many at once: an apply of thousands of steps is round trips, not work
+        # All settle before any failure is raised: the rollback must see every one.
+        results = await asyncio.gather(
+            *(ensure(w, s) for w in workflows for s in w.steps), return_exceptions=True
+        )
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            raise failed[0]
     except BaseException:
         added = [
             i

@@ -52,7 +52,6 @@ from deadlift.wire import events
 
 log = logging.getLogger("deadlift.worker")
 
-FETCH_TIMEOUT_S = 1.0  # also bounds how long shutdown waits for a fetch to return
 BACKLOG_WAIT_S = 0.05  # how long a batch fetch may wait for stragglers
 # Deliveries beyond the step's attempts that still run the step. A redelivery
 # after a worker died or an ack was lost counts as a delivery but is no failure:
@@ -136,6 +135,7 @@ class StepRunner:
         self.runs = runs.recorder_for(context, workflow, step, spec.sha256)
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping = False
+        self._idle = False  # waiting in a long pull for the next event
         self._task: asyncio.Task[None] | None = None
         self._sub: Any = None
 
@@ -158,7 +158,11 @@ class StepRunner:
         self._stopping = True
         try:
             if self._task is not None:
-                await self._task
+                if self._idle:
+                    # Nothing to finish: end the long pull now rather than when it expires.
+                    self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
             if self._inflight:
                 await asyncio.gather(*self._inflight, return_exceptions=True)
             await self._finish_delivered()
@@ -219,6 +223,7 @@ class StepRunner:
         size = max(1, min(self.context.settings.fetch_batch, self.concurrency // 2))
         slots = asyncio.Semaphore(2)
         backlog = True
+        idle_pull_s = self.context.settings.idle_pull_s
         while not self._stopping:
             await slots.acquire()
             if self._stopping:
@@ -231,7 +236,13 @@ class StepRunner:
                 if backlog:
                     msgs = await self._sub.fetch(size, timeout=BACKLOG_WAIT_S)
                 else:
-                    msgs = await self._sub.fetch(1, timeout=FETCH_TIMEOUT_S)
+                    # Caught up: one long pull (an event ends it at once), so an idle
+                    # step costs one request per idle_pull_s, not one per second.
+                    self._idle = True
+                    try:
+                        msgs = await self._sub.fetch(1, timeout=idle_pull_s)
+                    finally:
+                        self._idle = False
                 backlog = bool(msgs[-1].metadata.num_pending)
             except (TimeoutError, nats.errors.TimeoutError):
                 slots.release()

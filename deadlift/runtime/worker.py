@@ -15,7 +15,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
 
@@ -36,6 +36,7 @@ from deadlift.runtime.builtins import BUILTINS
 from deadlift.runtime.context import StepContext, StepReport, step_signature
 from deadlift.runtime.services import StateBuckets, step_services
 from deadlift.runtime.step import StepRunner
+from deadlift.runtime.threads import LentExecutor
 from deadlift.runtime.watchdog import Watchdog
 from deadlift.settings import Settings
 from deadlift.wasm.host import ModuleHost, PluginSpec
@@ -43,6 +44,10 @@ from deadlift.wasm.hostfns import HostFunction
 from deadlift.wasm.probe import probe_module
 
 log = logging.getLogger("deadlift.worker")
+
+# Steps started at once (each: consumers, a binary load, a bind): enough to overlap
+# the round trips, few enough not to flood the server when thousands start.
+START_CONCURRENCY = 16
 
 
 class Worker:
@@ -56,6 +61,8 @@ class Worker:
         observers: called with a :class:`StepReport` after each event at each step.
         orgs: the org manifest, for the ``config_get`` / ``secret_get`` built-ins.
         advertise: register as a NATS micro service (``deadlift workers`` lists it).
+        executor: run module calls on this executor (``threads`` of them) instead of a
+            pool of its own; the worker does not shut it down.
     """
 
     def __init__(
@@ -70,6 +77,7 @@ class Worker:
         threads: int | None = None,
         orgs: OrgManifest | None = None,
         advertise: bool = True,
+        executor: Executor | None = None,
     ) -> None:
         self.nc = nc
         self.orgs = orgs
@@ -82,8 +90,12 @@ class Worker:
         self.host = ModuleHost()
         # Extism releases the GIL: a thread per core runs modules in parallel.
         self.threads = threads or self.settings.threads or min(8, max(2, os.cpu_count() or 2))
-        self.executor = ThreadPoolExecutor(
-            max_workers=self.threads, thread_name_prefix="deadlift-wasm"
+        # A lent executor (a fleet's, shared by the orgs of one process) is not shut
+        # down with this worker: the lender's other workers still use it.
+        self.executor: Executor = (
+            LentExecutor(executor)
+            if executor is not None
+            else ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="deadlift-wasm")
         )
         # Module calls stuck past timeout + grace (nothing can interrupt them) make the
         # worker unhealthy and shut it down; `deadlift worker` sets on_stuck to exit.
@@ -98,6 +110,8 @@ class Worker:
         self.state = StateBuckets(self.js, replicas=self.settings.stream_replicas)
         self._watch_task: asyncio.Task[None] | None = None
         self._watch_stop = asyncio.Event()
+        self._captured: set[str] = set()  # subjects this worker made sure a stream captures
+        self._loading: dict[str, asyncio.Lock] = {}  # per module binary being loaded
         self._trim_task: asyncio.Task[None] | None = None
         self._closed = asyncio.Event()
         self._shutting_down = False
@@ -180,8 +194,8 @@ class Worker:
                 "with their config and secrets; use one NATS account per org in production"
             )
         self.registry = await Registry.open(self.js, replicas=self.settings.stream_replicas)
-        for workflow in await self.registry.workflows():
-            await self._reconcile(workflow.key, workflow)
+        # Every workflow at once: one stream update, steps started in parallel.
+        await self._reconcile_many({w.key: w for w in await self.registry.workflows()})
         self._watch_task = asyncio.create_task(self._watch(), name="deadlift-registry-watch")
         self._trim_task = asyncio.create_task(self._trim(), name="deadlift-pool-trim")
         if self.advertise:
@@ -321,34 +335,70 @@ class Worker:
 
     async def _reconcile(self, key: str, workflow: Workflow | None) -> None:
         """Make the running steps of workflow ``key`` match ``workflow`` (None: removed)."""
+        await self._reconcile_many({key: workflow})
+
+    async def _reconcile_many(self, changes: Mapping[str, Workflow | None]) -> None:
+        """Make the running steps of each workflow match it (None: removed).
+
+        Only what changed is touched: a workflow whose steps all run unchanged
+        costs a comparison (the registry watch replays every workflow on start).
+        New steps start in parallel, at most :data:`START_CONCURRENCY` at once.
+        """
         async with self._lock:
             if self._shutting_down:
                 return
-            wanted: dict[tuple[str, str], Step] = {}
-            if workflow is not None and self._selected(workflow) and self._admitted(workflow):
-                wanted = {(key, s.name): s for s in workflow.steps}
+            wanted: dict[tuple[str, str], tuple[Workflow, Step]] = {}
+            for key, workflow in changes.items():
+                if workflow is not None and self._selected(workflow) and self._admitted(workflow):
+                    wanted.update({(key, s.name): (workflow, s) for s in workflow.steps})
             stale = [
                 k
                 for k, rs in self._runners.items()
-                if k[0] == key
-                and (k not in wanted or rs[0].signature != step_signature(workflow, rs[0].step))
-            ]
-            for k in stale:
-                await asyncio.gather(*(r.stop() for r in self._runners.pop(k)))
-            if workflow is None or not wanted:
-                return
-            try:
-                await bus.ensure_streams(
-                    self.js, self.settings, workflow.event_subjects(), workflow.imported_triggers()
+                if k[0] in changes
+                and (
+                    k not in wanted or rs[0].signature != step_signature(changes[k[0]], rs[0].step)
                 )
-            except DeadliftError as exc:
-                log.error("workflow %s not started: %s", key, exc)
+            ]
+            if stale:
+                await asyncio.gather(*(r.stop() for k in stale for r in self._runners.pop(k)))
+            missing = {k: v for k, v in wanted.items() if k not in self._runners}
+            if not missing:
                 return
-            for k, step in wanted.items():
-                if k not in self._runners:
+            ready = await self._ensure_streams({w.key: w for w, _ in missing.values()})
+            slots = asyncio.Semaphore(START_CONCURRENCY)
+
+            async def start(k: tuple[str, str], workflow: Workflow, step: Step) -> None:
+                async with slots:
                     runners = await self._start_step(workflow, step)
-                    if runners:
-                        self._runners[k] = runners
+                if runners:
+                    self._runners[k] = runners
+
+            await asyncio.gather(
+                *(start(k, w, s) for k, (w, s) in missing.items() if w.key in ready)
+            )
+
+    async def _ensure_streams(self, workflows: Mapping[str, Workflow]) -> set[str]:
+        """Capture the workflows' subjects (once each); return the keys of those captured."""
+        todo = {k: w for k, w in workflows.items() if not set(_capture_keys(w)) <= self._captured}
+        if todo:
+            try:  # one update of each stream for all of them
+                await self._ensure_streams_of(list(todo.values()))
+            except DeadliftError:
+                for key, workflow in todo.items():  # find the one that cannot be captured
+                    try:
+                        await self._ensure_streams_of([workflow])
+                    except DeadliftError as exc:
+                        log.error("workflow %s not started: %s", key, exc)
+        return {k for k, w in workflows.items() if set(_capture_keys(w)) <= self._captured}
+
+    async def _ensure_streams_of(self, workflows: list[Workflow]) -> None:
+        imported: dict[str, list[str]] = {}
+        for workflow in workflows:
+            for exporter, triggers in workflow.imported_triggers().items():
+                imported.setdefault(exporter, []).extend(triggers)
+        subjects = [s for w in workflows for s in w.event_subjects()]
+        await bus.ensure_streams(self.js, self.settings, subjects, imported)
+        self._captured.update(s for w in workflows for s in _capture_keys(w))
 
     async def _start_step(self, workflow: Workflow, step: Step) -> list[StepRunner]:
         where = f"workflow {workflow.key} step {step.name!r}"
@@ -375,15 +425,17 @@ class Worker:
             if refusal:
                 log.error("%s not started: %s", where, refusal)
                 return []
-            if not self.host.has_binary(step.module_sha256):
-                wasm = await self.registry.binary(step.module_sha256)
-                # Instantiation runs its start function, unbounded: try it in a child first.
-                what = f"module {step.module} (sha256 {step.module_sha256[:12]})"
-                pages = step.max_memory_pages or self.settings.default_max_pages
-                await probe_module(
-                    wasm, max_pages=pages, timeout_s=self.settings.probe_timeout_s, what=what
-                )
-                self.host.add_binary(step.module_sha256, wasm)
+            # One load per binary, however many steps starting at once run it.
+            async with self._loading.setdefault(step.module_sha256, asyncio.Lock()):
+                if not self.host.has_binary(step.module_sha256):
+                    wasm = await self.registry.binary(step.module_sha256)
+                    # Instantiation runs its start function, unbounded: try it in a child first.
+                    what = f"module {step.module} (sha256 {step.module_sha256[:12]})"
+                    pages = step.max_memory_pages or self.settings.default_max_pages
+                    await probe_module(
+                        wasm, max_pages=pages, timeout_s=self.settings.probe_timeout_s, what=what
+                    )
+                    self.host.add_binary(step.module_sha256, wasm)
             spec = PluginSpec(
                 sha256=step.module_sha256,
                 org=workflow.org,
@@ -425,6 +477,12 @@ class Worker:
                 observer(report)
             except Exception:
                 log.exception("observer failed")
+
+
+def _capture_keys(workflow: Workflow) -> list[str]:
+    """What a workflow needs captured: its own subjects, and each import's triggers."""
+    imported = workflow.imported_triggers().items()
+    return [*workflow.event_subjects(), *(f"{e}:{t}" for e, ts in imported for t in ts)]
 
 
 def _server_of(nc: Client) -> tuple[str, int] | None:
