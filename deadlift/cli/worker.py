@@ -1,5 +1,8 @@
 """``deadlift worker``: run workflow steps until SIGTERM/SIGINT, then stop gracefully.
 
+One org (the connection's), or with ``--orgs``/``--all-orgs`` many in one process:
+a :class:`~deadlift.runtime.fleet.Fleet` with a worker per org on its own connection.
+
 This is where the worker's signal handlers and exit deadlines live (the
 :class:`~deadlift.runtime.worker.Worker` installs none): the first signal
 finishes in-flight events and drains, bounded in time; a second exits at once;
@@ -12,15 +15,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import click
-import nats.errors
 
-from deadlift import bus
-from deadlift.cli.common import exit_after, hard_exit, run_async, settings_of
-from deadlift.errors import DeadliftError
+from deadlift.cli.common import (
+    exit_after,
+    fail,
+    hard_exit,
+    org_manifest,
+    run_async,
+    settings_of,
+)
+from deadlift.errors import ConfigError, DeadliftError
+from deadlift.model.orgs import OrgManifest
 from deadlift.ops.control import load_orgs_if_present
+from deadlift.runtime.fleet import Fleet, org_names
+from deadlift.runtime.startup import STARTUP_S, connect_patiently, start_patiently
 from deadlift.runtime.telemetry import configure
 from deadlift.runtime.watchdog import EXIT_STUCK, Stuck
 from deadlift.runtime.worker import Worker
@@ -32,7 +45,7 @@ log = logging.getLogger("deadlift.cli")
 # Beyond DEADLIFT_SHUTDOWN_TIMEOUT_S, how long a stopping worker may take to drain
 # its connection and flush before it is ended regardless.
 EXIT_MARGIN_S = 5.0
-WORKER_STARTUP_S = 60.0  # a worker (a service) waits this long for NATS at start
+WORKER_STARTUP_S = STARTUP_S  # a worker (a service) waits this long for NATS at start
 STOPPED_STATS = ("ok", "filtered", "retry", "dead", "duplicate")
 
 
@@ -52,17 +65,91 @@ STOPPED_STATS = ("ok", "filtered", "retry", "dead", "duplicate")
     envvar="DEADLIFT_HOST_FUNCTIONS",
     help="Python module offering host functions (pkg.module); repeatable",
 )
+@click.option(
+    "--orgs",
+    "serve",
+    multiple=True,
+    metavar="ORG,ORG...",
+    help="serve these orgs of the org manifest in this one process: a worker per org, on "
+    "its own connection with that org's credentials; repeatable (the manifest itself is "
+    "the global option: deadlift --orgs FILE worker --orgs ORG,ORG)",
+)
+@click.option("--all-orgs", is_flag=True, help="serve every org of the org manifest")
+@click.option(
+    "--creds-dir",
+    type=click.Path(file_okay=False, exists=True),
+    help="with --orgs/--all-orgs: a directory holding ORG.creds for each org served "
+    "(default: each org's development user from the org manifest)",
+)
 @click.pass_context
 def worker(
-    ctx: click.Context, workflows: tuple[str, ...], concurrency: int | None, packs: tuple[str, ...]
+    ctx: click.Context,
+    workflows: tuple[str, ...],
+    concurrency: int | None,
+    packs: tuple[str, ...],
+    serve: tuple[str, ...],
+    all_orgs: bool,
+    creds_dir: str | None,
 ) -> None:
-    """Run workflow steps until SIGTERM/SIGINT, then finish in-flight events and drain."""
+    """Run workflow steps until SIGTERM/SIGINT, then finish in-flight events and drain.
+
+    With --orgs or --all-orgs, one process serves many orgs: each org's worker
+    connects with that org's credentials and sees only that org's account.
+    """
+    settings = settings_of(ctx)
+    orgs = [name.strip() for item in serve for name in item.split(",") if name.strip()]
+    _check_fleet_flags(settings, orgs=orgs, all_orgs=all_orgs, creds_dir=creds_dir)
+    fleet: tuple[OrgManifest, list[str]] | None = None
+    if orgs or all_orgs:
+        try:  # an unknown org is refused before anything connects (exit 2)
+            manifest = org_manifest(settings)
+            fleet = manifest, org_names(manifest, list(manifest.orgs) if all_orgs else orgs)
+        except ConfigError as exc:
+            fail(exc)
     # Until the worker installs its own handlers (once connected), a SIGTERM means
     # "never mind": nothing is in flight yet, so exit cleanly rather than die by signal.
     signal.signal(signal.SIGTERM, _exit_before_start)
+    if fleet is None:
+        run_async(run_worker(settings, workflows=workflows, concurrency=concurrency, packs=packs))
+        return
     run_async(
-        run_worker(settings_of(ctx), workflows=workflows, concurrency=concurrency, packs=packs)
+        run_fleet(
+            settings,
+            manifest=fleet[0],
+            orgs=fleet[1],
+            creds_dir=creds_dir,
+            workflows=workflows,
+            concurrency=concurrency,
+            packs=packs,
+        )
     )
+
+
+def _check_fleet_flags(
+    settings: Settings, *, orgs: list[str], all_orgs: bool, creds_dir: str | None
+) -> None:
+    """Refuse flags that contradict each other, before anything connects (exit 2)."""
+    if orgs and all_orgs:
+        raise click.UsageError("--orgs and --all-orgs exclude each other")
+    if not (orgs or all_orgs):
+        if creds_dir:
+            raise click.UsageError("--creds-dir goes with --orgs or --all-orgs")
+        return
+    given = [
+        flag
+        for flag, value in (
+            ("--org (DEADLIFT_ORG)", settings.org),
+            ("--creds (DEADLIFT_CREDS)", settings.creds),
+            ("--user (DEADLIFT_USER)", settings.user),
+            ("DEADLIFT_TOKEN", settings.token),
+        )
+        if value
+    ]
+    if given:
+        raise click.UsageError(
+            "--orgs/--all-orgs connect as each org with its own credentials (from the org "
+            f"manifest, or --creds-dir); drop {', '.join(given)}: they name one account"
+        )
 
 
 def _exit_before_start(signum: int, frame: Any) -> None:
@@ -91,7 +178,7 @@ async def run_worker(
     flush_telemetry = configure("deadlift-worker")
     functions = load_packs(packs)
     orgs = load_orgs_if_present(settings.orgs_file)
-    nc = await _connect_patiently(settings)
+    nc = await connect_patiently(settings, within_s=WORKER_STARTUP_S)
     worker = Worker(
         nc,
         settings=settings,
@@ -102,9 +189,9 @@ async def run_worker(
     )
     bound = settings.shutdown_timeout_s + EXIT_MARGIN_S
     worker.watchdog.on_stuck = lambda stuck: _exit_when_stuck(worker, stuck, bound)
-    _on_worker_signals(worker, bound)
+    _on_worker_signals(worker.shutdown, worker.watchdog.running, bound)
     try:
-        await _start_patiently(worker)
+        await start_patiently(worker, within_s=WORKER_STARTUP_S)
         log.info(
             "worker running %d step(s): %s",
             len(worker.steps),
@@ -140,19 +227,22 @@ def _exit_when_stuck(worker: Worker, stuck: list[Stuck], bound: float) -> None:
     exit_after(bound, EXIT_STUCK, lambda: f"shutdown did not finish within {bound:.0f} s")
 
 
-def _on_worker_signals(worker: Worker, bound: float) -> None:
+def _on_worker_signals(
+    shutdown: Callable[[], Awaitable[None]], running: Callable[[], list[str]], bound: float
+) -> None:
     """SIGTERM/SIGINT: a graceful shutdown, ended by force after ``bound`` seconds.
 
     The first signal starts the shutdown (stop pulling, finish in-flight events,
     drain), and a deadline: a module thread stuck where nothing can interrupt it
     would otherwise keep the process alive forever. A second signal exits at once.
+    ``running`` names the module calls still running, for the deadline's message.
     """
     loop = asyncio.get_running_loop()
     state: dict[str, Any] = {"seen": 0}
 
     def why() -> str:
-        running = worker.watchdog.running()
-        stuck = f" (module calls still running: {'; '.join(running)})" if running else ""
+        calls = running()
+        stuck = f" (module calls still running: {'; '.join(calls)})" if calls else ""
         return f"shutdown did not finish within {bound:.0f} s{stuck}"
 
     def handle(signum: int) -> None:
@@ -161,7 +251,7 @@ def _on_worker_signals(worker: Worker, bound: float) -> None:
         if state["seen"] == 1:
             log.info("%s: finishing in-flight events, then exiting (at most %.0f s)", name, bound)
             exit_after(bound, EXIT_STUCK, why)
-            state["shutdown"] = asyncio.ensure_future(worker.shutdown())
+            state["shutdown"] = asyncio.ensure_future(shutdown())
         else:
             log.warning(
                 "second signal (%s): exiting now; unacked events are redelivered to other workers",
@@ -173,32 +263,75 @@ def _on_worker_signals(worker: Worker, bound: float) -> None:
         loop.add_signal_handler(sig, handle, sig)
 
 
-async def _connect_patiently(settings: Settings) -> bus.DeadliftClient:
-    """Connect, retrying while the server is unreachable (not on refused credentials)."""
-    deadline = asyncio.get_running_loop().time() + WORKER_STARTUP_S
-    while True:
-        try:
-            return await bus.connect(settings, name="deadlift-worker")
-        except DeadliftError as exc:
-            refused = "authoriz" in str(exc).lower() or "authent" in str(exc).lower()
-            if refused or asyncio.get_running_loop().time() > deadline:
-                raise
-            log.warning("%s; retrying", exc)
-            await asyncio.sleep(1.0)
+# -- many orgs in one process -----------------------------------------------------------
 
 
-async def _start_patiently(worker: Worker) -> None:
-    """Start the worker, retrying while JetStream is not answering yet (a restart)."""
-    deadline = asyncio.get_running_loop().time() + WORKER_STARTUP_S
-    while True:
-        try:
-            await worker.start()
-            return
-        except (TimeoutError, nats.errors.Error) as exc:
-            if asyncio.get_running_loop().time() > deadline:
-                raise DeadliftError(f"JetStream did not answer at start: {exc}") from None
-            log.warning("JetStream not ready (%s); retrying", exc or type(exc).__name__)
-            await asyncio.sleep(1.0)
+async def run_fleet(
+    settings: Settings,
+    *,
+    manifest: OrgManifest,
+    orgs: list[str],
+    creds_dir: str | None = None,
+    workflows: tuple[str, ...] = (),
+    concurrency: int | None = None,
+    packs: tuple[str, ...] = (),
+) -> None:
+    """``deadlift worker --orgs ORG,ORG`` / ``--all-orgs``: a worker per org, one process."""
+    flush_telemetry = configure("deadlift-worker")
+    functions = load_packs(packs)
+    loop = asyncio.get_running_loop()
+    bound = settings.shutdown_timeout_s + EXIT_MARGIN_S
+
+    def on_stuck(org: str, stuck: list[Stuck]) -> None:
+        """In a watchdog thread. A stuck thread is lost to every org's calls (one pool),
+        and keeps the process from exiting: stop every org, then exit 70."""
+        log.error(
+            "org %s: a module call is stuck; this process exits with status %d once every "
+            "org's in-flight events are settled (at most %.0f s)",
+            org,
+            EXIT_STUCK,
+            bound,
+        )
+        exit_after(bound, EXIT_STUCK, lambda: f"shutdown did not finish within {bound:.0f} s")
+        loop.call_soon_threadsafe(lambda: asyncio.ensure_future(fleet.shutdown()))
+
+    fleet = Fleet(
+        orgs,
+        manifest=manifest,
+        settings=settings,
+        creds_dir=creds_dir,
+        workflows=workflows,
+        host_functions=functions,
+        concurrency=concurrency,
+        patience_s=WORKER_STARTUP_S,
+        on_stuck=on_stuck,
+    )
+    _on_worker_signals(fleet.shutdown, fleet.running, bound)
+    try:
+        await fleet.start()
+        not_served = f"; not serving: {', '.join(fleet.failed)}" if fleet.failed else ""
+        log.info(
+            "serving %d of %d org(s): %s%s",
+            len(fleet.serving),
+            len(fleet.orgs),
+            ", ".join(fleet.serving) or "none",
+            not_served,
+        )
+        await fleet.run_until_shutdown()
+    finally:
+        await fleet.shutdown()
+    for org, served in fleet.workers.items():
+        log.info("org %s stopped: %s", org, _stats(served.stats))
+    log.info("worker stopped: %s", _stats(fleet.stats))
+    flush_telemetry()
+    left = fleet.stuck() or fleet.running()
+    if left:
+        log.error("exiting with status %d; module calls left running: %s", EXIT_STUCK, left)
+        hard_exit(EXIT_STUCK)
+
+
+def _stats(stats: Counter[str]) -> str:
+    return " ".join(f"{k}={stats[k]}" for k in STOPPED_STATS)
 
 
 COMMANDS: list[click.Command] = [worker]
