@@ -112,6 +112,7 @@ class Worker:
         self._watch_stop = asyncio.Event()
         self._captured: set[str] = set()  # subjects this worker made sure a stream captures
         self._loading: dict[str, asyncio.Lock] = {}  # per module binary being loaded
+        self._starting = False  # in start(): the steps' "started" lines are summed up
         self._trim_task: asyncio.Task[None] | None = None
         self._closed = asyncio.Event()
         self._shutting_down = False
@@ -195,7 +196,11 @@ class Worker:
             )
         self.registry = await Registry.open(self.js, replicas=self.settings.stream_replicas)
         # Every workflow at once: one stream update, steps started in parallel.
-        await self._reconcile_many({w.key: w for w in await self.registry.workflows()})
+        self._starting = True
+        try:
+            await self._reconcile_many({w.key: w for w in await self.registry.workflows()})
+        finally:
+            self._starting = False
         self._watch_task = asyncio.create_task(self._watch(), name="deadlift-registry-watch")
         self._trim_task = asyncio.create_task(self._trim(), name="deadlift-pool-trim")
         if self.advertise:
@@ -376,6 +381,10 @@ class Worker:
             await asyncio.gather(
                 *(start(k, w, s) for k, (w, s) in missing.items() if w.key in ready)
             )
+            started = [k for k in missing if k in self._runners]
+            if len(started) > 1:
+                flows = len({k[0] for k in started})
+                log.info("started %d step(s) of %d workflow(s)", len(started), flows)
 
     async def _ensure_streams(self, workflows: Mapping[str, Workflow]) -> set[str]:
         """Capture the workflows' subjects (once each); return the keys of those captured."""
@@ -467,7 +476,13 @@ class Worker:
         runners = [StepRunner(context, workflow, step, spec, b, services) for b in bindings]
         for runner in runners:
             await runner.start()
-        log.info("started %s (module %s)", where, step.module)
+        # One line per step for a reload; thousands at start are summed up instead.
+        log.log(
+            logging.DEBUG if self._starting else logging.INFO,
+            "started %s (module %s)",
+            where,
+            step.module,
+        )
         return runners
 
     def report(self, report: StepReport) -> None:

@@ -276,6 +276,8 @@ class ModuleHost:
                 self._idle_bytes > self._max_idle_bytes and self._idle_total > 1
             )
 
+        if not over():  # the common case: no sort of every pool on every return
+            return evicted
         for pool in sorted(self._pools.values(), key=lambda p: p.last_used):
             while pool.idle and over():
                 evicted.append(pool.idle.pop(0))
