@@ -459,7 +459,12 @@ class Worker:
                 max_output_bytes=self.settings.max_output_bytes,
                 allowed_hosts=tuple(step.allowed_hosts),
             )
-            await asyncio.get_running_loop().run_in_executor(self.executor, self.host.prepare, spec)
+            if self.host.compiled(spec):  # the common case at scale: no thread hop
+                self.host.prepare(spec)
+            else:  # compiling takes a while: off the event loop
+                await asyncio.get_running_loop().run_in_executor(
+                    self.executor, self.host.prepare, spec
+                )
             bindings = await bus.ensure_consumers(self.js, self.settings, workflow, step)
             services = await step_services(
                 workflow,

@@ -163,6 +163,11 @@ class ModuleHost:
         """Compile the module for ``spec`` now (so link errors surface before any event)."""
         self._pool(spec)
 
+    def compiled(self, spec: PluginSpec) -> bool:
+        """Whether ``spec``'s module is compiled already (then :meth:`prepare` is quick)."""
+        with self._lock:
+            return spec.compiled_key in self._compiled
+
     def call(self, spec: PluginSpec, function: str, data: bytes, context: HostCall) -> bytes:
         """Call ``function`` with ``data``; return its raw output.
 
