@@ -44,6 +44,9 @@ BAD_HEADER_VALUES = ["a\rb", "a\nb", "a\x00b", "a\r\nNats-Msg-Id: forged", "ok\x
 async def stream(nc: Client) -> str:
     """A stream capturing ``attack.>`` on the clean JetStream."""
     await recreated(lambda: nc.jetstream().add_stream(name=STREAM, subjects=["attack.>"]))
+    # A stream re-created the moment its namesake was deleted can come back with the
+    # old store (nats-server removes it asynchronously): start it empty regardless.
+    await nc.jetstream().purge_stream(STREAM)
     return STREAM
 
 
