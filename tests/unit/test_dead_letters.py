@@ -18,9 +18,8 @@ from deadlift.model.topology import Stream
 from tests.unit import test_step
 from tests.unit.test_step import event_msg, flaky, letters
 
-# The step-loop harness of test_step (real modules, fake deliveries).
-host = test_step.host
-executor = test_step.executor
+# The step-loop harness of test_step (real modules, fake deliveries; host and
+# executor come from tests/unit/conftest.py).
 make = test_step.make
 
 LIMIT = 8192

@@ -9,13 +9,10 @@ holds the core publishes: the run records on their way to acme.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import re
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, cast
 
 import pytest
@@ -35,13 +32,10 @@ from deadlift.wasm.host import ModuleHost, PluginSpec
 from deadlift.wasm.hostfns import HostCall, HostFunction, host_function
 from deadlift.wasm.logs import CAPTURE_LINES
 from deadlift.wire import events
-from tests.conftest import module_path
 from tests.manifests import integration, logins
+from tests.unit import step_harness
 from tests.unit.fakes import FakeMsg, delivered
 
-MODULES = ("before_charge_action", "hostile", "add_ten")
-WASM = {name: module_path(name).read_bytes() for name in MODULES}
-SHA = {name: hashlib.sha256(wasm).hexdigest() for name, wasm in WASM.items()}
 KEY = "UBA5VKKOGUIAHM6DF7GL4R2CSGTITX6A4HJXMRO2QJWESFMXVLMUNXG4"
 RUNS_SUBJECT = "deadlift.share.acme.runs.charges.loyalty"
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -105,26 +99,8 @@ CHARGE = {
 }
 
 
-@pytest.fixture(scope="module")
-def host() -> ModuleHost:
-    host = ModuleHost()
-    for name, wasm in WASM.items():
-        host.add_binary(SHA[name], wasm)
-    return host
-
-
-@pytest.fixture(scope="module")
-def executor() -> Iterator[ThreadPoolExecutor]:
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="test-wasm") as pool:
-        yield pool
-
-
-@dataclass
-class Harness:
-    runner: StepRunner
-    publisher: MemoryPublisher
-    reports: list[StepReport]
-    stats: Counter[str]
+class Harness(step_harness.Harness):
+    """The shared harness, waiting for the run records a delivery sends."""
 
     async def deliver(self, *msgs: FakeMsg) -> None:
         await self.runner.handle(cast(Any, list(msgs)))
@@ -151,7 +127,7 @@ def make(host: ModuleHost, executor: ThreadPoolExecutor) -> Any:
         settings = Settings()
         name = step.module.partition("@")[0].rpartition("/")[2]
         spec = PluginSpec(
-            sha256=SHA[name],
+            sha256=step_harness.SHA[name],
             org=workflow.org,
             workflow=workflow.name,
             step=step.name,
@@ -220,7 +196,7 @@ async def test_an_ok_run_sends_one_record_with_the_run_and_the_modules_log(make:
         "step": "loyalty",
         "module": "acme/before_charge_action@1",
     }
-    assert record["module_sha256"] == SHA["before_charge_action"]
+    assert record["module_sha256"] == step_harness.SHA["before_charge_action"]
     assert (record["outcome"], record["attempt"]) == ("ok", 1)
     assert (record["error_kind"], record["error"]) == (None, None)
     assert record["latency_ms"] > 0

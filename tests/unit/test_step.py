@@ -8,12 +8,9 @@ whether the event was acked, nak'd with the step's backoff, or dead-lettered and
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, cast
 
 import nats.errors
@@ -33,12 +30,8 @@ from deadlift.settings import Settings
 from deadlift.wasm.host import ModuleHost, PluginSpec
 from deadlift.wasm.hostfns import HostCall, HostFunction, host_function
 from deadlift.wire import events
-from tests.conftest import module_path
+from tests.unit import step_harness
 from tests.unit.fakes import FakeMsg, delivered
-
-MODULES = ("add_ten", "multiply_by_five", "echo", "filter_even", "hostile", "before_charge_action")
-WASM = {name: module_path(name).read_bytes() for name in MODULES}
-SHA = {name: hashlib.sha256(wasm).hexdigest() for name, wasm in WASM.items()}
 
 CALCULATOR = """
 name: calc
@@ -65,32 +58,8 @@ def flaky(function: str, module: str = "hostile", **step: Any) -> str:
     return json.dumps({"name": "flaky", "org": "acme", "trigger": "flaky.in", "steps": [fields]})
 
 
-@pytest.fixture(scope="module")
-def host() -> ModuleHost:
-    host = ModuleHost()
-    for name, wasm in WASM.items():
-        host.add_binary(SHA[name], wasm)
-    return host
-
-
-@pytest.fixture(scope="module")
-def executor() -> Iterator[ThreadPoolExecutor]:
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="test-wasm") as pool:
-        yield pool
-
-
-@dataclass
-class Harness:
-    """A step runner with everything it was handed, and what it reported."""
-
-    runner: StepRunner
-    publisher: MemoryPublisher
-    reports: list[StepReport]
-    stats: Counter[str]
-
-    async def deliver(self, *msgs: FakeMsg) -> None:
-        """Hand the runner one batch, as a fetch would, and wait until it is settled."""
-        await self.runner.handle(cast(Any, list(msgs)))
+class Harness(step_harness.Harness):
+    """The shared harness, with the views these tests read."""
 
     def outcomes(self) -> list[str]:
         return [r.outcome for r in self.reports]
@@ -112,7 +81,7 @@ def make(host: ModuleHost, executor: ThreadPoolExecutor) -> Any:
         chosen = workflow.step(step) if step else workflow.steps[0]
         settings = Settings()
         spec = PluginSpec(
-            sha256=SHA[chosen.module],
+            sha256=step_harness.SHA[chosen.module],
             org=workflow.org,
             workflow=workflow.name,
             step=chosen.name,
@@ -316,7 +285,7 @@ async def test_a_failing_call_is_retried_with_backoff_then_dead_lettered(
     assert letter.headers[dlq.H_SUBJECT] == "flaky.in"
     assert letter.headers[dlq.H_STREAM] == Stream.EVENTS
     assert letter.headers[dlq.H_SEQ] == "9"
-    assert letter.headers[dlq.H_MODULE] == SHA[module]
+    assert letter.headers[dlq.H_MODULE] == step_harness.SHA[module]
     assert letter.headers["ce-id"] == "ev-1"  # the original headers travel with it
 
 
