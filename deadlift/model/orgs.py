@@ -8,6 +8,7 @@ configuration, so there is no second hand-kept copy.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -348,13 +349,32 @@ def account_name(org: str) -> str:
     return org.upper().replace("-", "_")
 
 
+# Parsed manifests by path and content: a process connecting as a thousand orgs (a
+# fleet, a benchmark) parses and validates the file once. (A schema file it names
+# is read with it; a process sees a changed schema file with a changed manifest.)
+_LOADED: dict[tuple[str, str], OrgManifest] = {}
+
+
 def load_orgs(path: str | Path) -> OrgManifest:
-    """Read and validate an org manifest.
+    """Read and validate an org manifest (parsed again only when its text changed).
 
     Raises:
         ConfigError: naming the file and what is wrong.
     """
     path = Path(path)
+    try:
+        text = path.read_bytes()
+    except OSError:
+        return _read_orgs(path)  # says what is wrong with the file
+    key = (str(path.resolve()), hashlib.sha256(text).hexdigest())
+    if key not in _LOADED:
+        manifest = _read_orgs(path)
+        _LOADED.clear()  # one version of one manifest is what a process uses
+        _LOADED[key] = manifest
+    return _LOADED[key]
+
+
+def _read_orgs(path: Path) -> OrgManifest:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:

@@ -109,3 +109,14 @@ def test_rendered_accounts_ship_no_system_password_and_set_limits() -> None:
         "acme.in.stripe.discounts",
         "deadlift.from.>",
     ]
+
+
+def test_a_manifest_is_parsed_once_until_its_file_changes(tmp_path: Path) -> None:
+    path = write_manifest(tmp_path, two_orgs())
+    first = load_orgs(path)
+    assert load_orgs(path) is first  # a thousand connections read it once
+    changed = two_orgs()
+    changed["orgs"]["acme"]["config"] = {"program": "silver"}
+    write_manifest(tmp_path, changed)  # at once: the text, not the clock, tells
+    again = load_orgs(path)
+    assert again is not first and again.org("acme").config == {"program": "silver"}
