@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import nats.js.errors
 from nats.js import JetStreamContext
 
 from deadlift import bus
@@ -165,6 +167,7 @@ async def _create_consumers(
     nothing of the apply is left behind then but the streams' subjects.
     """
     had = {(i.stream, i.consumer) for w in stored for s in w.steps for i in bus.step_inputs(w, s)}
+    await _check_consumer_room(js, workflows, had)
     slots = asyncio.Semaphore(CONSUMER_REQUESTS)
 
     async def ensure(workflow: Workflow, step: Step) -> None:
@@ -191,6 +194,49 @@ async def _create_consumers(
             with contextlib.suppress(Exception):
                 await bus.delete_consumer(js, new.stream, new.consumer)
         raise
+
+
+async def _check_consumer_room(
+    js: JetStreamContext, workflows: list[Workflow], had: set[tuple[str, str]]
+) -> None:
+    """Refuse, naming the first step over it, an apply that needs more consumers than the
+    account or a stream allows: decided up front (consumers are then created many at
+    once, in no fixed order), so the same apply always names the same step.
+    """
+    new = [
+        (w, s, i)
+        for w in workflows
+        for s in w.steps
+        for i in bus.step_inputs(w, s)
+        if (i.stream, i.consumer) not in had
+    ]
+    if not new:
+        return
+    account = await js.account_info()
+    limit = account.limits.max_consumers or -1
+    account_room = limit - account.consumers if limit > 0 else None
+    stream_room: dict[str, tuple[int, int]] = {}
+    for stream in sorted({i.stream for _, _, i in new}):
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            info = await js.stream_info(stream)
+            if (info.config.max_consumers or -1) > 0:
+                ceiling = info.config.max_consumers or 0
+                stream_room[stream] = (ceiling, ceiling - info.state.consumer_count)
+    added: Counter[str] = Counter()
+    for n, (workflow, step, wanted) in enumerate(new, start=1):
+        added[wanted.stream] += 1
+        ceiling, room = stream_room.get(wanted.stream, (0, added[wanted.stream]))
+        if added[wanted.stream] > room:
+            why = f"stream {wanted.stream} allows {ceiling}"
+        elif account_room is not None and n > account_room:
+            why = f"the account allows {limit} ({account.consumers} exist)"
+        else:
+            continue
+        raise ConfigError(
+            f"workflow {workflow.key} step {step.name!r}: cannot create consumer "
+            f"{wanted.consumer}: maximum consumers reached ({why}; this apply adds "
+            f"{len(new)}); raise limits.max_consumers in the org manifest, or apply fewer steps"
+        )
 
 
 async def _drop_old_inputs(js: JetStreamContext, previous: Workflow, workflow: Workflow) -> None:
