@@ -36,17 +36,13 @@ from deadlift.model.integrations import Integration
 from deadlift.model.orgs import OrgManifest
 from deadlift.model.workflow import NAME_PATTERN, Step, Workflow
 from deadlift.wasm.codecs import CODECS
-from deadlift.wire import signing
+from deadlift.wire import events, signing
 
 log = logging.getLogger("deadlift.offers")
 
 META = "meta"
 MAX_CHUNK = 256 * 1024
 HEADROOM = 8 * 1024  # for headers and the subject: a chunk plus them stays under max_payload
-# Headers the server sets on what a stream of the receiving account wrote itself
-# (a republish or a sourced message); an import delivers without them. Spelled
-# as in deadlift.runtime.context.SERVER_RELAY_HEADERS (the bus sits below runtime).
-SERVER_RELAY_HEADERS = frozenset({"Nats-Stream", "Nats-Stream-Source"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,11 +237,6 @@ class _Receipts:
                 await asyncio.wait_for(self.changed.wait(), left)
 
 
-def _relayed(headers: dict[str, str] | None) -> bool:
-    """Whether a stream of this account, not the import, wrote the message (a forgery)."""
-    return bool(headers) and not SERVER_RELAY_HEADERS.isdisjoint(headers or ())
-
-
 async def list_offers(
     js: JetStreamContext, registry: Registry, manifest: OrgManifest, host: str
 ) -> list[Offer]:
@@ -290,7 +281,7 @@ def _parse(subject: str, headers: dict[str, str] | None, data: bytes) -> Offer |
     # deadlift.from.<owner>.offers.<name>.<sha256>.meta: the owner is where it came from.
     tokens = subject.split(".")
     owner, name, sha = tokens[2], tokens[4], tokens[5]
-    if _relayed(headers):
+    if events.relayed_by_server(headers):
         log.warning(
             "offer on %s skipped: written by a stream of this account, not %s", subject, owner
         )
@@ -415,7 +406,7 @@ async def _binary_of(js: JetStreamContext, offer: Offer) -> bytes:
                 f"{offer.ref}: the offer is incomplete (part {index} of {offer.chunks} is "
                 f"missing); ask {offer.owner} to offer it again"
             ) from None
-        if _relayed(msg.headers):
+        if events.relayed_by_server(msg.headers):
             raise ConfigError(
                 f"{offer.ref}: part {index} was written by a stream of this account, not by "
                 f"{offer.owner}; not accepted"

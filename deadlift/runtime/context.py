@@ -94,15 +94,9 @@ def step_signature(workflow: Workflow | None, step: Step) -> Any:
     return (current, tuple(workflow.trigger) if entry else ())
 
 
-# Headers the server sets on what a stream writes itself: a republish, or a message
-# sourced from another stream. An import delivers what the exporter published,
-# without them; with them, a stream of the importing account put it there.
-SERVER_RELAY_HEADERS = frozenset({"Nats-Stream", "Nats-Stream-Source"})
-
-
-def relayed_by_server(headers: dict[str, str] | None) -> bool:
-    """Whether a stream of this account, not a client, wrote the message."""
-    return bool(headers) and not SERVER_RELAY_HEADERS.isdisjoint(headers or ())
+# Where a stream of this account, not a client, wrote a message (see deadlift.wire.events).
+SERVER_RELAY_HEADERS = events.SERVER_RELAY_HEADERS
+relayed_by_server = events.relayed_by_server
 
 
 def provenance_headers(headers: Mapping[str, str] | None, origin: str | None) -> dict[str, str]:

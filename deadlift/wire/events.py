@@ -403,3 +403,14 @@ class OutputEncoder:
             _check_header_value(TRACEPARENT, traceparent)
             headers[TRACEPARENT] = traceparent
         return headers, pack(data)
+
+
+# Headers the server sets on what a stream writes itself: a republish, or a message
+# sourced from another stream. An import delivers what the exporter published,
+# without them; with them, a stream of the importing account put it there.
+SERVER_RELAY_HEADERS = frozenset({"Nats-Stream", "Nats-Stream-Source"})
+
+
+def relayed_by_server(headers: Mapping[str, str] | None) -> bool:
+    """Whether a stream of this account, not a client (or an import), wrote the message."""
+    return bool(headers) and not SERVER_RELAY_HEADERS.isdisjoint(headers or ())
