@@ -14,7 +14,8 @@ settle                then until the worker's CPU over two consecutive 2 s windo
                       steady (within 2 points or 25 %) and under 90 % of a core: the
                       reconcile after start is over (4 s at the least).
 idle CPU (worker)     its user+system CPU (``/proc/PID/stat``) over 10 s of no
-                      traffic, in % of one core.
+                      traffic, in % of one core, once idle steps have gone cold
+                      (``idle_cold_s`` + 3 s after the CPU settled).
 idle pull requests/s  messages its connection (``deadlift-worker``) sent the server
                       per second over those 10 s (``/connz`` ``in_msgs``): idle, its
                       pull requests. The JSON also has the server's ``/varz`` total.
@@ -73,6 +74,7 @@ from deadlift.bus.registry import Registry
 from deadlift.model.workflow import parse_workflow
 from deadlift.ops.control import apply_workflows, push_module_file
 from deadlift.ops.server import EmbeddedServer
+from deadlift.runtime.pulling import SETTLE_S
 from deadlift.settings import Settings
 from deadlift.wire import events
 
@@ -289,7 +291,11 @@ async def run_workflows(n: int, args: argparse.Namespace, work: Path) -> Row:
             row.settle_s = await settle(process.pid, args.settle_timeout)
             if row.settle_s is None:
                 row.problems.append(f"worker CPU not steady after {args.settle_timeout:.0f} s")
-            note(f"N={n}: idle for {args.idle:.0f} s")
+            # Idle steps go cold after idle_cold_s (no pull requests): measure that state,
+            # the one a host's mostly idle workflows are in.
+            cold_after = settings.idle_cold_s + SETTLE_S + 2.0
+            note(f"N={n}: {cold_after:.0f} s for steps to go cold, then idle {args.idle:.0f} s")
+            await asyncio.sleep(cold_after)
             await measure_idle(server, process.pid, row, args.idle)
             row.worker_rss_mb = rss_mb(process.pid)
             row.server_rss_mb = rss_mb(server.process and server.process.pid)

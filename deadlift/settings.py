@@ -102,6 +102,20 @@ class Settings(BaseSettings):
             "longer costs less idle CPU per step (events arrive at once either way)"
         ),
     )
+    idle_cold_s: float = Field(
+        30.0,
+        ge=0,
+        description=(
+            "how long a step stays idle before it goes cold: it stops pulling and waits "
+            "for its next event to ring a subscription, so idle steps cost nothing "
+            "(0: never; the first event on a cold step takes one round trip more)"
+        ),
+    )
+    cold_recheck_s: float = Field(
+        600.0,
+        gt=0,
+        description="how often a cold step checks its consumer anyway (a safety net)",
+    )
     ack_wait_s: float = Field(30.0, gt=0, description="JetStream ack wait per delivery")
     duplicate_window_s: float = Field(
         120.0, gt=0, description="JetStream de-duplication window for Nats-Msg-Id"

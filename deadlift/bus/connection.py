@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import nats
@@ -30,6 +31,14 @@ class DeadliftClient(Client):
         super().__init__()
         self.permission_errors: deque[str] = deque(maxlen=100)
         self.errors: deque[str] = deque(maxlen=10)
+        # Called after every reconnect: pull requests did not survive it (cold steps re-check).
+        self.on_reconnect: list[Callable[[], None]] = []
+
+    async def reconnected(self) -> None:
+        """nats-py's ``reconnected_cb``: tell the listeners."""
+        log.info("reconnected to NATS")
+        for listener in list(self.on_reconnect):
+            listener()
 
     def denied(self, subject: str) -> str | None:
         """The violation reported for ``subject``, if any."""
@@ -78,15 +87,12 @@ async def connect(settings: Settings, *, name: str = "deadlift") -> DeadliftClie
         if not (client.is_closed or client.is_draining):
             log.warning("disconnected from NATS; reconnecting")
 
-    async def reconnected_cb() -> None:
-        log.info("reconnected to NATS")
-
     options: dict[str, Any] = {
         "servers": [s.strip() for s in settings.nats_url.split(",") if s.strip()],
         "name": name,
         "error_cb": error_cb,
         "disconnected_cb": disconnected_cb,
-        "reconnected_cb": reconnected_cb,
+        "reconnected_cb": client.reconnected,
         # Give up on the *first* connection after a few tries (a wrong URL or
         # password must be an error, not a hang); reconnect forever once connected.
         "max_reconnect_attempts": 2,

@@ -90,6 +90,7 @@ class StepBinding:
     consumer: str
     ack_wait: float = 30.0
     origin: str | None = None  # set for an import's trigger: the exporting org
+    filters: tuple[str, ...] = ()  # the consumer's subjects (a cold step subscribes to them)
 
 
 async def ensure_streams(
@@ -195,8 +196,15 @@ async def ensure_consumers(
                 f"{wanted.consumer}: {exc}"
             ) from None
         ack_wait = info.config.ack_wait or settings.ack_wait_s
+        filters = info.config.filter_subjects or [info.config.filter_subject or ""]
         bindings.append(
-            StepBinding(wanted.stream, wanted.consumer, ack_wait=ack_wait, origin=wanted.origin)
+            StepBinding(
+                wanted.stream,
+                wanted.consumer,
+                ack_wait=ack_wait,
+                origin=wanted.origin,
+                filters=tuple(f for f in filters if f) or wanted.filters,
+            )
         )
     return bindings
 

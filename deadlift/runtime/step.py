@@ -45,6 +45,7 @@ from deadlift.runtime.context import (
 )
 from deadlift.runtime.letters import dead_letter
 from deadlift.runtime.letters import settle as _settle
+from deadlift.runtime.pulling import Puller
 from deadlift.wasm.codecs import from_module, to_module
 from deadlift.wasm.host import PluginSpec
 from deadlift.wasm.hostfns import HostCall
@@ -52,7 +53,6 @@ from deadlift.wire import events
 
 log = logging.getLogger("deadlift.worker")
 
-BACKLOG_WAIT_S = 0.05  # how long a batch fetch may wait for stragglers
 # Deliveries beyond the step's attempts that still run the step. A redelivery
 # after a worker died or an ack was lost counts as a delivery but is no failure:
 # the step runs again (its outputs are deduplicated) rather than being
@@ -135,9 +135,9 @@ class StepRunner:
         self.runs = runs.recorder_for(context, workflow, step, spec.sha256)
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping = False
-        self._idle = False  # waiting in a long pull for the next event
         self._task: asyncio.Task[None] | None = None
         self._sub: Any = None
+        self.puller: Puller | None = None
 
     @property
     def in_flight(self) -> int:
@@ -149,6 +149,15 @@ class StepRunner:
         self._sub = await self.context.js.pull_subscribe_bind(
             durable=self.binding.consumer, stream=self.binding.stream
         )
+        size = max(1, min(self.context.settings.fetch_batch, self.concurrency // 2))
+        self.puller = Puller(
+            self._sub,
+            self.context.js._nc,  # the JetStream context's connection
+            self.context.js,
+            self.binding,
+            self.context.settings,
+            size,
+        )
         self._task = asyncio.create_task(
             self._loop(), name=f"deadlift-step-{self.binding.consumer}"
         )
@@ -158,7 +167,7 @@ class StepRunner:
         self._stopping = True
         try:
             if self._task is not None:
-                if self._idle:
+                if self.puller is not None and self.puller.waiting:
                     # Nothing to finish: end the long pull now rather than when it expires.
                     self._task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -220,34 +229,15 @@ class StepRunner:
     async def _loop(self) -> None:
         # Two batches in flight: while one publishes and waits for PubAcks, the
         # next one runs its modules. Each batch costs one executor hop per thread.
-        size = max(1, min(self.context.settings.fetch_batch, self.concurrency // 2))
+        assert self.puller is not None
         slots = asyncio.Semaphore(2)
-        backlog = True
-        idle_pull_s = self.context.settings.idle_pull_s
         while not self._stopping:
             await slots.acquire()
             if self._stopping:
                 slots.release()
                 break
             try:
-                # nats-py's fetch(n) waits for n messages (or the timeout) once the
-                # stream is drained, so: with a backlog, a batch with a short wait;
-                # caught up, a single message as soon as it arrives (low latency).
-                if backlog:
-                    msgs = await self._sub.fetch(size, timeout=BACKLOG_WAIT_S)
-                else:
-                    # Caught up: one long pull (an event ends it at once), so an idle
-                    # step costs one request per idle_pull_s, not one per second.
-                    self._idle = True
-                    try:
-                        msgs = await self._sub.fetch(1, timeout=idle_pull_s)
-                    finally:
-                        self._idle = False
-                backlog = bool(msgs[-1].metadata.num_pending)
-            except (TimeoutError, nats.errors.TimeoutError):
-                slots.release()
-                backlog = False
-                continue
+                msgs = await self.puller.next()
             except nats.errors.ConnectionClosedError:
                 slots.release()
                 return
@@ -255,6 +245,9 @@ class StepRunner:
                 slots.release()
                 log.warning("fetch for %s failed: %s", self.binding.consumer, exc)
                 await asyncio.sleep(0.5)
+                continue
+            if not msgs:
+                slots.release()
                 continue
             task = asyncio.create_task(self._handle_batch(msgs))
             self._inflight.add(task)

@@ -149,6 +149,8 @@ class Worker:
             "modules": self.modules,
             "stats": dict(self.stats),
             "in_flight": self.in_flight,
+            "consumers": sum(len(rs) for rs in self._runners.values()),
+            "cold_consumers": self.cold_consumers,
             "started_at": self.started_at,
             "uptime_s": round(time.time() - self.started_at, 1),
             "healthy": self.watchdog.healthy,
@@ -202,6 +204,10 @@ class Worker:
         finally:
             self._starting = False
         self._watch_task = asyncio.create_task(self._watch(), name="deadlift-registry-watch")
+        # Pull requests and cold steps' subscriptions were renewed: cold steps check again.
+        listeners = getattr(self.nc, "on_reconnect", None)
+        if listeners is not None:
+            listeners.append(self._wake_cold)
         self._trim_task = asyncio.create_task(self._trim(), name="deadlift-pool-trim")
         if self.advertise:
             self._service = await advertise(self.nc, self.describe)
@@ -266,6 +272,8 @@ class Worker:
             await self._closed.wait()
             return
         self._shutting_down = True
+        with contextlib.suppress(AttributeError, ValueError):
+            self.nc.on_reconnect.remove(self._wake_cold)  # type: ignore[attr-defined]
         if self._trim_task is not None:
             self._trim_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -299,6 +307,18 @@ class Worker:
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.watchdog.stop()
         self._closed.set()
+
+    def _wake_cold(self) -> None:
+        for runner in (r for rs in self._runners.values() for r in rs):
+            if runner.puller is not None:
+                runner.puller.ring()
+
+    @property
+    def cold_consumers(self) -> int:
+        """Step consumers waiting cold (no pull request: an event rings them)."""
+        return sum(
+            1 for rs in self._runners.values() for r in rs if r.puller is not None and r.puller.cold
+        )
 
     async def _trim(self) -> None:
         """Give back the instances of steps that went quiet (memory)."""

@@ -1,0 +1,103 @@
+"""The puller's modes without a server: when a step may go cold, and when it must not."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import nats.errors
+
+from deadlift.bus.streams import StepBinding
+from deadlift.runtime.pulling import Puller
+from deadlift.settings import Settings
+
+
+@dataclass
+class Info:
+    num_pending: int = 0
+    num_ack_pending: int = 0
+
+
+class FakeSub:
+    def __init__(self) -> None:
+        self.fetches = 0
+
+    async def fetch(self, batch: int, timeout: float) -> list[Any]:
+        self.fetches += 1
+        await asyncio.sleep(min(timeout, 0.01))
+        raise nats.errors.TimeoutError
+
+
+class FakeCoreSub:
+    async def unsubscribe(self, limit: int = 0) -> None:
+        return None
+
+
+class FakeNats:
+    """Subscriptions that never ring; ``denied`` as the worker's client reports it."""
+
+    def __init__(self, denied: str | None = None) -> None:
+        self.subscribed: list[str] = []
+        self._denied = denied
+
+    async def subscribe(self, subject: str, **_: Any) -> FakeCoreSub:
+        self.subscribed.append(subject)
+        return FakeCoreSub()
+
+    def denied(self, subject: str) -> str | None:
+        return self._denied
+
+
+class FakeJs:
+    def __init__(self, info: Info) -> None:
+        self.info = info
+        self.asked = 0
+
+    async def consumer_info(self, stream: str, consumer: str) -> Info:
+        self.asked += 1
+        return self.info
+
+
+def puller(nc: FakeNats, js: FakeJs) -> Puller:
+    settings = Settings(idle_cold_s=0.01, idle_pull_s=0.01, cold_recheck_s=0.05)
+    binding = StepBinding("S", "c", filters=("acme.a", "acme.b"))
+    return Puller(FakeSub(), nc, js, binding, settings, batch=8)  # type: ignore[arg-type]
+
+
+async def pulls_until(p: Puller, seconds: float) -> None:
+    with_deadline = asyncio.get_running_loop().time() + seconds
+    while asyncio.get_running_loop().time() < with_deadline:
+        await p.next()
+
+
+async def test_an_idle_step_goes_cold_on_every_subject_of_its_consumer() -> None:
+    nc, js = FakeNats(), FakeJs(Info())
+    p = puller(nc, js)
+    task = asyncio.create_task(pulls_until(p, 10))
+    try:
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if p.cold:
+                break
+        assert p.cold and p.waiting
+        assert nc.subscribed[:2] == ["acme.a", "acme.b"]
+    finally:
+        task.cancel()
+
+
+async def test_a_step_with_events_held_elsewhere_stays_warm() -> None:
+    nc, js = FakeNats(), FakeJs(Info(num_ack_pending=1))
+    p = puller(nc, js)
+    await pulls_until(p, 0.5)
+    assert not p.cold
+    assert p.sub.fetches > 3  # still long-polling: the held events come back without a ring
+
+
+async def test_a_step_that_may_not_subscribe_never_goes_cold() -> None:
+    nc, js = FakeNats(denied="permissions violation for subscription to acme.a"), FakeJs(Info())
+    p = puller(nc, js)
+    await pulls_until(p, 0.5)
+    assert not p.cold
+    assert p.cold_after_s == 0.0
+    assert p.sub.fetches > 3
