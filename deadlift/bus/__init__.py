@@ -15,12 +15,14 @@ from deadlift.bus.publisher import (
 from deadlift.bus.streams import (
     StepBinding,
     StepInput,
+    configured_as,
     consumer_config,
     delete_consumer,
     delete_consumers,
     ensure_consumers,
     ensure_streams,
     import_stream,
+    list_consumers,
     step_inputs,
 )
 
@@ -33,6 +35,7 @@ __all__ = [
     "StepBinding",
     "StepInput",
     "check_size",
+    "configured_as",
     "connect",
     "consumer_config",
     "delete_consumer",
@@ -40,6 +43,7 @@ __all__ = [
     "ensure_consumers",
     "ensure_streams",
     "import_stream",
+    "list_consumers",
     "step_inputs",
     "with_org_credentials",
 ]

@@ -12,6 +12,7 @@ from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
+    ConsumerInfo,
     DeliverPolicy,
     RetentionPolicy,
     StorageType,
@@ -31,6 +32,7 @@ log = logging.getLogger("deadlift.bus")
 # What a stream's consumer ceiling is when the account sets none (-1 on a stream
 # means the server's default of 1,000).
 UNLIMITED_CONSUMERS = 1_000_000
+LIST_PAGE = 256  # consumers per CONSUMER.LIST answer (the server's page size)
 
 
 def import_stream(exporter: str) -> str:
@@ -182,14 +184,25 @@ def _stream_conflict(config: StreamConfig, exc: Exception) -> ConfigError:
 
 
 async def ensure_consumers(
-    js: JetStreamContext, settings: Settings, workflow: Workflow, step: Step
+    js: JetStreamContext,
+    settings: Settings,
+    workflow: Workflow,
+    step: Step,
+    existing: Mapping[tuple[str, str], ConsumerInfo] | None = None,
 ) -> list[StepBinding]:
-    """Create or update the durable pull consumers a step's workers share (``step_inputs``)."""
+    """Create or update the durable pull consumers a step's workers share (``step_inputs``).
+
+    ``existing`` (from :func:`list_consumers`): consumers known to be there already; one
+    configured as wanted is not sent to the server again (a worker starting thousands
+    of steps that ``workflow apply`` created saves a round trip each).
+    """
     bindings = []
     for wanted in step_inputs(workflow, step):
         config = consumer_config(wanted.consumer, list(wanted.filters), step, settings)
         try:
-            info = await js.add_consumer(wanted.stream, config)
+            info = (existing or {}).get((wanted.stream, wanted.consumer))
+            if info is None or not configured_as(info.config, config):
+                info = await js.add_consumer(wanted.stream, config)
         except nats.js.errors.APIError as exc:
             raise ConfigError(
                 f"workflow {workflow.key} step {step.name!r}: cannot create consumer "
@@ -207,6 +220,41 @@ async def ensure_consumers(
             )
         )
     return bindings
+
+
+async def list_consumers(
+    js: JetStreamContext, streams: set[str]
+) -> dict[tuple[str, str], ConsumerInfo]:
+    """Every consumer of ``streams`` by (stream, name): one request per 256 of them."""
+    found: dict[tuple[str, str], ConsumerInfo] = {}
+    for stream in sorted(streams):
+        offset = 0
+        while True:
+            try:
+                page = await js.consumers_info(stream, offset=offset)
+            except nats.js.errors.NotFoundError:
+                break
+            found.update(((stream, c.name), c) for c in page)
+            offset += len(page)
+            if len(page) < LIST_PAGE:
+                break
+    return found
+
+
+def configured_as(current: ConsumerConfig, wanted: ConsumerConfig) -> bool:
+    """Whether a consumer's configuration is already what ``consumer_config`` wants."""
+
+    def filters(c: ConsumerConfig) -> set[str]:
+        return set(c.filter_subjects or ([c.filter_subject] if c.filter_subject else []))
+
+    return (
+        filters(current) == filters(wanted)
+        and current.ack_wait == wanted.ack_wait
+        and current.max_ack_pending == wanted.max_ack_pending
+        and current.max_deliver == wanted.max_deliver
+        and current.ack_policy == wanted.ack_policy
+        and current.description == wanted.description
+    )
 
 
 def consumer_config(

@@ -14,13 +14,14 @@ import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
 
 import nats.errors
 from nats.aio.client import Client
+from nats.js.api import ConsumerInfo
 
 from deadlift import bus
 from deadlift.bus.identity import Identity, whoami
@@ -48,6 +49,7 @@ log = logging.getLogger("deadlift.worker")
 # Steps started at once (each: consumers, a binary load, a bind): enough to overlap
 # the round trips, few enough not to flood the server when thousands start.
 START_CONCURRENCY = 16
+LIST_CONSUMERS_FROM = 64  # steps starting at once from which the consumers are listed first
 
 
 class Worker:
@@ -390,11 +392,12 @@ class Worker:
             if not missing:
                 return
             ready = await self._ensure_streams({w.key: w for w, _ in missing.values()})
+            existing = await self._consumers_of(missing.values())
             slots = asyncio.Semaphore(START_CONCURRENCY)
 
             async def start(k: tuple[str, str], workflow: Workflow, step: Step) -> None:
                 async with slots:
-                    runners = await self._start_step(workflow, step)
+                    runners = await self._start_step(workflow, step, existing)
                 if runners:
                     self._runners[k] = runners
 
@@ -405,6 +408,21 @@ class Worker:
             if len(started) > 1:
                 flows = len({k[0] for k in started})
                 log.info("started %d step(s) of %d workflow(s)", len(started), flows)
+
+    async def _consumers_of(
+        self, steps: Iterable[tuple[Workflow, Step]]
+    ) -> Mapping[tuple[str, str], ConsumerInfo]:
+        """The consumers already there, when starting many steps (a listing costs a
+        request per 256 consumers of the stream, a step's check one per consumer)."""
+        steps = list(steps)
+        if len(steps) < LIST_CONSUMERS_FROM:
+            return {}
+        streams = {i.stream for w, s in steps for i in bus.step_inputs(w, s)}
+        try:
+            return await bus.list_consumers(self.js, streams)
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.debug("listing consumers failed (%s): each step checks its own", exc)
+            return {}
 
     async def _ensure_streams(self, workflows: Mapping[str, Workflow]) -> set[str]:
         """Capture the workflows' subjects (once each); return the keys of those captured."""
@@ -429,7 +447,12 @@ class Worker:
         await bus.ensure_streams(self.js, self.settings, subjects, imported)
         self._captured.update(s for w in workflows for s in _capture_keys(w))
 
-    async def _start_step(self, workflow: Workflow, step: Step) -> list[StepRunner]:
+    async def _start_step(
+        self,
+        workflow: Workflow,
+        step: Step,
+        existing: Mapping[tuple[str, str], ConsumerInfo] | None = None,
+    ) -> list[StepRunner]:
         where = f"workflow {workflow.key} step {step.name!r}"
         missing = sorted(set(step.host_functions) - set(self.functions))
         if missing:
@@ -485,7 +508,7 @@ class Worker:
                 await asyncio.get_running_loop().run_in_executor(
                     self.executor, self.host.prepare, spec
                 )
-            bindings = await bus.ensure_consumers(self.js, self.settings, workflow, step)
+            bindings = await bus.ensure_consumers(self.js, self.settings, workflow, step, existing)
             services = await step_services(
                 workflow,
                 step,
