@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -107,6 +108,9 @@ class ModuleHost:
         self._binaries: dict[str, bytes] = {}
         self._compiled: dict[tuple[Any, ...], tuple[CompiledPlugin, frozenset[str]]] = {}
         self._pools: dict[PluginSpec, _Pool] = {}
+        # The pools holding idle instances, least recently used first: evicting and
+        # trimming look only here (a host with 30,000 steps must not sort them all).
+        self._holding: OrderedDict[PluginSpec, _Pool] = OrderedDict()
         self._lock = threading.Lock()
         self._max_idle = max_idle_per_spec
         # Pools are per step, and an instance holds ~2 MB: with many steps, idle
@@ -146,15 +150,19 @@ class ModuleHost:
         now = time.monotonic()
         dropped: list[extism.Plugin] = []
         with self._lock:
-            for pool in self._pools.values():
+            for pool in list(self._holding.values()):
                 quiet = now - pool.last_used
+                if quiet < idle_for:
+                    break  # the rest were used more recently still
                 kept = 0 if quiet >= release_after else keep
-                if quiet >= idle_for and len(pool.idle) > kept:
+                if len(pool.idle) > kept:
                     gone = len(pool.idle) - kept
                     dropped.extend(pool.idle[kept:])
                     self._idle_total -= gone
                     self._idle_bytes -= gone * pool.spec.instance_bytes
                     del pool.idle[kept:]
+                if not pool.idle:
+                    del self._holding[pool.spec]
         for plugin in dropped:
             logs.unbind(plugin)
         return len(dropped)
@@ -229,6 +237,10 @@ class ModuleHost:
             if plugin is not None:
                 self._idle_total -= 1
                 self._idle_bytes -= pool.spec.instance_bytes
+                if pool.idle:
+                    self._holding.move_to_end(pool.spec)
+                else:
+                    del self._holding[pool.spec]
         if plugin is None:
             plugin = self._instantiate(pool)
             with self._lock:
@@ -266,6 +278,9 @@ class ModuleHost:
                     pool.idle.append(plugin)
                     self._idle_total += 1
                     self._idle_bytes += pool.spec.instance_bytes
+                    pool.last_used = time.monotonic()  # idle since now: trim counts from here
+                    self._holding[pool.spec] = pool
+                    self._holding.move_to_end(pool.spec)
                 else:
                     dropped.append(plugin)
                 dropped.extend(self._evict_locked())
@@ -281,15 +296,15 @@ class ModuleHost:
                 self._idle_bytes > self._max_idle_bytes and self._idle_total > 1
             )
 
-        if not over():  # the common case: no sort of every pool on every return
-            return evicted
-        for pool in sorted(self._pools.values(), key=lambda p: p.last_used):
+        for pool in list(self._holding.values()):  # least recently used first
+            if not over():
+                break
             while pool.idle and over():
                 evicted.append(pool.idle.pop(0))
                 self._idle_total -= 1
                 self._idle_bytes -= pool.spec.instance_bytes
-            if not over():
-                break
+            if not pool.idle:
+                del self._holding[pool.spec]
         return evicted
 
 

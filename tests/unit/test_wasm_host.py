@@ -394,3 +394,21 @@ def test_idle_instances_are_capped_across_step_pools() -> None:
     assert [idle[f"s{i}"] for i in range(6, 10)] == [1, 1, 1, 1]  # the most recent kept
     # An evicted step still runs: it gets a fresh instance.
     assert json.loads(host.call(steps[0], "add_ten", b'{"value": 2}', call_ctx())) == {"value": 12}
+
+
+def test_returning_an_instance_looks_only_at_pools_holding_idle_ones() -> None:
+    """Each return over the idle cap sorted every step's pool, under the host's lock,
+    to find the least recently used: 1.1 ms per call with 30,000 steps' pools (a
+    worker of 10,000 workflows), paid by every executor thread in turn. Eviction
+    now walks only the pools that hold idle instances (at most the idle cap)."""
+    host = ModuleHost(max_idle_total=3)
+    host.add_binary(SHA["add_ten"], WASM["add_ten"])
+    steps = [replace(ADD_TEN, workflow="w", step=f"s{i}") for i in range(300)]
+    for spec in steps:
+        host.call(spec, "add_ten", b'{"value": 1}', call_ctx())
+        assert len(host._holding) <= 3
+    assert [s.step for s in host._holding] == ["s297", "s298", "s299"]  # least recent first
+    # Using a held step makes it the most recent: the next eviction spares it.
+    host.call(steps[297], "add_ten", b'{"value": 1}', call_ctx())
+    host.call(steps[0], "add_ten", b'{"value": 1}', call_ctx())
+    assert [s.step for s in host._holding] == ["s299", "s297", "s0"]
