@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -91,6 +92,11 @@ class Settings(BaseSettings):
     concurrency: int = Field(256, gt=0, description="events in flight per step per worker")
     threads: int = Field(
         0, ge=0, description="threads running modules per worker (0: one per core, 2 to 8)"
+    )
+    processes: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto",
+        description="worker processes `deadlift worker` runs (auto: one per CPU available); "
+        "with more than one, it supervises them and restarts any that dies",
     )
     fetch_batch: int = Field(128, gt=0, description="messages pulled per fetch")
     idle_pull_s: float = Field(

@@ -161,10 +161,13 @@ def workers_table(found: Sequence[WorkerInfo]) -> Table:
     table = Table("worker", "host", "pid", "orgs", "steps", "uptime", *STAT_NAMES)
     table.add_column("in flight")
     for w in found:
+        # A process of `deadlift worker --processes N`: its place, and its supervisor.
+        of = w.supervisor
+        where = f" ({of['slot']}/{of['processes']} of {of['pid']})" if of else ""
         table.add_row(
             w.id,
             w.host,
-            str(w.pid or "-"),
+            f"{w.pid or '-'}{where}",
             ", ".join(w.orgs),
             "\n".join(w.steps) or (f"[red]{escape(w.error)}[/red]" if w.error else "-"),
             _duration(w.uptime_s),

@@ -2,6 +2,9 @@
 
 One org (the connection's), or with ``--orgs``/``--all-orgs`` many in one process:
 a :class:`~deadlift.runtime.fleet.Fleet` with a worker per org on its own connection.
+With ``--processes N`` (default: one per CPU) above 1, this process is a
+:class:`~deadlift.runtime.supervisor.Supervisor` of N such workers, each running
+this command line with ``--processes 1``.
 
 This is where the worker's signal handlers and exit deadlines live (the
 :class:`~deadlift.runtime.worker.Worker` installs none): the first signal
@@ -14,12 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from deadlift.cli.common import (
     exit_after,
@@ -34,6 +40,7 @@ from deadlift.model.orgs import OrgManifest
 from deadlift.ops.control import load_orgs_if_present
 from deadlift.runtime.fleet import Fleet, org_names
 from deadlift.runtime.startup import STARTUP_S, connect_patiently, start_patiently
+from deadlift.runtime.supervisor import Supervisor, follow_supervisor, resolve_processes
 from deadlift.runtime.telemetry import configure
 from deadlift.runtime.watchdog import EXIT_STUCK, Stuck
 from deadlift.runtime.worker import Worker
@@ -76,6 +83,13 @@ STOPPED_STATS = ("ok", "filtered", "retry", "dead", "duplicate")
 )
 @click.option("--all-orgs", is_flag=True, help="serve every org of the org manifest")
 @click.option(
+    "--processes",
+    metavar="N|auto",
+    help="worker processes [env DEADLIFT_PROCESSES; default auto: one per CPU available]; "
+    "above 1, this process supervises N workers (this command with --processes 1), "
+    "restarting any that exits, and stops them all on SIGTERM/SIGINT",
+)
+@click.option(
     "--creds-dir",
     type=click.Path(file_okay=False, exists=True),
     help="with --orgs/--all-orgs: a directory holding ORG.creds for each org served "
@@ -90,11 +104,13 @@ def worker(
     serve: tuple[str, ...],
     all_orgs: bool,
     creds_dir: str | None,
+    processes: str | None,
 ) -> None:
     """Run workflow steps until SIGTERM/SIGINT, then finish in-flight events and drain.
 
     With --orgs or --all-orgs, one process serves many orgs: each org's worker
     connects with that org's credentials and sees only that org's account.
+    With --processes N (default: one per CPU), N such worker processes share the work.
     """
     settings = settings_of(ctx)
     orgs = [name.strip() for item in serve for name in item.split(",") if name.strip()]
@@ -106,9 +122,17 @@ def worker(
             fleet = manifest, org_names(manifest, list(manifest.orgs) if all_orgs else orgs)
         except ConfigError as exc:
             fail(exc)
+    try:
+        count = resolve_processes(processes if processes is not None else settings.processes)
+    except ConfigError as exc:
+        fail(exc)
     # Until the worker installs its own handlers (once connected), a SIGTERM means
     # "never mind": nothing is in flight yet, so exit cleanly rather than die by signal.
     signal.signal(signal.SIGTERM, _exit_before_start)
+    if count > 1:
+        # Every flag was checked above: a child's usage error would only repeat N times.
+        sys.exit(run_async(run_supervisor(settings, command=child_command(ctx), processes=count)))
+    follow_supervisor()  # a supervised child stops with its supervisor
     if fleet is None:
         run_async(run_worker(settings, workflows=workflows, concurrency=concurrency, packs=packs))
         return
@@ -261,6 +285,81 @@ def _on_worker_signals(
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, handle, sig)
+
+
+# -- many processes --------------------------------------------------------------------
+
+
+def child_command(ctx: click.Context) -> list[str]:
+    """This command line for a supervised child: the options given, ``--processes 1``.
+
+    Options that came from the environment are inherited with it.
+    """
+    root = ctx.find_root()
+    return [
+        sys.executable,
+        "-m",
+        "deadlift.cli",
+        *(_given_options(root) if root is not ctx else []),
+        ctx.info_name or "worker",
+        *_given_options(ctx, skip="processes"),
+        "--processes",
+        "1",
+    ]
+
+
+def _given_options(ctx: click.Context, *, skip: str = "") -> list[str]:
+    """The options of ``ctx`` given on its command line, as arguments again."""
+    args: list[str] = []
+    for param in ctx.command.params:
+        name = param.name
+        if not isinstance(param, click.Option) or not name or name == skip:
+            continue
+        if name not in ctx.params or ctx.get_parameter_source(name) != ParameterSource.COMMANDLINE:
+            continue
+        value = ctx.params[name]
+        if param.is_flag:
+            args.extend([param.opts[0]] if value else param.secondary_opts[:1])
+        elif param.multiple:
+            args.extend(arg for item in value for arg in (param.opts[0], str(item)))
+        else:
+            args.extend([param.opts[0], str(value)])
+    return args
+
+
+async def run_supervisor(settings: Settings, *, command: list[str], processes: int) -> int:
+    """``deadlift worker --processes N``: run N worker processes; return the exit code.
+
+    The first SIGTERM/SIGINT is forwarded to every child as SIGTERM (each stops
+    gracefully, within the same bound as one worker); children still running after
+    it are killed. A second signal kills them at once.
+    """
+    bound = settings.shutdown_timeout_s + EXIT_MARGIN_S
+    supervisor = Supervisor(command, processes=processes, stop_timeout_s=bound)
+    loop = asyncio.get_running_loop()
+    seen = {"signals": 0}
+
+    def handle(signum: int) -> None:
+        seen["signals"] += 1
+        name = signal.Signals(signum).name
+        if seen["signals"] == 1:
+            log.info("%s: stopping %d worker processes (at most %.0f s)", name, processes, bound)
+            supervisor.stop()
+        else:
+            log.warning(
+                "second signal (%s): exiting now, killing the worker processes; their "
+                "unacked events are redelivered to other workers",
+                name,
+            )
+            supervisor.kill()
+            hard_exit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, handle, sig)
+    log.info("supervisor pid %d: running %d worker processes", os.getpid(), processes)
+    code = await supervisor.run()
+    log.info("worker processes stopped (%d restart(s)); exit status %d", supervisor.restarts, code)
+    return code
 
 
 # -- many orgs in one process -----------------------------------------------------------

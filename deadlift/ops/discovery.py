@@ -86,6 +86,7 @@ class WorkerInfo:
     error: str | None = None
     healthy: bool = True  # false once its watchdog found a module call stuck
     problems: list[str] = field(default_factory=list)
+    supervisor: dict[str, int] | None = None  # pid, slot, processes: `worker --processes N`
 
     def to_json(self) -> dict[str, Any]:
         """JSON-friendly fields."""
@@ -101,7 +102,14 @@ async def discover_workers(nc: Client, *, timeout: float = DISCOVERY_TIMEOUT_S) 
             if isinstance(info, dict) and info.get("name") == WORKER_SERVICE and info.get("id"):
                 infos[info["id"]] = info
     described = await asyncio.gather(*(_describe(nc, i, timeout) for i in infos.values()))
-    return sorted(described, key=lambda w: (w.host, w.pid or 0, w.id))
+    # A supervisor's processes side by side, in slot order.
+    return sorted(described, key=lambda w: (w.host, *_group(w), w.pid or 0, w.id))
+
+
+def _group(worker: WorkerInfo) -> tuple[int, int]:
+    if worker.supervisor:
+        return worker.supervisor["pid"], worker.supervisor["slot"]
+    return worker.pid or 0, 0
 
 
 async def _describe(nc: Client, info: dict[str, Any], timeout: float) -> WorkerInfo:
@@ -135,7 +143,16 @@ async def _describe(nc: Client, info: dict[str, Any], timeout: float) -> WorkerI
         uptime_s=described.get("uptime_s"),
         healthy=bool(described.get("healthy", True)),
         problems=[str(p) for p in described.get("problems") or []],
+        supervisor=_supervisor(described.get("supervisor")),
     )
+
+
+def _supervisor(value: Any) -> dict[str, int] | None:
+    """A describe answer's ``supervisor`` (None when absent or malformed)."""
+    try:
+        return {key: int(value[key]) for key in ("pid", "slot", "processes")}
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 async def live_workers(nc: Client, *, timeout: float = DISCOVERY_TIMEOUT_S) -> list[WorkerInfo]:

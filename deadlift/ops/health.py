@@ -196,7 +196,8 @@ async def _check_streams(js: JetStreamContext, problems: list[str]) -> dict[str,
 async def _check_workers_here(
     nc: Client, timeout: float, problems: list[str]
 ) -> list[dict[str, Any]]:
-    """The live workers on this host (noting none, or one whose watchdog found a stuck call)."""
+    """The live workers on this host (noting none, one whose watchdog found a stuck call,
+    and a supervisor some of whose worker processes do not answer)."""
     host = socket.gethostname()
     found = await discover_workers(nc, timeout=min(timeout, 2.0))
     mine = [w for w in found if w.host == host and not w.error]
@@ -204,7 +205,23 @@ async def _check_workers_here(
         problems.append(f"no live worker on host {host} answered")
     for sick in (w for w in mine if not w.healthy):
         problems.extend(f"worker pid {sick.pid}: {p}" for p in sick.problems or ["?"])
-    return [{"pid": w.pid, "steps": len(w.steps), "healthy": w.healthy} for w in mine]
+    # A supervisor's children answer each for itself (an org per service with --orgs).
+    slots: dict[int, tuple[int, set[int]]] = {}
+    for w in mine:
+        if w.supervisor:
+            slots.setdefault(w.supervisor["pid"], (w.supervisor["processes"], set()))[1].add(
+                w.supervisor["slot"]
+            )
+    for pid, (processes, answered) in sorted(slots.items()):
+        if len(answered) < processes:
+            problems.append(
+                f"supervisor pid {pid}: {len(answered)} of its {processes} worker processes "
+                "answered (the others are starting, or exited and are being restarted)"
+            )
+    return [
+        {"pid": w.pid, "steps": len(w.steps), "healthy": w.healthy, "supervisor": w.supervisor}
+        for w in mine
+    ]
 
 
 async def probe(

@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import asdict
 from types import TracebackType
 from typing import Any
 
@@ -37,6 +38,7 @@ from deadlift.runtime.builtins import BUILTINS
 from deadlift.runtime.context import StepContext, StepReport, step_signature
 from deadlift.runtime.services import StateBuckets, step_services
 from deadlift.runtime.step import StepRunner
+from deadlift.runtime.supervisor import supervised
 from deadlift.runtime.threads import LentExecutor
 from deadlift.runtime.watchdog import Watchdog
 from deadlift.settings import Settings
@@ -122,6 +124,7 @@ class Worker:
         self.stats: Counter[str] = Counter()
         self.advertise = advertise
         self.started_at = time.time()
+        self.supervisor = supervised()  # set when `deadlift worker --processes N` started it
         self._service: Any = None
 
     async def __aenter__(self) -> Worker:
@@ -157,6 +160,7 @@ class Worker:
             "uptime_s": round(time.time() - self.started_at, 1),
             "healthy": self.watchdog.healthy,
             "problems": self.watchdog.problems,
+            "supervisor": asdict(self.supervisor) if self.supervisor else None,
         }
 
     @property

@@ -91,6 +91,8 @@ def start_worker(settings: Settings, env: dict[str, str]) -> subprocess.Popen[st
             "--server",
             settings.nats_url,
             "worker",
+            "--processes",
+            "1",  # one process: its exit status is the worker's
             "--host-functions",
             "tests.integration.stuck_pack",
         ],

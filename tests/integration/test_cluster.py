@@ -56,7 +56,7 @@ def start_worker(settings: Settings, *args: str, org: str | None = None) -> subp
     }
     globals_ = ["--server", settings.nats_url, *(["--org", org] if org else [])]
     return subprocess.Popen(
-        [sys.executable, "-m", "deadlift.cli", *globals_, "worker", *args],
+        [sys.executable, "-m", "deadlift.cli", *globals_, "worker", "--processes", "1", *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

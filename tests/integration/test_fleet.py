@@ -209,7 +209,16 @@ def start_worker(
     return subprocess.Popen(
         [
             *(sys.executable, "-m", "deadlift.cli"),
-            *("--server", server.url, "--orgs", str(orgs_file), "worker", *args),
+            *(
+                "--server",
+                server.url,
+                "--orgs",
+                str(orgs_file),
+                "worker",
+                "--processes",
+                "1",
+                *args,
+            ),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -41,7 +41,17 @@ def deadlift(
 
 def start_worker(settings: Settings, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "deadlift.cli", "--server", settings.nats_url, "worker", *args],
+        [
+            sys.executable,
+            "-m",
+            "deadlift.cli",
+            "--server",
+            settings.nats_url,
+            "worker",
+            "--processes",
+            "1",
+            *args,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -163,29 +163,46 @@ def test_apply_report_names_each_steps_module_version_and_sha256() -> None:
 # -- bench shows its progress ----------------------------------------------------------
 
 
-async def test_benchmark_run_reports_each_scenario_start_and_end(
+async def test_benchmark_run_reports_each_run_start_and_end(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     async def fake(*args: Any, **kwargs: Any) -> benchmark.Result:
-        return benchmark.Result("x", 10, 1.0, p50_ms=1.0, extra={"rss_mb": 1.0})
+        return benchmark.Result("x", 10, 1.0, p50_ms=1.0, p99_ms=2.0, extra={"rss_mb": 1.0})
 
-    for name in ("bare_loop", "deadlift_throughput", "deadlift_latency", "worker_processes"):
+    for name in (
+        "bare_loop",
+        "deadlift_throughput",
+        "deadlift_latency",
+        "worker_rss",
+        "guest_throughput",
+    ):
         monkeypatch.setattr(benchmark, name, fake)
-    monkeypatch.setattr(benchmark, "worker_rss", fake)
     seen: list[tuple[int, str, bool]] = []
-    await benchmark.run(100, progress=lambda n, of, label, r: seen.append((n, label, r is None)))
-    assert len(seen) == 2 * benchmark.SCENARIOS
-    assert [started for _, _, started in seen] == [True, False] * benchmark.SCENARIOS
-    assert seen[0][1] == "bare loop" and seen[-1][0] == benchmark.SCENARIOS
+    report = await benchmark.run(
+        100, pairs=3, progress=lambda n, of, label, r: seen.append((n, label, r is None))
+    )
+    total = benchmark.runs(3)
+    assert len(seen) == 2 * total
+    assert [started for _, _, started in seen] == [True, False] * total
+    labels = [label for _, label, started in seen if started]
+    assert labels[:3] == [
+        "bare loop (round 1/3)",
+        "deadlift worker (round 1/3)",
+        "bare loop (round 2/3)",
+    ]
+    assert seen[-1][0] == total
+    pairs = report["comparisons"]["deadlift worker / bare loop"]
+    assert pairs["pairs"] == 3 and pairs["median_ratio"] == pairs["spread"][0] == 1.0
+    assert set(report["targets"]) == set(report["measured"])
 
 
-def _fake_bench(monkeypatch: pytest.MonkeyPatch) -> None:
-    async def fake_run(*, events_count: int, progress: Any = None) -> dict[str, Any]:
+def _fake_bench(monkeypatch: pytest.MonkeyPatch, report: dict[str, Any] | None = None) -> None:
+    async def fake_run(*, events_count: int, pairs: int, progress: Any = None) -> dict[str, Any]:
         result = benchmark.Result("bare loop", events_count, 2.0)
         if progress:
             progress(1, 1, "bare loop", None)
             progress(1, 1, "bare loop", result)
-        return {"results": [], "ratios": {}, "targets": {}}
+        return report or {"results": [], "ratios": {}, "targets": {}}
 
     monkeypatch.setattr(dev_cli, "run_benchmark", fake_run)
 
@@ -203,6 +220,37 @@ def test_bench_json_has_no_progress(monkeypatch: pytest.MonkeyPatch) -> None:
     result = CliRunner().invoke(main, ["bench", "--json", "-n", "100"])
     assert result.exit_code == 0
     assert result.stderr == ""
+
+
+def test_bench_prints_median_ratio_spread_and_targets(monkeypatch: pytest.MonkeyPatch) -> None:
+    pairs = {
+        "pairs": 3,
+        "ratios": [2.1, 2.31, 2.45],
+        "median_ratio": 2.31,
+        "spread": [2.1, 2.45],
+    }
+    bare = {"name": "bare loop", "events": 100, "seconds": 1.0, "rate": 100.0}
+    _fake_bench(
+        monkeypatch,
+        {
+            "pairs": 3,
+            "results": [{**bare, "p50_ms": None, "p99_ms": None, "extra": {}, "runs": [90, 100]}],
+            "comparisons": {"deadlift worker / bare loop": pairs},
+            "ratios": {"deadlift worker / bare loop": 2.31},
+            "targets": {"deadlift worker (default) >= 2.0x bare loop": True, "RSS": False},
+            "measured": {"deadlift worker (default) >= 2.0x bare loop": "2.31x [2.10-2.45]"},
+        },
+    )
+    result = CliRunner().invoke(main, ["bench", "--pairs", "3"])
+    assert result.exit_code == 0, result.output
+    assert "deadlift worker / bare loop: 2.31x [2.10-2.45]" in result.stdout
+    assert "✓ met deadlift worker (default) >= 2.0x bare loop: 2.31x [2.10-2.45]" in result.stdout
+    assert "✗ not met RSS" in result.stdout
+
+
+def test_bench_refuses_zero_pairs() -> None:
+    result = CliRunner().invoke(main, ["bench", "--pairs", "0"])
+    assert result.exit_code == 2
 
 
 # -- the dev banner names a command that runs -------------------------------------------
