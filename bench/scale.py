@@ -79,6 +79,7 @@ from deadlift.settings import Settings
 from deadlift.wire import events
 
 STARTED = re.compile(r"started workflow \S+ step \S+ \(module ")
+STARTED_MANY = re.compile(r"started (\d+) step\(s\) of \d+ workflow")  # the start's summary
 
 
 @dataclass
@@ -120,7 +121,8 @@ def in_msgs(server: EmbeddedServer) -> tuple[int, int]:
 
 def steps_started(log: Path) -> int:
     with contextlib.suppress(OSError):
-        return len(STARTED.findall(log.read_text(errors="replace")))
+        text = log.read_text(errors="replace")
+        return len(STARTED.findall(text)) + sum(int(n) for n in STARTED_MANY.findall(text))
     return 0
 
 
@@ -128,7 +130,8 @@ def start_worker(url: str, log: Path) -> subprocess.Popen[bytes]:
     """A ``deadlift worker`` process, as an operator starts one, logging to ``log``."""
     with open(log, "ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "deadlift.cli", "--server", url, "worker"],
+            # One process (issue 15 measures one): the default would run one per core.
+            [sys.executable, "-m", "deadlift.cli", "--server", url, "worker", "--processes", "1"],
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -13,6 +13,7 @@ from nats.aio.client import Client
 
 from deadlift import bus
 from deadlift.model.topology import Stream
+from deadlift.ops.discovery import discover_workers
 from deadlift.wire import events
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,6 +59,18 @@ async def stored(nc: Client, subject: str, stream: str = Stream.EVENTS) -> list[
         events.decode(msg.headers, msg.data, fallback_id="-", fallback_source="-")
         for msg in await raw_messages(nc, stream, subject)
     ]
+
+
+async def workers_serving(nc: Client, count: int = 1) -> bool:
+    """Whether ``count`` workers of ``nc``'s account answer: each has started its steps.
+
+    Not whether they pull: an idle step waits cold, with no pull request (see
+    ``deadlift.runtime.pulling``); an event published now rings it.
+    """
+    try:
+        return len(await discover_workers(nc, timeout=0.5)) >= count
+    except (nats.errors.Error, TimeoutError):
+        return False
 
 
 async def eventually(

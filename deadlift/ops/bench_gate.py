@@ -40,6 +40,7 @@ from deadlift.errors import DeadliftError
 from deadlift.model.topology import Stream
 from deadlift.model.workflow import Workflow
 from deadlift.ops.bench_support import stored, until
+from deadlift.ops.discovery import discover_workers
 
 FOREVER = "2100-01-01T00:00:00Z"
 LEAD_S = 0.3  # between setting the pause's end and the end: the request's round trip, and more
@@ -55,7 +56,7 @@ class Gate:
     Attributes:
         stream: the stream of the held consumer.
         consumer: the consumer of the first step's input, paused until the window opens.
-        pulls: every (stream, consumer) each worker process pulls from.
+        pulls: the (stream, consumer) pairs every worker process must be pulling from.
         output: the subject of the last step's outputs.
         output_stream: the stream capturing ``output``.
     """
@@ -68,15 +69,15 @@ class Gate:
 
     @classmethod
     def of(cls, workflow: Workflow, output: str) -> Gate:
-        """The gate of a Deadlift workflow: its trigger consumer held, every step's consumers."""
-        pulls = tuple(
-            (wanted.stream, wanted.consumer)
-            for step in workflow.steps
-            for wanted in step_inputs(workflow, step)
-        )
+        """The gate of a Deadlift workflow: its trigger consumer, held and watched.
+
+        Only the trigger's pulls are awaited: the backlog waits there. The other
+        steps' consumers have nothing yet, so a worker's steps there wait cold (no
+        pull request, see ``deadlift.runtime.pulling``) until the first output rings.
+        """
         entry = workflow.entry_steps()[0]
         trigger = next(w for w in step_inputs(workflow, entry) if w.stream == Stream.EVENTS)
-        return cls(trigger.stream, trigger.consumer, pulls, output)
+        return cls(trigger.stream, trigger.consumer, ((trigger.stream, trigger.consumer),), output)
 
 
 async def hold(js: Any, gate: Gate) -> None:
@@ -110,6 +111,22 @@ async def pulling(
                 return False
         steady += 1
         return steady >= 2
+
+    await until(ready, PULLING_TIMEOUT_S, every=POLL_S)
+
+
+async def serving(
+    nc: Any, processes: Callable[[], int], check: Callable[[], None] = lambda: None
+) -> None:
+    """Return when every worker process answers ``deadlift workers``.
+
+    A worker advertises itself once all its steps have started; with nothing to
+    do they wait cold, without a pull request to see on the server.
+    """
+
+    async def ready() -> bool:
+        check()
+        return len(await discover_workers(nc, timeout=0.3)) >= processes()
 
     await until(ready, PULLING_TIMEOUT_S, every=POLL_S)
 

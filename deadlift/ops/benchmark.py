@@ -44,7 +44,7 @@ from deadlift import bus
 from deadlift.bus.registry import Registry
 from deadlift.model.workflow import Workflow, parse_workflow
 from deadlift.ops import bench_bare
-from deadlift.ops.bench_gate import Gate, hold, pulling, window
+from deadlift.ops.bench_gate import Gate, hold, serving, window
 from deadlift.ops.bench_guest import guest_throughput
 from deadlift.ops.bench_pairs import Comparison, Plan, Progress, compare, summary
 from deadlift.ops.bench_support import (
@@ -166,7 +166,7 @@ async def deadlift_latency(
 ) -> Result:
     """End-to-end latency of a ``steps``-step chain at a steady ``rate`` of events/s."""
     with EmbeddedServer() as server:
-        nc, workflow = await _setup(server, steps)
+        nc, _ = await _setup(server, steps)
         js = nc.jetstream()
         sent: dict[str, float] = {}
         latencies: list[float] = []
@@ -178,8 +178,7 @@ async def deadlift_latency(
         await nc.subscribe(OUTPUT, cb=on_output)
         specs = [processes]
         with Processes([worker_command(processes)], worker_env(server.url)) as workers:
-            pulls = Gate.of(workflow, OUTPUT).pulls
-            await pulling(js, pulls, lambda: _pulling_processes(workers, specs), workers.check)
+            await serving(nc, lambda: _pulling_processes(workers, specs), workers.check)
             started = time.perf_counter()
             for n in range(count):
                 event = events.new_event({"value": n}, source="bench", type="bench")

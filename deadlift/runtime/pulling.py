@@ -4,7 +4,8 @@ Three modes, by how recently the step had work:
 
 * **backlog** — events are waiting: a batch with a short wait for stragglers.
 * **warm** — caught up, but an event came in the last ``idle_cold_s``: one long
-  pull request (``idle_pull_s``) that the next event ends at once.
+  pull request (``idle_pull_s``) that the next event ends at once. A step starts
+  with a batch fetch, and goes cold at once if that finds nothing.
 * **cold** — idle for longer: no pull request at all. The step subscribes (core
   NATS, at most one message per subject) to its consumer's subjects and waits for
   an event to *ring*. A host's thousands of idle steps then cost the worker and
@@ -37,12 +38,13 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from deadlift.bus.pull import Pull
 from deadlift.bus.streams import StepBinding
 from deadlift.settings import Settings
 
 log = logging.getLogger("deadlift.worker")
 
-BACKLOG_WAIT_S = 0.05  # how long a batch fetch may wait for stragglers
+BACKLOG_WAIT_S = 0.5  # bounds a backlog's batch fetch (the server answers it at once)
 SETTLE_S = 1.0  # longer than an event takes from being routed to being stored
 
 
@@ -51,14 +53,14 @@ class Puller:
 
     def __init__(
         self,
-        sub: Any,
+        pull: Pull,
         nc: Client,
         js: JetStreamContext,
         binding: StepBinding,
         settings: Settings,
         batch: int,
     ) -> None:
-        self.sub = sub
+        self.pull = pull
         self.nc = nc
         self.js = js
         self.binding = binding
@@ -69,14 +71,16 @@ class Puller:
         self.waiting = False  # in a long pull or cold: nothing of ours to finish
         self.cold = False
         self._backlog = True
-        self._warm_until = time.monotonic() + self.cold_after_s
+        # Warm only once an event came: a worker starting 30,000 steps would otherwise
+        # renew 3,000 long pulls a second for its first idle_cold_s.
+        self._warm_until = time.monotonic()
         self._bell: Doorbell | None = None
 
     async def next(self) -> list[Msg]:
         """The next events (none when a wait ended without any: ask again)."""
         if self._backlog:
             try:
-                msgs = await self.sub.fetch(self.batch, timeout=BACKLOG_WAIT_S)
+                msgs = await self.pull.fetch(self.batch, BACKLOG_WAIT_S, no_wait=True)
             except (TimeoutError, nats.errors.TimeoutError):
                 self._backlog = False
                 return []
@@ -84,11 +88,10 @@ class Puller:
             await self._sleep_cold()
             return []
         else:
-            # nats-py's fetch(n) waits for all n once the stream is drained: caught up,
-            # a single message, as soon as it arrives (low latency).
+            # Caught up: a single message, as soon as it arrives (low latency).
             self.waiting = True
             try:
-                msgs = await self.sub.fetch(1, timeout=self.idle_pull_s)
+                msgs = await self.pull.fetch(1, self.idle_pull_s)
             except (TimeoutError, nats.errors.TimeoutError):
                 return []
             finally:

@@ -21,6 +21,7 @@ import nats.errors
 from nats.aio.msg import Msg
 from opentelemetry.trace import Span
 
+from deadlift.bus.pull import Pull
 from deadlift.bus.streams import StepBinding
 from deadlift.errors import (
     DeadliftError,
@@ -136,7 +137,7 @@ class StepRunner:
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
-        self._sub: Any = None
+        self._pull: Pull | None = None
         self.puller: Puller | None = None
 
     @property
@@ -146,14 +147,15 @@ class StepRunner:
 
     async def start(self) -> None:
         """Bind to the durable consumer and start pulling."""
-        self._sub = await self.context.js.pull_subscribe_bind(
-            durable=self.binding.consumer, stream=self.binding.stream
-        )
+        js = self.context.js
+        nc, api = js._nc, js._prefix  # the JetStream context's connection and API prefix
+        self._pull = Pull(nc, self.binding.stream, self.binding.consumer, api)
+        await self._pull.start()
         size = max(1, min(self.context.settings.fetch_batch, self.concurrency // 2))
         self.puller = Puller(
-            self._sub,
-            self.context.js._nc,  # the JetStream context's connection
-            self.context.js,
+            self._pull,
+            nc,
+            js,
             self.binding,
             self.context.settings,
             size,
@@ -178,10 +180,9 @@ class StepRunner:
         finally:
             # Also when the wait is given up (a stuck call): a pull subscription left
             # behind makes the connection's drain wait out its whole drain_timeout.
-            if self._sub is not None:
+            if self._pull is not None:
                 await self._hand_back()
-                with contextlib.suppress(Exception):
-                    await self._sub.unsubscribe()
+                await self._pull.stop()
 
     async def _finish_delivered(self) -> None:
         """Run the events the server delivered after the last fetch returned.
@@ -209,22 +210,15 @@ class StepRunner:
 
         A flush (PING/PONG) first: the server answers it only after everything it
         sent this client before, so all of it is queued by then, however busy the
-        event loop is. nats-py internals, best effort.
+        event loop is.
         """
-        nc = getattr(self._sub, "_nc", None)
-        if nc is not None:
-            try:
-                await nc.flush(timeout=2)
-            except (nats.errors.Error, TimeoutError) as exc:
-                log.debug("flush before taking delivered events failed: %s", exc)
-        inner = getattr(self._sub, "_sub", None)
-        queue = getattr(inner, "_pending_queue", None)
-        found = []
-        while queue is not None and not queue.empty():
-            msg = queue.get_nowait()
-            if getattr(msg, "reply", None) and str(msg.reply).startswith("$JS.ACK."):
-                found.append(msg)  # not a status message (408, 404): an event
-        return found
+        if self._pull is None:
+            return []
+        try:
+            await self._pull.nc.flush(timeout=2)
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.debug("flush before taking delivered events failed: %s", exc)
+        return self._pull.delivered()
 
     async def _loop(self) -> None:
         # Two batches in flight: while one publishes and waits for PubAcks, the

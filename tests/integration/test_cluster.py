@@ -35,7 +35,7 @@ from deadlift.ops.leafnodes import LeafTopology
 from deadlift.ops.server import EmbeddedServer
 from deadlift.settings import Settings
 from deadlift.wire import events
-from tests.conftest import ROOT, eventually, module_path, share_module, stored
+from tests.conftest import ROOT, eventually, module_path, share_module, stored, workers_serving
 
 pytestmark = pytest.mark.slow
 CALCULATOR = (ROOT / "config" / "workflows" / "calculator.yaml").read_text()
@@ -142,14 +142,6 @@ async def count_outputs(
     return found if len(found) >= count else None
 
 
-async def pulling(nc: Client, stream: str, consumer: str, workers: int = 1) -> bool:
-    try:
-        info = await nc.jetstream().consumer_info(stream, consumer)
-    except (nats.errors.Error, TimeoutError):
-        return False
-    return (info.num_waiting or 0) >= workers
-
-
 async def setup_calculator(nc: Client, settings: Settings) -> None:
     registry = await Registry.open(nc.jetstream())
     for name in ("add_ten", "multiply_by_five"):
@@ -183,9 +175,9 @@ async def test_sigkill_of_the_stream_leader_loses_nothing_and_stores_every_outpu
     failure: AssertionError | None = None
     try:
         await eventually(
-            lambda: pulling(nc, Stream.EVENTS, "acme--calculator--add--trigger"),
+            lambda: workers_serving(nc),
             timeout=20,
-            message="worker pulling",
+            message="worker serving",
         )
 
         async def produce() -> None:
@@ -324,16 +316,14 @@ async def test_four_workers_of_two_orgs_share_steps_and_a_sigkill_loses_nothing(
     total, charges = 200, 60
     try:
         await eventually(
-            lambda: pulling(acme, Stream.EVENTS, "acme--calculator--add--trigger", 2),
+            lambda: workers_serving(acme, 2),
             timeout=30,
-            message="both acme workers pulling",
+            message="both acme workers serving",
         )
         await eventually(
-            lambda: pulling(
-                stripe, Stream.EVENTS, "stripe--acme-charges--before-charge--trigger", 2
-            ),
+            lambda: workers_serving(stripe, 2),
             timeout=30,
-            message="both stripe workers pulling",
+            message="both stripe workers serving",
         )
         deadline = time.monotonic() + 30
 

@@ -21,7 +21,7 @@ from deadlift.bus import dlq
 from deadlift.ops.server import free_port
 from deadlift.runtime.worker import Worker
 from deadlift.settings import Settings
-from tests.conftest import ROOT, eventually, module_path, publish, stored
+from tests.conftest import ROOT, eventually, module_path, publish, stored, workers_serving
 
 pytestmark = pytest.mark.slow
 
@@ -113,9 +113,7 @@ async def test_cli_push_apply_publish_and_inspect(
     )
     try:
         assert "tailing calc.out" in tail.stderr.readline()  # type: ignore[union-attr]
-        await eventually(
-            lambda: _pulling(nc, "acme--calculator--add--trigger"), message="worker pulling"
-        )
+        await eventually(lambda: workers_serving(nc), message="worker serving")
         sent = deadlift(settings, "publish", "calc.in", '{"value": 4}')
         assert sent.returncode == 0, sent.stderr
         out, _ = tail.communicate(timeout=30)
@@ -160,9 +158,9 @@ async def test_two_worker_processes_share_a_step_without_duplicates(
     total = 300
     try:
         await eventually(
-            lambda: _pulling(nc, "acme--calculator--add--trigger", 2),
+            lambda: workers_serving(nc, 2),
             timeout=30,
-            message="both workers pulling",
+            message="both workers serving",
         )
         for n in range(total):
             await publish(nc, "calc.in", {"value": n})
@@ -174,11 +172,6 @@ async def test_two_worker_processes_share_a_step_without_duplicates(
     oks = [int(re.search(r"ok=(\d+)", log).group(1)) for log in logs]  # type: ignore[union-attr]
     assert sum(oks) == 2 * total  # two steps per event, across both processes
     assert all(ok > 0 for ok in oks), oks  # both processes did work
-
-
-async def _pulling(nc: Client, consumer: str, workers: int = 1) -> bool:
-    info = await nc.jetstream().consumer_info("DEADLIFT_EVENTS", consumer)
-    return (info.num_waiting or 0) >= workers
 
 
 async def _all(nc: Client, count: int) -> Any:

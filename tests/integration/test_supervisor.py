@@ -71,11 +71,10 @@ class Supervisor:
         found = await discover_workers(nc, timeout=0.5)
         return [w for w in found if w.supervisor and w.supervisor["pid"] == self.pid]
 
-    async def pulling(self, nc: Client, count: int) -> list[WorkerInfo] | None:
-        """Its children once ``count`` of them answer and pull the step's consumer."""
+    async def serving(self, nc: Client, count: int) -> list[WorkerInfo] | None:
+        """Its children once ``count`` of them answer (each has started its steps)."""
         children = await self.children(nc)
-        info = await nc.jetstream().consumer_info("DEADLIFT_EVENTS", CONSUMER)
-        return children if len(children) == count and (info.num_waiting or 0) >= count else None
+        return children if len(children) == count else None
 
     def wait(self, timeout: float) -> int:
         try:
@@ -133,7 +132,7 @@ async def test_two_processes_share_the_step_and_stop_together_on_sigterm(
 ) -> None:
     supervisor = supervisors("--processes", "2", "--concurrency", "2")
     children = await eventually(
-        lambda: supervisor.pulling(nc, 2), timeout=20, message="two worker processes pulling"
+        lambda: supervisor.serving(nc, 2), timeout=20, message="two worker processes serving"
     )
     assert sorted(w.supervisor["slot"] for w in children) == [1, 2]
     assert supervisor.pid not in {w.pid for w in children}  # the supervisor runs no steps
@@ -169,7 +168,7 @@ async def test_a_killed_process_is_restarted_and_nothing_is_lost(
     # closed connection come back after ack_wait: short here.
     supervisor = supervisors("--processes", "2", DEADLIFT_ACK_WAIT_S="2")
     children = await eventually(
-        lambda: supervisor.pulling(nc, 2), timeout=20, message="two worker processes pulling"
+        lambda: supervisor.serving(nc, 2), timeout=20, message="two worker processes serving"
     )
     for n in range(20):
         await publish(nc, "spread.in", {"value": n})

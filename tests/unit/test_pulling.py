@@ -23,7 +23,7 @@ class FakeSub:
     def __init__(self) -> None:
         self.fetches = 0
 
-    async def fetch(self, batch: int, timeout: float) -> list[Any]:
+    async def fetch(self, batch: int, timeout: float, *, no_wait: bool = False) -> list[Any]:
         self.fetches += 1
         await asyncio.sleep(min(timeout, 0.01))
         raise nats.errors.TimeoutError
@@ -91,7 +91,7 @@ async def test_a_step_with_events_held_elsewhere_stays_warm() -> None:
     p = puller(nc, js)
     await pulls_until(p, 0.5)
     assert not p.cold
-    assert p.sub.fetches > 3  # still long-polling: the held events come back without a ring
+    assert p.pull.fetches > 3  # still long-polling: the held events come back without a ring
 
 
 async def test_a_step_that_may_not_subscribe_never_goes_cold() -> None:
@@ -100,4 +100,4 @@ async def test_a_step_that_may_not_subscribe_never_goes_cold() -> None:
     await pulls_until(p, 0.5)
     assert not p.cold
     assert p.cold_after_s == 0.0
-    assert p.sub.fetches > 3
+    assert p.pull.fetches > 3
