@@ -67,3 +67,34 @@ def test_a_phase_has_its_own_allowance_and_stops_the_calls_clock() -> None:
         [stuck] = dog.check()
         assert stuck.what == "call" and stuck.deadline_s == pytest.approx(0.8, abs=0.05)
     assert dog.running() == []
+
+
+def test_the_watchdogs_of_a_process_share_one_thread_and_fire_alone() -> None:
+    """A process serving many orgs has a watchdog each; a thread each cost a third of
+    its idle CPU (250 orgs). One monitor thread watches them all."""
+    fired: dict[int, list[list[Stuck]]] = {i: [] for i in range(50)}
+    dogs = [Watchdog(grace_s=0.1, on_stuck=fired[i].append, interval_s=0.05) for i in range(50)]
+    for dog in dogs:
+        dog.start()
+    release = threading.Event()
+
+    def blocked() -> None:
+        with dogs[7].track("step o7/w/s (module m)", 0.1):
+            release.wait(10)
+
+    thread = threading.Thread(target=blocked, name="blocked")
+    try:
+        monitors = [t for t in threading.enumerate() if t.name == "deadlift-watchdog"]
+        assert len(monitors) == 1
+        thread.start()
+        deadline = time.monotonic() + 3
+        while not fired[7] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(fired[7]) == 1
+        assert not dogs[7].healthy
+        assert all(not fired[i] and dogs[i].healthy for i in range(50) if i != 7)
+    finally:
+        release.set()
+        thread.join()
+        for dog in dogs:
+            dog.stop()
