@@ -19,9 +19,11 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.js.api import PubAck
 
+from deadlift.bus import direct
 from deadlift.bus.connection import DeadliftClient
 from deadlift.errors import DeadliftError, PayloadTooLargeError
 from deadlift.model import names
+from deadlift.wire import headers as wire_headers
 
 MSG_ID = "Nats-Msg-Id"
 
@@ -68,6 +70,10 @@ def check_size(max_payload: int, subject: str, headers: Mapping[str, str], body:
         PayloadTooLargeError: naming the subject, the size and the limit.
     """
     size = len(body) + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 12
+    _check_total(max_payload, subject, size)
+
+
+def _check_total(max_payload: int, subject: str, size: int) -> None:
     if max_payload and size > max_payload:
         raise PayloadTooLargeError(
             f"message for {subject} is {size} bytes, over the server's max_payload of "
@@ -121,6 +127,8 @@ class JetStreamPublisher:
         self.nc = nc
         self.js = nc.jetstream()
         self.timeout = timeout
+        # publish_async writes below nats-py's publish when its internals are there.
+        self._async = direct.AsyncPublishes(nc) if direct.supported(nc) else None
 
     @property
     def max_payload(self) -> int:
@@ -159,7 +167,18 @@ class JetStreamPublisher:
     async def publish_async(
         self, subject: str, body: bytes, headers: Mapping[str, str], *, msg_id: str
     ) -> asyncio.Future[PubAck]:
-        """Start a publish (size checked); the PubAck arrives on the returned future."""
+        """Start a publish (size checked); the PubAck arrives on the returned future.
+
+        The header block is rendered here (its fixed part only once, for
+        :class:`~deadlift.wire.headers.Headers`), byte for byte what nats-py sends.
+        """
+        if self._async is not None:
+            if isinstance(headers, wire_headers.Headers):
+                block = headers.render(MSG_ID, msg_id)
+            else:
+                block = wire_headers.render({**headers, MSG_ID: msg_id})
+            _check_total(self.max_payload, subject, len(block) + len(body))
+            return await self._async.publish(subject, block, body)
         message_headers = {**headers, MSG_ID: msg_id}
         check_size(self.max_payload, subject, message_headers, body)
         future: asyncio.Future[PubAck] = await self.js.publish_async(

@@ -21,20 +21,17 @@ import nats.errors
 from nats.aio.msg import Msg
 from opentelemetry.trace import Span
 
+from deadlift.bus import direct
+from deadlift.bus.acksubject import delivery
 from deadlift.bus.pull import Pull
 from deadlift.bus.streams import StepBinding
-from deadlift.errors import (
-    DeadliftError,
-    EventDecodeError,
-    EventEncodeError,
-    PayloadTooLargeError,
-    StepError,
-)
+from deadlift.errors import EventDecodeError, EventEncodeError, StepError
 from deadlift.model import topology
 from deadlift.model.topology import ErrorKind, Outcome, Stream, step_subject
 from deadlift.model.workflow import Step, Workflow
 from deadlift.runtime import crossings, runs, telemetry
 from deadlift.runtime import hops as hops_guard
+from deadlift.runtime.calls import ModuleCalls
 from deadlift.runtime.context import (
     SERVER_RELAY_HEADERS,
     StepContext,
@@ -46,13 +43,15 @@ from deadlift.runtime.context import (
 )
 from deadlift.runtime.letters import dead_letter
 from deadlift.runtime.letters import settle as _settle
+from deadlift.runtime.outputs import Outputs
 from deadlift.runtime.pulling import Puller
-from deadlift.wasm.codecs import from_module, to_module
+from deadlift.wasm.codecs import to_module
 from deadlift.wasm.host import PluginSpec
 from deadlift.wasm.hostfns import HostCall
 from deadlift.wire import events
 
 log = logging.getLogger("deadlift.worker")
+_HOST_LOG = logging.getLogger("deadlift.host")  # HostCall's logger, looked up once
 
 # Deliveries beyond the step's attempts that still run the step. A redelivery
 # after a worker died or an ack was lost counts as a delivery but is no failure:
@@ -82,11 +81,6 @@ class _Job:
     acks: list[asyncio.Future[Any]] = field(default_factory=list)
     targets: tuple[str, ...] = ()
     hops: int = 0  # the input's hop count; its outputs carry one more
-
-
-def _publish_error(exc: object) -> StepError:
-    # NATS trouble while publishing: retried later; the output is deduplicated.
-    return StepError(f"publish failed: {exc or type(exc).__name__}", kind=ErrorKind.PUBLISH)
 
 
 class StepRunner:
@@ -123,12 +117,16 @@ class StepRunner:
             consumer=binding.consumer,
             server=context.server,
         )
-        self.outputs = events.OutputEncoder.for_step(workflow.org, workflow.name, step.name)
-        self.targets = [
-            *(step_subject(workflow.org, workflow.name, n) for n in step.next),
-            *step.publish,
-        ]
-        self.publishes = frozenset(step.publish)
+        self.calls = ModuleCalls(
+            context=context, workflow=workflow, step=step, spec=spec, telemetry=self.telemetry
+        )
+        self.outputs = Outputs(
+            workflow=workflow,
+            step=step,
+            telemetry=self.telemetry,
+            crossings=self.crossings,
+            stats=context.stats,
+        )
         # A trigger's provenance comes from where it arrived (an import's own stream),
         # never from its headers; a step input carries the run's, stamped on entry.
         self.is_trigger = binding.stream != Stream.STEPS
@@ -281,14 +279,13 @@ class StepRunner:
     async def _admit(self, msg: Msg) -> _Job | None:
         """Decode a message into a job; fail it now if it cannot run at all."""
         started = time.perf_counter()
-        meta = msg.metadata
-        attempt = meta.num_delivered or 1
-        seq = meta.sequence.stream if meta.sequence else 0
+        attempt, stream, seq = delivery(msg)
+        attempt = attempt or 1
         try:
             event = events.decode(
                 msg.headers,
                 msg.data,
-                fallback_id=topology.foreign_event_id(meta.stream or "", seq),
+                fallback_id=lambda: topology.foreign_event_id(stream or "", seq),
                 fallback_source=f"nats:{msg.subject}",
             )
             hops = events.hop_count(event)
@@ -343,6 +340,7 @@ class StepRunner:
             event_id=event.id,
             granted=self.granted,
             loop=asyncio.get_running_loop(),
+            logger=_HOST_LOG,
             services=hops_guard.call_services(
                 self.services, self.workflow, self.step, self.context.publisher, hops
             ),
@@ -371,36 +369,11 @@ class StepRunner:
 
     async def _call_all(self, jobs: list[_Job]) -> None:
         """Call the module for every job: one executor hop per chunk, chunks in parallel."""
-        loop = asyncio.get_running_loop()
-        threads, executor = self.context.threads, self.context.executor
-        chunks = [jobs[i::threads] for i in range(threads)]
-        await asyncio.gather(*(loop.run_in_executor(executor, self._run, c) for c in chunks if c))
+        await self.calls.call_all(jobs)
 
     def _run(self, jobs: list[_Job]) -> None:
         """Module calls, in an executor thread (Extism releases the GIL)."""
-        codec = self.step.codec or "json"
-        # A call stuck past its timeout + grace (nothing interrupts a blocked host
-        # function) makes the watchdog report the worker unhealthy and stop it.
-        flow, limit_s = self.workflow, self.spec.timeout_ms / 1000
-        what = f"step {flow.org}/{flow.name}/{self.step.name} (module {self.step.module})"
-        for job in jobs:
-            assert job.call is not None
-            with self.telemetry.module_call(self.step.function, job.span) as span:
-                job.call.trace_context = self.telemetry.context_of(span)
-                begun = time.perf_counter()
-                try:
-                    with self.context.watchdog.track(what, limit_s):
-                        raw = self.context.host.call(
-                            self.spec, self.step.function, job.data, job.call
-                        )
-                    job.output = from_module(raw, codec)
-                except StepError as exc:
-                    job.error = exc
-                except Exception as exc:  # a bug of ours must not take the batch down
-                    log.exception("module call failed unexpectedly")
-                    job.error = StepError(f"internal error: {exc!r}", kind=ErrorKind.ERROR)
-                finally:
-                    self.telemetry.record_module_time(time.perf_counter() - begun)
+        self.calls.run(jobs)
 
     async def _publish_through_outages(self, jobs: list[_Job]) -> None:
         """Publish and confirm; publish again while NATS cannot store the outputs."""
@@ -429,68 +402,11 @@ class StepRunner:
 
     async def _publish_all(self, jobs: list[_Job]) -> None:
         """Start publishing every output (PubAcks are awaited in :meth:`_confirm`)."""
-        publisher = crossings.gate(jobs, self.crossings, self.context.publisher)
-        now = events.now_rfc3339()  # one occurrence time per batch
-        for job in jobs:
-            if job.error is not None or job.output is None:
-                continue
-            event = job.event
-            out_id = topology.output_id(
-                event.source, event.id, self.workflow.key, self.step.name, event.origin
-            )
-            # The next steps' spans are children of this one: one trace per run.
-            traceparent = self.telemetry.traceparent(job.span) or event.traceparent
-            try:
-                headers, body = self.outputs.encode(
-                    job.output,
-                    id=out_id,
-                    time=now,
-                    run=event.run,
-                    traceparent=traceparent,
-                    origin=event.origin,
-                    # A hop is a crossing onto a subject that may trigger a workflow
-                    # (publish, emit); the next steps of a workflow (acyclic) keep the count.
-                    hops=job.hops or None,
-                )
-                crossing = (
-                    {**headers, events.HOPS_HEADER: str(job.hops + 1)}
-                    if self.publishes
-                    else headers
-                )
-                for subject in self.targets:
-                    msg_id = topology.output_msg_id(out_id, subject)
-                    sent = crossing if subject in self.publishes else headers
-                    with self.telemetry.publish(
-                        subject, job.span, message_id=out_id, size=len(body)
-                    ):
-                        job.acks.append(
-                            await publisher.publish_async(subject, body, sent, msg_id=msg_id)
-                        )
-            except EventEncodeError as exc:
-                job.error = StepError(str(exc), kind=ErrorKind.ENCODE, retryable=False)
-            except PayloadTooLargeError as exc:
-                job.error = StepError(str(exc), kind=ErrorKind.OUTPUT_TOO_LARGE, retryable=False)
-            except (TimeoutError, DeadliftError, nats.errors.Error) as exc:
-                job.error = _publish_error(exc)
-            job.targets = tuple(self.targets)
+        await self.outputs.publish_all(jobs, self.context.publisher)
 
     async def _confirm(self, jobs: list[_Job]) -> None:
         """Wait for every PubAck; a job whose output was not stored fails (and is retried)."""
-        pending = [ack for job in jobs for ack in job.acks]
-        if not pending:
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.wait(pending), timeout=10.0)
-        for job in jobs:
-            for ack in job.acks:
-                if not ack.done():
-                    ack.cancel()
-                    job.error = job.error or _publish_error(TimeoutError("no PubAck in 10 s"))
-                elif ack.cancelled() or ack.exception() is not None:
-                    problem = ack.exception() if not ack.cancelled() else "cancelled"
-                    job.error = job.error or _publish_error(problem)
-                elif ack.result().duplicate:  # published before (a redelivery): stored once
-                    self.context.stats["duplicate"] += 1
+        await self.outputs.confirm(jobs)
 
     async def _finish(self, job: _Job) -> None:
         """Ack a job that succeeded or fail it; report; end its span."""
@@ -500,7 +416,7 @@ class StepRunner:
                     job.msg, job.event, job.attempt, job.started, job.error, job.span, job.call
                 )
                 return
-            await _settle(job.msg.ack(), "ack")
+            await _settle(direct.ack(job.msg), "ack")
             outcome = Outcome.FILTERED if job.output is None else Outcome.OK
             self._report(
                 job.event,

@@ -10,6 +10,10 @@ from deadlift.wire.events import pack, unpack
 
 Codec = Literal["json", "msgpack", "raw"]
 CODECS: tuple[Codec, ...] = ("json", "msgpack", "raw")
+# What json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+# builds on every call; built once (encode is reentrant: no state between calls).
+# allow_nan=False: NaN/Infinity are not JSON, and strict module parsers reject them.
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def to_module(data: Any, codec: str) -> bytes:
@@ -23,9 +27,7 @@ def to_module(data: Any, codec: str) -> bytes:
             # A foreign producer's non-JSON body: hand it over as-is.
             return bytes(data)
         try:
-            # allow_nan=False: NaN/Infinity are not JSON, and strict module parsers reject them.
-            text = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-            return text.encode()
+            return _JSON.encode(data).encode()
         except (TypeError, ValueError) as exc:
             raise EventEncodeError(
                 f"event data cannot be encoded as JSON for the module: {exc}"

@@ -11,7 +11,7 @@ import json
 import os
 import re
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -19,6 +19,7 @@ from typing import Any
 import msgpack
 
 from deadlift.errors import EventDecodeError, EventEncodeError
+from deadlift.wire.headers import FixedHeaders, Headers
 
 SPECVERSION = "1.0"
 MSGPACK = "application/msgpack"
@@ -256,19 +257,27 @@ def attributes(headers: Mapping[str, str] | None) -> dict[str, str]:
     Values are percent-decoded. Empty for a message of a foreign producer (no
     ``ce-`` headers at all).
     """
+    return _attributes(headers)[0]
+
+
+def _attributes(headers: Mapping[str, str] | None) -> tuple[dict[str, str], str | None]:
+    """:func:`attributes` and the first ``traceparent`` (any case), in one pass."""
     found = {}
+    traceparent = None
     for name, value in (headers or {}).items():
         lowered = name.lower()
         if lowered.startswith(PREFIX):
-            found[lowered[len(PREFIX) :]] = decode_value(value)
-    return found
+            found[lowered[3:]] = value if "%" not in value else decode_value(value)
+        elif traceparent is None and lowered == TRACEPARENT:
+            traceparent = value
+    return found, traceparent
 
 
 def decode(
     headers: Mapping[str, str] | None,
     body: bytes,
     *,
-    fallback_id: str,
+    fallback_id: str | Callable[[], str],
     fallback_source: str,
 ) -> Event:
     """Decode a NATS message into an event.
@@ -276,18 +285,17 @@ def decode(
     A message with no CloudEvents headers comes from a foreign producer: its
     body is the data (parsed as JSON when it is JSON, else kept as bytes), and
     its id is ``fallback_id`` (Deadlift passes one derived from the stream
-    sequence, so redeliveries keep it).
+    sequence, so redeliveries keep it; a callable is called only then).
 
     Raises:
         EventDecodeError: required attributes are missing or the body does not
             match its content type.
     """
-    ce = attributes(headers)
-    traceparent = _header(headers, TRACEPARENT)
+    ce, traceparent = _attributes(headers)
     if not ce:
         return Event(
             data=_foreign_data(body),
-            id=fallback_id,
+            id=fallback_id if isinstance(fallback_id, str) else fallback_id(),
             source=fallback_source,
             type="deadlift.foreign",
             time=now_rfc3339(),
@@ -318,13 +326,6 @@ def decode(
         extensions={k: v for k, v in ce.items() if k not in _KNOWN},
         traceparent=traceparent,
     )
-
-
-def _header(headers: Mapping[str, str] | None, wanted: str) -> str | None:
-    for name, value in (headers or {}).items():
-        if name.lower() == wanted:
-            return value
-    return None
 
 
 def _decode_body(content_type: str, body: bytes) -> Any:
@@ -360,13 +361,19 @@ class OutputEncoder:
     """
 
     def __init__(self, *, source: str, type: str, extensions: Mapping[str, str]) -> None:
+        per_event = sorted({RUN, ORIGIN, HOPS} & set(extensions))
+        if per_event:
+            raise EventEncodeError(
+                f"extension attribute(s) {', '.join(per_event)} are set per event, not per producer"
+            )
         template = Event(
             data=None, id="-", source=source, type=type, time="-", extensions=dict(extensions)
         )
         static, _ = encode(template)  # validates the fixed attributes once
         for name in ("id", "time"):
             static.pop(f"{PREFIX}{name}")
-        self._static = static
+        # Rendered once as the NATS header block's first lines (see wire.headers).
+        self._static = FixedHeaders(static)
 
     @classmethod
     def for_step(cls, org: str, workflow: str, step: str, *, kind: str = "") -> OutputEncoder:
@@ -388,9 +395,12 @@ class OutputEncoder:
         traceparent: str | None,
         origin: str | None = None,
         hops: int | None = None,
-    ) -> tuple[dict[str, str], bytes]:
-        """Headers and body of one output event (``hops``: its hop count, see :data:`HOPS`)."""
-        headers = {**self._static, f"{PREFIX}id": id, f"{PREFIX}time": time}
+    ) -> tuple[Headers, bytes]:
+        """Headers and body of one output event (``hops``: its hop count, see :data:`HOPS`).
+
+        The headers read as :func:`encode`'s dict; their fixed part is rendered already.
+        """
+        headers = {f"{PREFIX}id": id, f"{PREFIX}time": time}
         _check_header_value(f"{PREFIX}{RUN}", run)
         headers[f"{PREFIX}{RUN}"] = encode_value(run)
         if hops is not None:
@@ -402,7 +412,7 @@ class OutputEncoder:
         if traceparent:
             _check_header_value(TRACEPARENT, traceparent)
             headers[TRACEPARENT] = traceparent
-        return headers, pack(data)
+        return Headers(self._static, headers), pack(data)
 
 
 # Headers the server sets on what a stream writes itself: a republish, or a message
