@@ -24,7 +24,9 @@ idle pull requests/s  messages its connection (``deadlift-worker``) sent the ser
                       subscription to ``bench.w0.out`` (matched by run id).
 worker RSS            its ``VmRSS`` after the idle window.
 
-``--orgs N[,N…]`` measures what orgs cost the server instead (``scale_orgs.py``).
+``--orgs N[,N…]`` measures what orgs cost the server instead (``scale_orgs.py``), then
+``--worker-processes P`` (default 4; 0: not) worker processes serving them
+(``scale_fleet.py``).
 
 Every phase has a timeout; one that runs out is listed under the table (``not
 serving after X s (k of N workflows, s of 3N steps started)``) and the rest of that
@@ -32,7 +34,7 @@ N is skipped. The worker is stopped with SIGTERM (SIGKILL after 60 s), the serve
 when its N is done. From the repository root (table on stdout, progress on stderr)::
 
     .venv/bin/python bench/scale.py --workflows 1,100,300,1000 [--json] [--out FILE]
-    .venv/bin/python bench/scale.py --orgs 10,100,1000
+    .venv/bin/python bench/scale.py --orgs 10,100,1000 [--worker-processes 4]
 """
 
 from __future__ import annotations
@@ -341,6 +343,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     parser.add_argument("--workflows", default="1,100,300", help="comma-separated Ns")
     parser.add_argument("--orgs", help="comma-separated numbers of orgs (instead of workflows)")
+    parser.add_argument(
+        "--worker-processes",
+        type=int,
+        default=4,
+        help="with --orgs: worker processes serving the orgs after the apply (0: none)",
+    )
+    parser.add_argument(
+        "--fleet-timeout", type=float, default=900.0, help="with --orgs: seconds to serve all"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument("--out", type=Path, help="also write the JSON to this file")
     parser.add_argument("--apply-timeout", type=float, default=600.0, help="seconds")
@@ -358,6 +369,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--workflows and --orgs take comma-separated integers, e.g. 1,100,300")
     if not args.ns or min(args.ns) < 1 or args.events < 2 or args.rate <= 0:
         parser.error("Ns must be positive, --events at least 2, --rate positive")
+    if args.worker_processes < 0:
+        parser.error("--worker-processes must be 0 or more")
     return args
 
 

@@ -1,4 +1,4 @@
-"""``scale.py --orgs N``: what N orgs cost the server (issue 15).
+"""``scale.py --orgs N``: what N orgs cost the server, and a fleet serving them (issue 15).
 
 N orgs in one manifest: a server with one account each, limited by ``LIMITS`` (the
 defaults, 64 MiB of memory and 1 GiB of storage per org, cannot all be reserved by
@@ -8,6 +8,13 @@ own credentials, ``add_ten`` is pushed and one 3-step workflow applied (``o{i}.i
 account, the apply of all orgs, nats-server RSS with the accounts only and after
 the applies (the difference per org), streams and consumers (``/jsz``), and the
 server's CPU over 10 s of no traffic.
+
+Then, with ``--worker-processes P`` (0: not), the fleet (``scale_fleet.py``): one
+event is published to every org's trigger, P ``deadlift worker --orgs …`` processes
+are started, each serving every P-th org with the manifest's users, and measured:
+seconds from their start until every org's output was stored, their RSS (summed),
+and, once their steps have gone cold, their idle CPU (summed) and the server's RSS
+and idle CPU at the same time.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from scale_common import WASM, cpu_seconds, fmt, monitor, note, rss_mb, workflow_yaml
+from scale_fleet import Fleet, fleet_cells, run_fleet
 
 from deadlift import bus
 from deadlift.bus.registry import Registry
@@ -48,6 +56,7 @@ class OrgRow:
     streams: int | None = None
     consumers: int | None = None
     server_idle_cpu_pct: float | None = None
+    fleet: Fleet | None = None  # with --worker-processes
     load_avg: list[float] = field(default_factory=list)  # 1-min, at the start and the end
     problems: list[str] = field(default_factory=list)
 
@@ -108,8 +117,15 @@ async def run_orgs(n: int, args: argparse.Namespace, work: Path) -> OrgRow:
         if row.server_rss_applied_mb is not None and row.server_rss_accounts_mb is not None:
             grown = row.server_rss_applied_mb - row.server_rss_accounts_mb
             row.per_org_kb = grown * 1024 / n
+        if args.worker_processes:
+            row.fleet = Fleet(processes=args.worker_processes)
+            try:
+                await run_fleet(server, path, names, row.fleet, args, work, password=PASSWORD)
+            finally:
+                row.problems.extend(row.fleet.problems)
     except Exception as exc:  # reported; the next N still runs
         what = "server start" if row.server_start_s is None else "apply"
+        what = "fleet" if row.fleet is not None else what
         first = exc.exceptions[0] if isinstance(exc, ExceptionGroup) else exc
         late = what == "apply" and time.monotonic() - began >= args.apply_timeout
         why = "timed out" if late or isinstance(exc, TimeoutError) else f"failed: {first}"
@@ -131,4 +147,5 @@ def org_cells(r: OrgRow) -> dict[str, str]:
         "per org": fmt(r.per_org_kb, ",.0f", " KB"),
         "streams / consumers": f"{fmt(r.streams, ',')} / {fmt(r.consumers, ',')}",
         "idle CPU (server)": fmt(r.server_idle_cpu_pct, unit="%"),
+        **(fleet_cells(r.fleet) if r.fleet is not None else {}),
     }

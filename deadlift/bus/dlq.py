@@ -5,6 +5,10 @@ A dead letter is the original message (body and headers) on
 ``Deadlift-*`` headers saying where it came from and what went wrong. Its id is
 its sequence number in that stream.
 
+The stream is created by the org's first dead letter (:func:`ensure_stream`), not
+when a workflow is applied: most orgs never have one, and an idle stream costs the
+server memory. Without it an org simply has no dead letters.
+
 A letter that would not fit in a message (an event close to the server's
 ``max_payload`` plus the ``Deadlift-*`` headers) keeps the original body and
 headers by reference: in the Object Store bucket ``deadlift_dead_letters``,
@@ -19,7 +23,7 @@ import base64
 import binascii
 import contextlib
 import json
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
@@ -28,9 +32,17 @@ from nats.js import JetStreamContext
 from nats.js.api import ObjectMeta, ObjectMetaOptions, ObjectStoreConfig, StorageType
 
 from deadlift.bus.publisher import MSG_ID, Publisher
-from deadlift.errors import DeadliftError, NotFoundError, PayloadTooLargeError
+from deadlift.bus.streams import dead_letter_config
+from deadlift.errors import (
+    ConfigError,
+    DeadliftError,
+    NotFoundError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+)
 from deadlift.model import names, topology
 from deadlift.model.topology import Bucket, Stream, step_subject
+from deadlift.settings import Settings
 from deadlift.wire import events
 
 H_ORG = "Deadlift-Org"
@@ -47,6 +59,30 @@ H_TIME = "Deadlift-Time"
 H_BODY_REF = "Deadlift-Body-Ref"  # the Object Store name holding the original body and headers
 MAX_ERROR_CHARS = 1000
 CHUNK_BYTES = 128 * 1024  # object store chunk size, when the server's max_payload allows
+STREAM_NAME_IN_USE = 10058  # JetStream API error: a stream of that name exists (other config)
+STREAM_NOT_FOUND = 10059  # JetStream API error: no such stream
+
+
+async def ensure_stream(js: JetStreamContext, settings: Settings) -> None:
+    """Create the dead-letter stream ``DEADLIFT_DLQ`` unless it is there.
+
+    Writers call it when a dead letter finds no stream (:func:`record`). Writers
+    racing are fine: creating a stream with the configuration it has is a no-op,
+    and one created meanwhile with another (older settings) is kept as it is.
+
+    Raises:
+        DeadliftError: the server refused it (the account's ``max_streams``, say).
+    """
+    try:
+        await js.add_stream(dead_letter_config(settings))
+    except nats.js.errors.APIError as exc:
+        if exc.err_code == STREAM_NAME_IN_USE:
+            return
+        raise DeadliftError(
+            f"cannot create the dead-letter stream {Stream.DLQ}: {exc.description or exc}; "
+            "dead letters are kept back (redelivered) until it can be: raise the org's "
+            "limits.max_streams in the org manifest if it is full"
+        ) from None
 
 
 class BodyStore(Protocol):
@@ -174,6 +210,7 @@ async def record(
     kind: str,
     error: str,
     store: BodyStore | None = None,
+    create_stream: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Store a dead letter durably (deduplicated per original message and step).
 
@@ -182,9 +219,13 @@ async def record(
     ``store`` and carries a :data:`H_BODY_REF` to it instead; the error text is
     shortened until the letter fits.
 
+    A letter no stream takes (the org's first: the stream is created lazily) calls
+    ``create_stream`` (:func:`ensure_stream`) and is published once more.
+
     Raises:
         PayloadTooLargeError: the letter does not fit and there is no ``store``,
             or ``max_payload`` cannot hold even the letter's names.
+        DeadliftError: it could not be stored (the caller keeps the event).
     """
     # An event's own Deadlift-* headers are dropped: one could forge a body reference.
     original = {
@@ -220,7 +261,17 @@ async def record(
         if not _fits(limit, letter, body, msg_id):
             letter = {**about, H_BODY_REF: ref}  # the original headers are in the object
         letter[H_ERROR] = _shortened(limit, letter, msg_id)
-    await publisher.publish(letter_subject, body, letter, msg_id=msg_id)
+    try:
+        await publisher.publish(letter_subject, body, letter, msg_id=msg_id)
+    except (ConfigError, PermissionDeniedError, PayloadTooLargeError):
+        raise  # refused for what it is: a stream would not change that
+    except DeadliftError:
+        # No stream took it (or no answer came): create the stream, then publish again.
+        # The same Nats-Msg-Id makes a letter stored by the first try no duplicate.
+        if create_stream is None:
+            raise
+        await create_stream()
+        await publisher.publish(letter_subject, body, letter, msg_id=msg_id)
 
 
 def letter_size(headers: Mapping[str, str], body: bytes) -> int:
@@ -311,6 +362,15 @@ def stored_headers(msg: Any) -> dict[str, str]:
     return found
 
 
+async def stream_exists(js: JetStreamContext) -> bool:
+    """Whether the org has its dead-letter stream (created with its first dead letter)."""
+    try:
+        await js.stream_info(Stream.DLQ)
+    except nats.js.errors.NotFoundError:
+        return False
+    return True
+
+
 async def letters(
     js: JetStreamContext,
     *,
@@ -321,7 +381,8 @@ async def letters(
 ) -> list[DeadLetter]:
     """Dead letters, oldest first, optionally of one org, workflow or step.
 
-    A letter kept by reference is listed without its body (see :func:`get`).
+    A letter kept by reference is listed without its body (see :func:`get`). An org
+    without a dead-letter stream (it never had a dead letter) has none.
 
     Raises:
         ConfigError: ``org``, ``workflow`` or ``step`` is not a valid name.
@@ -358,7 +419,12 @@ async def get(
     """
     try:
         msg = await js.get_msg(Stream.DLQ, seq=letter_id)
-    except nats.js.errors.APIError:
+    except nats.js.errors.APIError as exc:
+        if exc.err_code == STREAM_NOT_FOUND:
+            raise NotFoundError(
+                f"no dead letter {letter_id}: this org has no dead letters (its stream "
+                f"{Stream.DLQ} is created with the first)"
+            ) from None
         raise NotFoundError(
             f"no dead letter {letter_id}; `deadlift dlq ls` lists them (replayed ones are removed)"
         ) from None

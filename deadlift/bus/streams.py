@@ -6,6 +6,7 @@ import contextlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import nats.js.errors
 from nats.js import JetStreamContext
@@ -96,42 +97,81 @@ class StepBinding:
     filters: tuple[str, ...] = ()  # the consumer's subjects (a cold step subscribes to them)
 
 
+def stream_config(
+    name: str, subjects: list[str], settings: Settings, *, max_consumers: int | None = None
+) -> StreamConfig:
+    """How Deadlift's own streams are configured (file storage, the settings' age,
+    duplicate window and replicas; ``max_consumers`` None: the server's default)."""
+    return StreamConfig(
+        name=name,
+        subjects=subjects,
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=settings.stream_max_age_s,
+        duplicate_window=settings.duplicate_window_s,
+        num_replicas=settings.stream_replicas,
+        max_consumers=max_consumers,
+    )
+
+
+def dead_letter_config(settings: Settings) -> StreamConfig:
+    """The dead-letter stream's configuration (it has no consumers: letters are read by
+    sequence)."""
+    return stream_config(Stream.DLQ, [f"{DLQ_PREFIX}.>"], settings)
+
+
 async def ensure_streams(
     js: JetStreamContext,
     settings: Settings,
     event_subjects: list[str],
     imported: Mapping[str, list[str]] | None = None,
+    *,
+    require_dead_letter_room: bool = False,
 ) -> None:
     """Create or extend Deadlift's streams so every subject it uses is captured durably.
 
     ``imported`` maps an exporting org to the trigger subjects that arrive from it
     through an import; each exporter gets its own stream (see ``import_stream``).
+
+    The dead-letter stream is not created here but by the org's first dead letter
+    (:func:`deadlift.bus.dlq.ensure_stream`): most orgs never have one, and each
+    stream costs the server memory. One that exists is brought to the settings. An
+    account whose ``max_streams`` leaves no room for it is refused with
+    ``require_dead_letter_room`` (``workflow apply``), else logged: its first dead
+    letter would not be stored, and come back until there is room.
+
+    Raises:
+        ConfigError: a subject is captured by another stream, or (with
+            ``require_dead_letter_room``) no stream is left for the dead letters.
     """
-
-    def config(name: str, subjects: list[str]) -> StreamConfig:
-        return StreamConfig(
-            name=name,
-            subjects=subjects,
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            max_age=settings.stream_max_age_s,
-            duplicate_window=settings.duplicate_window_s,
-            num_replicas=settings.stream_replicas,
-            # Every step has a consumer here: the stream's ceiling is the account's
-            # (limits.max_consumers in the org manifest), never the server's
-            # per-stream default of 1,000, which "unlimited" (-1) falls back to.
-            max_consumers=max_consumers,
-        )
-
-    account_limit = (await js.account_info()).limits.max_consumers or -1
+    account = await js.account_info()
+    account_limit = account.limits.max_consumers or -1
+    # Every step has a consumer here: the stream's ceiling is the account's
+    # (limits.max_consumers in the org manifest), never the server's per-stream
+    # default of 1,000, which "unlimited" (-1) falls back to.
     max_consumers = account_limit if account_limit > 0 else UNLIMITED_CONSUMERS
 
-    await _ensure_stream(js, config(Stream.STEPS, [f"{STEP_PREFIX}.>"]))
-    await _ensure_stream(js, config(Stream.DLQ, [f"{DLQ_PREFIX}.>"]))
+    def config(name: str, subjects: list[str]) -> StreamConfig:
+        return stream_config(name, subjects, settings, max_consumers=max_consumers)
+
+    found = [await _ensure_stream(js, config(Stream.STEPS, [f"{STEP_PREFIX}.>"]))]
     if event_subjects:
-        await _ensure_stream(js, config(Stream.EVENTS, event_subjects), merge=True)
+        found.append(await _ensure_stream(js, config(Stream.EVENTS, event_subjects), merge=True))
     for exporter, subjects in sorted((imported or {}).items()):
-        await _ensure_stream(js, config(import_stream(exporter), subjects), merge=True)
+        found.append(
+            await _ensure_stream(js, config(import_stream(exporter), subjects), merge=True)
+        )
+    if await _ensure_stream(js, dead_letter_config(settings), create=False) == "absent":
+        streams, limit = account.streams + found.count("created"), account.limits.max_streams
+        if limit is not None and 0 < limit <= streams:
+            problem = ConfigError(
+                f"the account has {streams} streams and allows {limit}: none is left for "
+                f"{Stream.DLQ}, created with the org's first dead letter; raise "
+                "limits.max_streams in the org manifest"
+            )
+            if require_dead_letter_room:
+                raise problem
+            log.warning("%s", problem)
 
 
 def _patient(js: JetStreamContext, subjects: list[str]) -> JetStreamManager:
@@ -148,18 +188,22 @@ def _patient(js: JetStreamContext, subjects: list[str]) -> JetStreamManager:
 
 
 async def _ensure_stream(
-    js: JetStreamContext, config: StreamConfig, *, merge: bool = False
-) -> None:
+    js: JetStreamContext, config: StreamConfig, *, merge: bool = False, create: bool = True
+) -> Literal["created", "present", "absent"]:
+    """Create the stream (unless not ``create``: it stays "absent") or bring the one
+    there to ``config`` ("present")."""
     assert config.name and config.subjects is not None
     try:
         info = await js.stream_info(config.name)
     except nats.js.errors.NotFoundError:
+        if not create:
+            return "absent"
         try:
             subjects = minimal_subjects(config.subjects)
             await _patient(js, subjects).add_stream(config.evolve(subjects=subjects))
         except nats.js.errors.APIError as exc:
             raise _stream_conflict(config, exc) from None
-        return
+        return "created"
     current = list(info.config.subjects or [])
     wanted = minimal_subjects([*current, *config.subjects]) if merge else list(config.subjects)
     changed = (
@@ -182,6 +226,7 @@ async def _ensure_stream(
             )
         except nats.js.errors.APIError as exc:
             raise _stream_conflict(config, exc) from None
+    return "present"
 
 
 def _stream_conflict(config: StreamConfig, exc: Exception) -> ConfigError:

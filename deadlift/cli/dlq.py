@@ -26,6 +26,7 @@ from deadlift.cli.common import (
     with_registry,
 )
 from deadlift.model import names
+from deadlift.model.topology import Stream
 from deadlift.ops import dead_letters
 from deadlift.ops.records import letter_data
 from deadlift.settings import Settings
@@ -56,9 +57,18 @@ def dlq_ls(ctx: click.Context, workflow: str | None, step: str | None, as_json: 
     async def ls(settings: Settings) -> None:
         nc = await bus.connect(settings, name="deadlift-dlq")
         try:
-            found = await dead_letters.find(nc.jetstream(), workflow=workflow, step=step)
+            js = nc.jetstream()
+            found = await dead_letters.find(js, workflow=workflow, step=step)
+            # None at all: say whether the org ever had one (the stream comes with the first).
+            never = not found and not as_json and not await dlq.stream_exists(js)
         finally:
             await nc.drain()
+        if never:
+            console.print(
+                f"no dead letters: this org has had none yet (its stream {Stream.DLQ} is "
+                "created with the first)"
+            )
+            return
         _print_letters(found, as_json)
 
     run_async(ls(settings_of(ctx)))

@@ -149,7 +149,7 @@ async def apply_workflows(
     for workflow, _ in resolved:
         for exporter, triggers in workflow.imported_triggers().items():
             imported.setdefault(exporter, []).extend(triggers)
-    await bus.ensure_streams(js, settings, subjects, imported)
+    await bus.ensure_streams(js, settings, subjects, imported, require_dead_letter_room=True)
     await _create_consumers(js, settings, [w for w, _ in resolved], stored.values())
     for workflow, _ in resolved:
         await registry.put_workflow(workflow)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable
 from typing import Any
@@ -62,6 +63,8 @@ async def dead_letter(
             error=str(error),
             # A letter over max_payload keeps the event by reference (opened on use).
             store=dlq.ObjectBodies(context.js, replicas=context.settings.stream_replicas),
+            # The org's first dead letter creates the stream (none until one is needed).
+            create_stream=functools.partial(dlq.ensure_stream, context.js, context.settings),
         )
     except Exception as exc:  # never lose it: let it come back
         log.error("dead-lettering failed for %s (%s); will retry", consumer, exc)

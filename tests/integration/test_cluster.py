@@ -166,6 +166,9 @@ async def test_sigkill_of_the_stream_leader_loses_nothing_and_stores_every_outpu
     nc = await bus.connect(settings, name="deadlift-test")
     js = nc.jetstream()
     await setup_calculator(nc, settings)
+    # The dead-letter stream comes with the first dead letter, replicated the same.
+    assert not await dlq.stream_exists(js)
+    await dlq.ensure_stream(js, settings)
     for stream in (Stream.EVENTS, Stream.STEPS, Stream.DLQ):
         assert (await js.stream_info(stream)).config.num_replicas == 3
 

@@ -9,6 +9,7 @@ follow the reference. Replay refuses letters whose workflow or step is gone
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from typing import Any
 
@@ -176,3 +177,78 @@ async def test_racing_replays_replay_each_letter_once(
         f"e{i}" for i in range(4)
     ]
     assert await dlq.letters(js) == []
+
+
+# -- the dead-letter stream comes with the org's first dead letter ---------------------------
+
+
+@pytest.mark.usefixtures("fragile")
+async def test_the_first_dead_letter_creates_the_stream_and_is_kept(
+    nc: Client, settings: Settings
+) -> None:
+    js = nc.jetstream()
+    assert not await dlq.stream_exists(js)  # apply made none: most orgs never need one
+
+    [letter] = await dead_letter(nc, settings, event({"v": 1}, id="first"))
+
+    assert (letter.kind, letter.headers["ce-id"], letter.step) == ("trap", "first", "run")
+    config = (await js.stream_info(Stream.DLQ)).config
+    assert config.subjects == ["deadlift.dlq.>"]
+    assert config.duplicate_window == settings.duplicate_window_s
+
+
+async def test_first_dead_letters_racing_to_create_the_stream_are_all_kept(
+    nc: Client, settings: Settings
+) -> None:
+    js, publisher = nc.jetstream(), bus.JetStreamPublisher(nc)
+    create = functools.partial(dlq.ensure_stream, js, settings)
+
+    async def record(i: int) -> None:
+        await dlq.record(
+            publisher,
+            org="acme",
+            workflow="fragile",
+            step=f"s{i}",
+            module="0" * 64,
+            subject="fragile.in",
+            headers={"ce-id": f"e{i}"},
+            body=b"{}",
+            stream=Stream.EVENTS,
+            seq=i + 1,
+            attempts=1,
+            kind="trap",
+            error="boom",
+            create_stream=create,
+        )
+
+    await asyncio.gather(*(record(i) for i in range(8)))
+
+    assert sorted(d.headers["ce-id"] for d in await dlq.letters(js)) == [f"e{i}" for i in range(8)]
+
+
+async def test_dlq_commands_treat_an_org_without_dead_letters_as_having_none(
+    nc: Client, settings: Settings
+) -> None:
+    listed = await cli(settings, "dlq", "ls")
+    assert listed.exit_code == 0, listed.output
+    assert "no dead letters: this org has had none yet" in listed.output
+    as_json = await cli(settings, "dlq", "ls", "--json", "--workflow", "acme.fragile")
+    assert (as_json.exit_code, json.loads(as_json.stdout)) == (0, [])
+    replayed = await cli(settings, "dlq", "replay", "--all")
+    assert replayed.exit_code == 0 and "0 replayed" in replayed.output, replayed.output
+    purged = await cli(settings, "dlq", "purge", "--yes")
+    assert purged.exit_code == 0 and "0 dead letter(s) purged" in purged.output, purged.output
+    shown = await cli(settings, "dlq", "show", "1")
+    assert shown.exit_code != 0 and "this org has no dead letters" in shown.output, shown.output
+    assert not await dlq.stream_exists(nc.jetstream())  # looking created nothing
+
+
+async def test_apply_brings_an_existing_dead_letter_stream_to_the_settings(
+    nc: Client, settings: Settings, push: Any, apply: Any
+) -> None:
+    js = nc.jetstream()
+    await dlq.ensure_stream(js, settings.model_copy(update={"duplicate_window_s": 60.0}))
+    await push("hostile")
+    await apply(FLOW)
+    config = (await js.stream_info(Stream.DLQ)).config
+    assert config.duplicate_window == settings.duplicate_window_s
