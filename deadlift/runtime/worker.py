@@ -110,6 +110,10 @@ class Worker:
         self.identity: Identity | None = None
         self._refused: set[str] = set()  # workflows refused for claiming another org
         self._runners: dict[tuple[str, str], list[StepRunner]] = {}
+        # The steps running per workflow key: a change looks only at its workflow's
+        # (the registry watch replays every workflow at start: 10,000 of them, each
+        # scanning 30,000 runners, blocked the event loop until the server cut it off).
+        self._running: dict[str, set[str]] = {}
         self.publisher = JetStreamPublisher(nc)
         self.state = StateBuckets(self.js, replicas=self.settings.stream_replicas)
         self._watch_task: asyncio.Task[None] | None = None
@@ -296,6 +300,7 @@ class Worker:
         async with self._lock:
             runners = [r for group in self._runners.values() for r in group]
             self._runners.clear()
+            self._running.clear()
         stopping = asyncio.gather(*(r.stop() for r in runners), return_exceptions=True)
         try:
             await asyncio.wait_for(stopping, self.settings.shutdown_timeout_s)
@@ -382,14 +387,16 @@ class Worker:
             for key, workflow in changes.items():
                 if workflow is not None and self._selected(workflow) and self._admitted(workflow):
                     wanted.update({(key, s.name): (workflow, s) for s in workflow.steps})
+            running = [(key, name) for key in changes for name in self._running.get(key, ())]
             stale = [
                 k
-                for k, rs in self._runners.items()
-                if k[0] in changes
-                and (
-                    k not in wanted or rs[0].signature != step_signature(changes[k[0]], rs[0].step)
-                )
+                for k in running
+                if k not in wanted
+                or self._runners[k][0].signature
+                != step_signature(changes[k[0]], self._runners[k][0].step)
             ]
+            for key, name in stale:
+                self._running[key].discard(name)
             if stale:
                 await asyncio.gather(*(r.stop() for k in stale for r in self._runners.pop(k)))
             missing = {k: v for k, v in wanted.items() if k not in self._runners}
@@ -404,6 +411,7 @@ class Worker:
                     runners = await self._start_step(workflow, step, existing)
                 if runners:
                     self._runners[k] = runners
+                    self._running.setdefault(k[0], set()).add(k[1])
 
             await asyncio.gather(
                 *(start(k, w, s) for k, (w, s) in missing.items() if w.key in ready)
