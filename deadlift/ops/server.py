@@ -184,9 +184,12 @@ class EmbeddedServer(Managed):
         if self.orgs is not None:
             config.update(nats_accounts(self.orgs))
         text = json.dumps(config, indent=2) + "\n"
-        if self.config_file:
-            text += f"include {json.dumps(str(Path(self.config_file).resolve()))}\n"
         rendered = self.store_dir / "deadlift-server.conf"
+        if self.config_file:
+            # nats-server resolves an include against the including file's directory,
+            # even an absolute path: name it relative to the rendered file.
+            extra = os.path.relpath(Path(self.config_file).resolve(), rendered.parent.resolve())
+            text += f"include {json.dumps(extra)}\n"
         write_private(rendered, text)
         args += ["-c", str(rendered)]
         try:

@@ -8,7 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-from deadlift.ops.server import free_port
+import nats
+
+from deadlift.ops.server import EmbeddedServer, free_port
 from tests.conftest import ROOT
 
 CLI = [sys.executable, "-m", "deadlift.cli"]
@@ -40,3 +42,18 @@ def test_sigterm_while_the_server_starts_stops_the_nats_server(tmp_path: Path) -
     while accepting(port) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not accepting(port), "nats-server left running after the CLI got SIGTERM"
+
+
+async def test_a_config_file_given_by_absolute_path_is_included(tmp_path: Path) -> None:
+    """nats-server resolves an include against the including file's directory,
+    absolute or not: `deadlift server --config /abs/extra.conf` failed at start
+    ("open <store>/abs/extra.conf: no such file or directory")."""
+    extra = tmp_path / "elsewhere" / "extra.conf"
+    extra.parent.mkdir()
+    extra.write_text("max_payload: 2097152\n")
+    with EmbeddedServer(config_file=extra, store_dir=tmp_path / "store") as server:
+        nc = await nats.connect(server.url)
+        try:
+            assert nc.max_payload == 2097152
+        finally:
+            await nc.close()
