@@ -41,3 +41,14 @@ def discount_schema(percent: str) -> dict[str, Any]:
         },
         "additionalProperties": False,
     }
+
+
+# Two add_ten steps of org acme: calc.in → add → more → calc.out.
+ADD_TEN_CHAIN = """
+name: calc
+org: acme
+trigger: calc.in
+steps:
+  - {name: add, module: add_ten, function: add_ten, next: [more]}
+  - {name: more, module: add_ten, function: add_ten, publish: [calc.out]}
+"""

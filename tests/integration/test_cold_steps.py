@@ -26,15 +26,9 @@ from deadlift.runtime.worker import Worker
 from deadlift.settings import Settings
 from deadlift.wire import events
 from tests.conftest import eventually, module_path, stored
+from tests.manifests import ADD_TEN_CHAIN
 
-CHAIN = """
-name: calc
-org: acme
-trigger: calc.in
-steps:
-  - {name: add, module: add_ten, function: add_ten, next: [more]}
-  - {name: more, module: add_ten, function: add_ten, publish: [calc.out]}
-"""
+CHAIN = ADD_TEN_CHAIN
 CONSUMERS = 3  # the trigger's, and each step's input
 TRIGGER = "acme--calc--add--trigger"
 

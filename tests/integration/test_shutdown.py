@@ -25,15 +25,9 @@ from deadlift.runtime.worker import StepReport, Worker
 from deadlift.settings import Settings
 from deadlift.wire import events
 from tests.conftest import module_path
+from tests.manifests import ADD_TEN_CHAIN
 
-CHAIN = """
-name: calc
-org: acme
-trigger: calc.in
-steps:
-  - {name: add, module: add_ten, function: add_ten, next: [more]}
-  - {name: more, module: add_ten, function: add_ten, publish: [calc.out]}
-"""
+CHAIN = ADD_TEN_CHAIN
 EVENTS = 3000
 
 
