@@ -18,9 +18,10 @@ from typing import Any
 
 import nats.js.errors
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, ObjectStoreConfig, StorageType
+from nats.js.api import ObjectStoreConfig, StorageType
 from pydantic import BaseModel, ConfigDict, Field
 
+from deadlift.bus import buckets
 from deadlift.errors import ConfigError, InUseError, ModuleError, NotFoundError
 from deadlift.model import names
 from deadlift.model.contracts import module_name, module_owner
@@ -90,8 +91,8 @@ class Registry:
             binaries = await js.create_object_store(
                 BINARIES, config=ObjectStoreConfig(storage=StorageType.FILE, replicas=replicas)
             )
-        modules = await _kv(js, MODULES, history=5, replicas=replicas)
-        workflows = await _kv(js, WORKFLOWS, history=10, replicas=replicas)
+        modules = await buckets.key_value(js, MODULES, history=5, replicas=replicas)
+        workflows = await buckets.key_value(js, WORKFLOWS, history=10, replicas=replicas)
         return cls(js, binaries, modules, workflows)
 
     # -- modules -------------------------------------------------------------
@@ -513,17 +514,6 @@ def _validate(wasm: bytes, *, name: str, version: str | None, codec: str, source
     except ModuleError as exc:
         raise ModuleError(f"{source}: {exc}") from None
     return info
-
-
-async def _kv(js: JetStreamContext, bucket: str, *, history: int, replicas: int = 1) -> Any:
-    try:
-        return await js.key_value(bucket)
-    except nats.js.errors.BucketNotFoundError:
-        return await js.create_key_value(
-            config=KeyValueConfig(
-                bucket=bucket, history=history, storage=StorageType.FILE, replicas=replicas
-            )
-        )
 
 
 async def _values(js: JetStreamContext, bucket: str, kv: Any) -> list[bytes]:

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import nats.js.errors
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType
 
+from deadlift.bus import buckets
 from deadlift.bus.publisher import Publisher
 from deadlift.model import topology
 from deadlift.model.orgs import OrgManifest
@@ -46,14 +45,9 @@ class StateBuckets:
         """The org's bucket."""
         if org not in self._open:
             bucket = topology.state_bucket(org)
-            try:
-                self._open[org] = await self.js.key_value(bucket)
-            except nats.js.errors.BucketNotFoundError:
-                self._open[org] = await self.js.create_key_value(
-                    config=KeyValueConfig(
-                        bucket=bucket, history=1, storage=StorageType.FILE, replicas=self.replicas
-                    )
-                )
+            self._open[org] = await buckets.key_value(
+                self.js, bucket, history=1, replicas=self.replicas
+            )
         return self._open[org]
 
 

@@ -6,6 +6,7 @@ Real nats-server (the session fixture), real modules from workers/dist.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import random
@@ -25,6 +26,8 @@ from deadlift.errors import ConfigError, InUseError, ModuleError, NotFoundError
 from deadlift.model.topology import Stream
 from deadlift.model.workflow import parse_workflow
 from deadlift.ops.control import apply_workflows, push_module_file, remove_workflow
+from deadlift.runtime.builtins import state_bucket
+from deadlift.runtime.services import StateBuckets
 from deadlift.settings import Settings
 from tests.conftest import ROOT, module_path
 from tests.unit.fakes import unloadable_wasm
@@ -508,3 +511,38 @@ async def test_a_workflow_watch_ends_when_asked_to_stop(registry: Registry) -> N
     stop.set()
     await asyncio.wait_for(task, 5)
     assert task.done() and task.exception() is None
+
+
+# -- server cost ---------------------------------------------------------------
+
+
+async def test_buckets_are_created_without_message_ttls_and_work(
+    registry: Registry, nc: Client, push: Push
+) -> None:
+    """Every org has these buckets: per-message TTLs (unused) cost the server ~31 KB each."""
+    js = nc.jetstream()
+    bucket = await StateBuckets(js).of("acme")
+    await bucket.put("counter", b"1")
+    await push("add_ten")
+    for stream in (
+        "KV_deadlift_workflows",
+        "KV_deadlift_module_meta",
+        f"KV_{state_bucket('acme')}",
+    ):
+        assert not (await js.stream_info(stream)).config.allow_msg_ttl, stream
+    assert (await bucket.get("counter")).value == b"1"
+    assert [m.name for m in await registry.modules()] == ["add_ten"]
+
+
+async def test_a_bucket_created_by_nats_py_still_opens(nc: Client) -> None:
+    """Buckets of earlier versions (nats-py's, with message TTLs) are used as they are."""
+    js = nc.jetstream()
+    name = state_bucket("globex")
+    with contextlib.suppress(nats.js.errors.NotFoundError):
+        await js.delete_key_value(name)
+    await js.create_key_value(bucket=name, history=1)
+    bucket = await StateBuckets(js).of("globex")
+    await bucket.put("k", b"v")
+    assert (await bucket.get("k")).value == b"v"
+    assert (await js.stream_info(f"KV_{name}")).config.allow_msg_ttl
+    await js.delete_key_value(name)
