@@ -413,6 +413,46 @@ def test_worker_deployments_run_deadlift_with_exec_probes() -> None:
         assert deployment["spec"]["template"]["metadata"]["labels"] == labels
 
 
+# ~70-120 MB per worker process (docs/PERFORMANCE.md: 116-118 MB with 20 modules).
+PROCESS_BUDGET_MB = 128
+
+
+def memory_mb(quantity: str) -> float:
+    """A Kubernetes or Compose memory quantity ("512Mi", "512M", "1G") in MiB."""
+    number, unit = re.fullmatch(r"(\d+(?:\.\d+)?)([KMG]i?)?", quantity).groups()  # type: ignore[union-attr]
+    scale = {"K": 1 / 1024, "M": 1, "G": 1024}[(unit or "M")[0]]
+    return float(number) * scale
+
+
+def worker_processes(command: list[str], env: dict[str, Any]) -> str | None:
+    """How many processes ``deadlift worker`` runs: --processes, else DEADLIFT_PROCESSES."""
+    if "--processes" in command:
+        return command[command.index("--processes") + 1]
+    value = env.get("DEADLIFT_PROCESSES")
+    return None if value is None else str(value)
+
+
+def test_worker_containers_fit_their_memory_limit_on_any_node() -> None:
+    """`deadlift worker` runs one process per CPU by default (capped by a CPU quota, not
+    by memory): a container with a memory limit and no CPU limit would start one per
+    CPU of the node and be OOM-killed on a large one. Each sets its process count."""
+    containers: list[tuple[str, list[str], dict[str, Any], str]] = []
+    for org in ("acme", "stripe"):
+        [container] = deployments()[f"deadlift-worker-{org}"]["spec"]["template"]["spec"][
+            "containers"
+        ]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        limit = container["resources"]["limits"]["memory"]
+        containers.append((f"k8s {org}", container["command"], env, limit))
+        service = compose()["services"][f"worker-{org}"]
+        limit = service["deploy"]["resources"]["limits"]["memory"]
+        containers.append((f"compose {org}", service["command"], service["environment"], limit))
+    for name, command, env, limit in containers:
+        processes = worker_processes(command, env)
+        assert processes is not None and processes.isdigit(), (name, processes)
+        assert int(processes) * PROCESS_BUDGET_MB <= memory_mb(limit), (name, processes, limit)
+
+
 # -- network policies and monitoring ------------------------------------------------------
 
 NATS_POD = {"app.kubernetes.io/name": "nats", "app.kubernetes.io/component": "nats"}
