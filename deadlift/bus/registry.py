@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,9 +20,10 @@ from typing import Any
 import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import ObjectStoreConfig, StorageType
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from deadlift.bus import buckets
+from deadlift.bus.watch import watch_bucket
 from deadlift.errors import ConfigError, InUseError, ModuleError, NotFoundError
 from deadlift.model import names
 from deadlift.model.contracts import module_name, module_owner
@@ -30,6 +32,8 @@ from deadlift.wasm.codecs import CODECS
 from deadlift.wasm.hostfns import NAMESPACE
 from deadlift.wasm.inspect import WasmInfo, inspect_wasm
 from deadlift.wasm.probe import DEFAULT_MAX_PAGES, DEFAULT_TIMEOUT_S, probe_module
+
+log = logging.getLogger("deadlift.bus")
 
 BINARIES = "deadlift_modules"
 MODULES = "deadlift_module_meta"
@@ -417,30 +421,19 @@ class Registry:
         """Yield ``(key, workflow)`` for every stored workflow, then for each change.
 
         A deleted workflow yields ``(key, None)``. Setting ``stop`` ends the iteration.
+        Idle, it costs nothing (see :mod:`deadlift.bus.watch`).
         """
-        watcher = await self._workflows.watchall()
-        stopper = None
-        if stop is not None:
-
-            async def stop_when_asked() -> None:
-                await stop.wait()
-                with contextlib.suppress(Exception):
-                    await watcher.stop()  # the iteration then ends
-
-            stopper = asyncio.get_running_loop().create_task(stop_when_asked())
-        try:
-            async for entry in watcher:
-                if entry is None:
-                    continue
-                if entry.operation in ("DEL", "PURGE") or not entry.value:
-                    yield entry.key, None
-                else:
-                    yield entry.key, Workflow.model_validate_json(entry.value)
-        finally:
-            if stopper is not None:
-                stopper.cancel()
-            with contextlib.suppress(Exception):  # stopped already, or the connection is gone
-                await watcher.stop()
+        async for change in watch_bucket(self.js, WORKFLOWS, stop):
+            if change.value is None:
+                yield change.key, None
+                continue
+            try:
+                workflow = Workflow.model_validate_json(change.value)
+            except ValidationError as exc:
+                # Written around `workflow apply`, which validates: the others still run.
+                log.error("workflow %s in the registry is not valid, not run: %s", change.key, exc)
+                continue
+            yield change.key, workflow
 
 
 def _versions(metas: list[ModuleMeta], name: str, owner: str | None) -> list[ModuleMeta]:

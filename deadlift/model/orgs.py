@@ -49,7 +49,9 @@ INTERNAL_PUBLISH = [
     # comes from the connection, never from a document.
     "$SYS.REQ.USER.INFO",
 ]
-INTERNAL_SUBSCRIBE = ["deadlift.>", "_INBOX.>", "$SRV.>"]
+# The workflows bucket's subjects: a worker learns of an applied workflow there,
+# at no cost while none changes (deadlift.bus.watch). Its own account's only.
+INTERNAL_SUBSCRIBE = ["deadlift.>", "_INBOX.>", "$SRV.>", "$KV.deadlift_workflows.>"]
 # Control messages from another org arrive here through an integration's import;
 # no user may publish here, so their sender is always the account they came from.
 SERVER_WRITTEN = [f"{links.FROM}.>"]
