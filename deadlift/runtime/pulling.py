@@ -75,9 +75,17 @@ class Puller:
         # renew 3,000 long pulls a second for its first idle_cold_s.
         self._warm_until = time.monotonic()
         self._bell: Doorbell | None = None
+        self._stopped = False
+
+    def stop(self) -> None:
+        """No more pulls; a cold wait ends now (a cancel alone may be swallowed)."""
+        self._stopped = True
+        self.ring()
 
     async def next(self) -> list[Msg]:
-        """The next events (none when a wait ended without any: ask again)."""
+        """The next events (none when a wait ended without any, or once stopped)."""
+        if self._stopped:
+            return []
         if self._backlog:
             try:
                 msgs = await self.pull.fetch(self.batch, BACKLOG_WAIT_S, no_wait=True)
@@ -116,7 +124,7 @@ class Puller:
             # after the check), check, then wait for a ring with a check now and then.
             waits = itertools.chain([SETTLE_S], iter(self._recheck_after, None))
             for settled, wait in enumerate(waits):
-                if await self._work_waiting() or self._denied(bell):
+                if self._stopped or await self._work_waiting() or self._denied(bell):
                     break
                 self.cold = bool(settled)  # only the bell (and the safety net) wakes it now
                 if await bell.wait(wait):

@@ -165,6 +165,8 @@ class StepRunner:
     async def stop(self) -> None:
         """Stop pulling; finish in-flight events and those already delivered (acked or nak'd)."""
         self._stopping = True
+        if self.puller is not None:
+            self.puller.stop()
         try:
             if self._task is not None:
                 if self.puller is not None and self.puller.waiting:

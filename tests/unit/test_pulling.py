@@ -101,3 +101,28 @@ async def test_a_step_that_may_not_subscribe_never_goes_cold() -> None:
     assert not p.cold
     assert p.cold_after_s == 0.0
     assert p.pull.fetches > 3
+
+
+async def test_a_cold_step_told_to_stop_returns_without_being_cancelled() -> None:
+    """A worker's shutdown: the cancel of a cold wait can be swallowed (Python 3.11's
+    wait_for inside nats-py's subscribe), and the step then slept out its recheck
+    (600 s by default) while the shutdown waited its whole timeout."""
+    nc, js = FakeNats(), FakeJs(Info())
+    p = Puller(
+        FakeSub(),  # type: ignore[arg-type]
+        nc,  # type: ignore[arg-type]
+        js,  # type: ignore[arg-type]
+        StepBinding("S", "c", filters=("acme.a",)),
+        Settings(idle_cold_s=0.01, idle_pull_s=0.01, cold_recheck_s=600),
+        batch=8,
+    )
+    await p.next()  # the backlog check: none
+    task = asyncio.create_task(p.next())
+    for _ in range(300):
+        await asyncio.sleep(0.01)
+        if p.cold:
+            break
+    assert p.cold
+    p.stop()
+    assert await asyncio.wait_for(task, 1) == []
+    assert await asyncio.wait_for(p.next(), 1) == []  # stopped: no more pulls
