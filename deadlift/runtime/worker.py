@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import socket
@@ -39,7 +40,7 @@ from deadlift.runtime.context import StepContext, StepReport, step_signature
 from deadlift.runtime.services import StateBuckets, step_services
 from deadlift.runtime.step import StepRunner
 from deadlift.runtime.supervisor import supervised
-from deadlift.runtime.threads import LentExecutor
+from deadlift.runtime.threads import LentExecutor, collector_paused, quick_handoff
 from deadlift.runtime.watchdog import Watchdog
 from deadlift.settings import Settings
 from deadlift.wasm.host import ModuleHost, PluginSpec
@@ -207,10 +208,12 @@ class Worker:
                 "with their config and secrets; use one NATS account per org in production"
             )
         self.registry = await Registry.open(self.js, replicas=self.settings.stream_replicas)
+        quick_handoff()  # module threads wait less for the GIL while the loop is busy
         # Every workflow at once: one stream update, steps started in parallel.
         self._starting = True
         try:
-            await self._reconcile_many({w.key: w for w in await self.registry.workflows()})
+            with collector_paused():
+                await self._reconcile_many({w.key: w for w in await self.registry.workflows()})
         finally:
             self._starting = False
         self._watch_task = asyncio.create_task(self._watch(), name="deadlift-registry-watch")
@@ -332,8 +335,18 @@ class Worker:
         )
 
     async def _trim(self) -> None:
-        """Give back the instances of steps that went quiet (memory)."""
+        """Give back the instances of steps that went quiet (memory): once a second
+        while instances are held, not at all while none is."""
+        loop, held = asyncio.get_running_loop(), asyncio.Event()
+
+        def holding() -> None:  # on the thread that returned an instance
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(held.set)
+
         while True:
+            held.clear()
+            if self.host.when_holding(holding):
+                await held.wait()
             await asyncio.sleep(1.0)
             self.host.trim(idle_for=2.0)
 
@@ -399,6 +412,9 @@ class Worker:
                 self._running[key].discard(name)
             if stale:
                 await asyncio.gather(*(r.stop() for k in stale for r in self._runners.pop(k)))
+                # What a stopped step leaves may be frozen (see collector_paused): the
+                # collector may take it now (its next full collection walks the heap).
+                gc.unfreeze()
             missing = {k: v for k, v in wanted.items() if k not in self._runners}
             if not missing:
                 return

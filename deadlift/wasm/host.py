@@ -20,7 +20,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,7 +122,26 @@ class ModuleHost:
         # instance is always kept, however large its cap).
         self._max_idle_bytes = max_idle_bytes
         self._idle_bytes = 0
+        self._waiter: Callable[[], None] | None = None  # see when_holding
         logs.install()
+
+    @property
+    def holding(self) -> bool:
+        """Whether any idle instance is held (something for :meth:`trim` to give back)."""
+        return bool(self._holding)
+
+    def when_holding(self, callback: Callable[[], None]) -> bool:
+        """Have ``callback`` called once, by the thread returning it, when an idle
+        instance is next held; False (and never called) if one is held now.
+
+        Whoever trims waits for it rather than waking every second while nothing
+        is held (a process serving a thousand idle orgs has a thousand trimmers).
+        """
+        with self._lock:
+            if self._holding:
+                return False
+            self._waiter = callback
+            return True
 
     def add_binary(self, sha256: str, wasm: bytes) -> None:
         """Make a module binary available under its sha256."""
@@ -272,6 +291,7 @@ class ModuleHost:
     def _give_back(self, pool: _Pool, plugin: extism.Plugin, ok: bool) -> None:
         # A failed instance may hold a corrupt heap or half-set globals: drop it.
         dropped = [] if ok else [plugin]
+        waiter = None
         if ok:
             with self._lock:
                 if len(pool.idle) < self._max_idle:
@@ -284,8 +304,12 @@ class ModuleHost:
                 else:
                     dropped.append(plugin)
                 dropped.extend(self._evict_locked())
+                if self._holding:
+                    waiter, self._waiter = self._waiter, None
         for instance in dropped:
             logs.unbind(instance)
+        if waiter is not None:
+            waiter()
 
     def _evict_locked(self) -> list[extism.Plugin]:
         """Idle instances over the count or memory caps, least recently used pools first."""

@@ -412,3 +412,29 @@ def test_returning_an_instance_looks_only_at_pools_holding_idle_ones() -> None:
     host.call(steps[297], "add_ten", b'{"value": 1}', call_ctx())
     host.call(steps[0], "add_ten", b'{"value": 1}', call_ctx())
     assert [s.step for s in host._holding] == ["s299", "s297", "s0"]
+
+
+# -- idle instances ------------------------------------------------------------
+
+
+def test_a_quiet_steps_instances_are_given_back(host: ModuleHost) -> None:
+    assert add_ten(host, 1) == {"value": 11}
+    assert host.holding and host.pool_sizes()[ADD_TEN][0] == 1
+    assert host.trim(idle_for=0.0, release_after=0.0) == 1
+    assert not host.holding and host.pool_sizes()[ADD_TEN][0] == 0
+    assert add_ten(host, 2) == {"value": 12}  # a new instance, as good
+
+
+def test_the_host_says_when_it_next_holds_an_idle_instance(host: ModuleHost) -> None:
+    """Whoever trims waits for this: a thousand idle orgs' trimmers never wake."""
+    told: list[bool] = []
+    assert host.when_holding(lambda: told.append(host.holding))
+    fails(host, "trap")  # a failed call's instance is dropped: nothing held, nothing told
+    assert told == []
+    add_ten(host, 1)
+    add_ten(host, 2)  # once only
+    assert told == [True]
+    assert not host.when_holding(lambda: told.append(False))  # held now: not armed
+    host.trim(idle_for=0.0, release_after=0.0)
+    add_ten(host, 3)
+    assert told == [True]
