@@ -23,6 +23,18 @@ idle pull requests/s  messages its connection (``deadlift-worker``) sent the ser
                       before the publish to the output's arrival on a core
                       subscription to ``bench.w0.out`` (matched by run id).
 worker RSS            its ``VmRSS`` after the idle window.
+busy w0               then ``--busy`` events (5,000) to ``w0`` as fast as they are acked,
+                      the other N-1 idle: events/s from the first publish to the last
+                      output (``scale_busy.py``). Issue 15 wants N=1,000 at least 80 %
+                      of N=1: with both in one run, the ratio is printed under the table.
+
+``--start-only`` stops after *worker start* and notes where the CPU went meanwhile
+(each worker thread's, the server's, the whole machine's: on a shared machine a
+busy neighbour shows there), the JetStream API requests and the messages the
+server took in. ``--profile FILE`` records the worker with ``py-spy`` from its spawn
+until it serves (``.json``: speedscope; ``BENCH_PYSPY=--gil``: only the thread
+holding the GIL). ``--worker-code DIR`` runs the worker from another copy of the
+package (``DIR/deadlift``), to compare two versions in interleaved runs.
 
 ``--orgs N[,N…]`` measures what orgs cost the server instead (``scale_orgs.py``), then
 ``--worker-processes P`` (default 4; 0: not) worker processes serving them
@@ -34,6 +46,7 @@ N is skipped. The worker is stopped with SIGTERM (SIGKILL after 60 s), the serve
 when its N is done. From the repository root (table on stdout, progress on stderr)::
 
     .venv/bin/python bench/scale.py --workflows 1,100,300,1000 [--json] [--out FILE]
+    .venv/bin/python bench/scale.py --workflows 1000 --start-only [--profile /tmp/w.json]
     .venv/bin/python bench/scale.py --orgs 10,100,1000 [--worker-processes 4]
 """
 
@@ -57,9 +70,11 @@ from pathlib import Path
 from typing import Any
 
 from nats.aio.msg import Msg
+from scale_busy import BUSY, busy_rate
 from scale_common import (
     ROOT,
     STEPS,
+    TICK,
     WASM,
     cpu_seconds,
     fmt,
@@ -100,6 +115,7 @@ class Row:
     p90_ms: float | None = None
     latency_lost: int = 0
     worker_rss_mb: float | None = None
+    busy_per_s: float | None = None  # w0 alone busy, the others idle (scale_busy.py)
     server_rss_mb: float | None = None
     worker_stop_s: float | None = None
     worker_exit: int | None = None
@@ -128,8 +144,12 @@ def steps_started(log: Path) -> int:
     return 0
 
 
-def start_worker(url: str, log: Path) -> subprocess.Popen[bytes]:
-    """A ``deadlift worker`` process, as an operator starts one, logging to ``log``."""
+def start_worker(url: str, log: Path, code: Path = ROOT) -> subprocess.Popen[bytes]:
+    """A ``deadlift worker`` process, as an operator starts one, logging to ``log``.
+
+    ``code``: the directory whose ``deadlift`` package it runs (its working directory
+    comes first on ``sys.path``): another copy compares two versions in turn.
+    """
     with open(log, "ab") as out:
         return subprocess.Popen(
             # One process (issue 15 measures one): the default would run one per core.
@@ -137,7 +157,7 @@ def start_worker(url: str, log: Path) -> subprocess.Popen[bytes]:
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            cwd=ROOT,
+            cwd=code,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
             start_new_session=True,  # a Ctrl-C is for the bench, which stops it
         )
@@ -154,6 +174,48 @@ def stop_worker(process: subprocess.Popen[bytes], row: Row) -> None:
         process.kill()
         process.wait()
     row.worker_stop_s, row.worker_exit = time.monotonic() - began, process.returncode
+
+
+def profile(pid: int, out: Path) -> subprocess.Popen[bytes]:
+    """``py-spy record`` of the worker (every thread, idle too; not pausing it) until stopped."""
+    spy = Path(sys.executable).with_name("py-spy")
+    form = ["--format", "speedscope"] if out.suffix == ".json" else []
+    # BENCH_PYSPY="--gil": only the thread holding the GIL (default --idle: every one).
+    how = ["--nonblocking", "--threads", "--rate", "100"]
+    how += os.environ.get("BENCH_PYSPY", "--idle").split()
+    return subprocess.Popen(
+        [str(spy), "record", *how, "-o", str(out), *form, "--pid", str(pid)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def thread_cpu(pid: int) -> list[float]:
+    """User + system CPU seconds of the threads of ``pid`` (the main thread first)."""
+    seconds: list[float] = []
+    for task in sorted(Path(f"/proc/{pid}/task").glob("*"), key=lambda t: int(t.name)):
+        with contextlib.suppress(OSError):
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            seconds.append(round((int(fields[11]) + int(fields[12])) / TICK, 2))
+    return seconds
+
+
+def machine_busy() -> tuple[float, float]:
+    """CPU seconds the machine was busy, and in all (every core), since boot."""
+    with open("/proc/stat") as f:
+        ticks = [int(t) for t in f.readline().split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle, iowait
+    return (sum(ticks) - idle) / TICK, sum(ticks) / TICK
+
+
+def stop_profile(profiler: subprocess.Popen[bytes]) -> None:
+    """End the recording (SIGINT: py-spy writes its file) and wait for the file."""
+    profiler.send_signal(signal.SIGINT)
+    try:
+        profiler.wait(60)
+    except subprocess.TimeoutExpired:
+        profiler.kill()
+        profiler.wait()
 
 
 # -- the workflow phases ------------------------------------------------------------------------
@@ -282,7 +344,11 @@ async def run_workflows(n: int, args: argparse.Namespace, work: Path) -> Row:
             await nc.flush()
             publisher = bus.JetStreamPublisher(nc, timeout=10.0)
             log = work / "worker.log"
-            process = start_worker(server.url, log)
+            process = start_worker(server.url, log, args.worker_code)
+            profiler = profile(process.pid, args.profile) if args.profile else None
+            server_pid = server.process.pid if server.process else os.getpid()
+            machine, server_cpu = machine_busy(), cpu_seconds(server_pid)
+            api, msgs = monitor(server, "jsz").get("api", {}).get("total", 0), in_msgs(server)[1]
             for first in range(0, n, 100):  # acked in batches of 100
                 batch = range(first, min(first + 100, n))
                 await asyncio.gather(
@@ -290,7 +356,17 @@ async def run_workflows(n: int, args: argparse.Namespace, work: Path) -> Row:
                 )
             serving = await wait_serving(n, process, log, outputs, row, args.start_timeout)
             row.worker_rss_mb = rss_mb(process.pid)
-            if not serving:
+            if profiler is not None:
+                stop_profile(profiler)
+            busy = machine_busy()
+            note(
+                f"N={n}: CPU s when serving: worker's threads {thread_cpu(process.pid)}, "
+                f"server {cpu_seconds(server_pid) - server_cpu:.1f}, "
+                f"machine {busy[0] - machine[0]:.1f} of {busy[1] - machine[1]:.1f}; JetStream API "
+                f"requests {monitor(server, 'jsz').get('api', {}).get('total', 0) - api:,}, "
+                f"messages in {in_msgs(server)[1] - msgs:,}"
+            )
+            if not serving or args.start_only:
                 return row
             note(f"N={n}: serving after {row.start_s:.1f} s; waiting for the CPU to settle")
             row.settle_s = await settle(process.pid, args.settle_timeout)
@@ -306,6 +382,13 @@ async def run_workflows(n: int, args: argparse.Namespace, work: Path) -> Row:
             row.server_rss_mb = rss_mb(server.process and server.process.pid)
             note(f"N={n}: latency, {args.events} events at {args.rate:g}/s to w0")
             await measure_latency(publisher, outputs, row, args.events, args.rate)
+            if args.busy:
+                note(f"N={n}: {args.busy:,} events to w0 as fast as they are acked")
+                row.busy_per_s, lost = await busy_rate(
+                    lambda subject, i: publish(publisher, subject, i), outputs, args.busy
+                )
+                if lost:
+                    row.problems.append(f"busy w0: {lost} of {args.busy} outputs missing")
             return row
         finally:
             if process is not None and process.poll() is None:
@@ -336,6 +419,7 @@ def workflow_cells(r: Row) -> dict[str, str]:
         "idle pull requests/s": fmt(rate, ",.1f" if rate is not None and rate < 10 else ",.0f"),
         "3-step p50 / p90": latency + (f" ({r.latency_lost} lost)" if r.latency_lost else ""),
         "worker RSS": fmt(r.worker_rss_mb, ",.0f", " MB"),
+        "busy w0": fmt(r.busy_per_s, ",.0f", "/s"),
     }
 
 
@@ -359,6 +443,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--settle-timeout", type=float, default=180.0, help="seconds")
     parser.add_argument(
         "--idle", type=float, default=10.0, help="idle window, seconds (>= DEADLIFT_IDLE_PULL_S)"
+    )
+    parser.add_argument(
+        "--worker-code",
+        type=Path,
+        default=ROOT,
+        help="run the worker from this directory's deadlift package (e.g. an older copy)",
+    )
+    parser.add_argument(
+        "--start-only",
+        action="store_true",
+        help="stop once the worker serves every workflow (the start's figures only)",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="py-spy record the worker from its spawn until it serves (.svg; .json: speedscope)",
+    )
+    parser.add_argument(
+        "--busy", type=int, default=BUSY, help="events to w0 for its busy rate (0: not measured)"
     )
     parser.add_argument("--events", type=int, default=200, help="latency events")
     parser.add_argument("--rate", type=float, default=50.0, help="latency events per second")
@@ -388,6 +491,10 @@ async def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     problems = [f"N={r.n}: {p}" for r in rows for p in r.problems]
     print(json.dumps(result, indent=2) if args.json else table([cells(r) for r in rows], problems))
+    alone = next((r.busy_per_s for r in rows if not args.orgs and r.n == 1), None)
+    for r in rows if alone and not args.json else []:
+        if r.n > 1 and r.busy_per_s:
+            print(f"busy w0 with {r.n - 1:,} idle workflows: {r.busy_per_s / alone:.0%} of N=1")
     return 1 if problems else 0
 
 
