@@ -21,26 +21,14 @@ import pytest
 from nats.aio.client import Client
 
 from deadlift.bus.identity import GLOBAL_ACCOUNT, Identity
-from deadlift.model.workflow import Step, Workflow, parse_workflow
+from deadlift.model.workflow import Step, Workflow
 from deadlift.runtime import worker as worker_module
 from deadlift.runtime.context import step_signature
 from deadlift.runtime.threads import SWITCH_INTERVAL_S, collector_paused
 from deadlift.runtime.worker import Worker
+from tests.unit.test_worker_reconcile import flow
 
-FLOW = """
-name: w{i}
-org: acme
-trigger: w{i}.in
-steps:
-  - {{name: a, module: m, function: f, module_sha256: "{sha}", next: [b]}}
-  - {{name: b, module: m, function: f, module_sha256: "{sha}", publish: [w{i}.out]}}
-"""
-SHA = "0" * 64
 FLOWS = 300
-
-
-def flow(i: int) -> Workflow:
-    return parse_workflow(FLOW.format(i=i, sha=SHA))
 
 
 @dataclass
