@@ -34,7 +34,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -161,6 +161,26 @@ async def deadlift_throughput(
     return Result(name, count, seconds, extra={"processes": running})
 
 
+async def publish_paced(
+    js: Any,
+    count: int,
+    rate: float,
+    sent: dict[str, float],
+    clock: Callable[[], float] = time.perf_counter,
+) -> float:
+    """Publish ``count`` events to the trigger at ``rate``/s, each one's ``clock()`` in
+    ``sent`` by event id; return when the first went (``time.perf_counter``)."""
+    started = time.perf_counter()
+    for n in range(count):
+        event = events.new_event({"value": n}, source="bench", type="bench")
+        headers, body = events.encode(event)
+        headers[events.MSG_ID] = event.id
+        sent[event.id] = clock()
+        await js.publish(TRIGGER, body, headers=headers)
+        await asyncio.sleep(max(0.0, started + (n + 1) / rate - time.perf_counter()))
+    return started
+
+
 async def deadlift_latency(
     count: int, *, rate: float = 100.0, steps: int = 3, processes: int | None = None
 ) -> Result:
@@ -179,14 +199,7 @@ async def deadlift_latency(
         specs = [processes]
         with Processes([worker_command(processes)], worker_env(server.url)) as workers:
             await serving(nc, lambda: _pulling_processes(workers, specs), workers.check)
-            started = time.perf_counter()
-            for n in range(count):
-                event = events.new_event({"value": n}, source="bench", type="bench")
-                headers, body = events.encode(event)
-                headers[events.MSG_ID] = event.id
-                sent[event.id] = time.perf_counter()
-                await js.publish(TRIGGER, body, headers=headers)
-                await asyncio.sleep(max(0.0, started + (n + 1) / rate - time.perf_counter()))
+            started = await publish_paced(js, count, rate, sent)
             await until(lambda: _counted(latencies, count), timeout=30)
             seconds = time.perf_counter() - started
         await nc.drain()
