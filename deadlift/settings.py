@@ -89,6 +89,11 @@ class Settings(BaseSettings):
         ge=0,
         description="module log text passed on per call; the rest is dropped and counted",
     )
+    fast_lane: bool = Field(
+        True,
+        description="run a quick module's lone events on the event loop's thread (no "
+        "thread hop; a call there is cut off after 2 ms and run again in a thread)",
+    )
     concurrency: int = Field(256, gt=0, description="events in flight per step per worker")
     threads: int = Field(
         0, ge=0, description="threads running modules per worker (0: one per core, 2 to 8)"

@@ -85,6 +85,10 @@ class PluginSpec:
         return self.max_pages * WASM_PAGE
 
 
+class NoIdleInstance(Exception):
+    """No idle instance to call on (:meth:`ModuleHost.call` with ``instantiate=False``)."""
+
+
 class _Pool:
     def __init__(self, compiled: CompiledPlugin, spec: PluginSpec, exports: frozenset[str]) -> None:
         self.compiled = compiled
@@ -195,21 +199,40 @@ class ModuleHost:
         with self._lock:
             return spec.compiled_key in self._compiled
 
-    def call(self, spec: PluginSpec, function: str, data: bytes, context: HostCall) -> bytes:
+    def call(
+        self,
+        spec: PluginSpec,
+        function: str,
+        data: bytes,
+        context: HostCall,
+        *,
+        instantiate: bool = True,
+    ) -> bytes:
         """Call ``function`` with ``data``; return its raw output.
+
+        ``instantiate`` False: only on an idle instance, never compiling or creating
+        one (milliseconds: the event loop's thread calls so).
 
         Raises:
             StepError: with ``kind`` timeout, oom, trap, error, host_function,
                 missing_export or output_too_large.
+            NoIdleInstance: none idle, with ``instantiate`` False.
         """
-        pool = self._pool(spec)
+        if instantiate:
+            pool = self._pool(spec)
+        else:
+            with self._lock:
+                found = self._pools.get(spec)
+            if found is None:
+                raise NoIdleInstance
+            pool = found
         if function not in pool.exports:
             raise StepError(
                 f"module {spec.sha256[:12]} has no exported function {function!r}",
                 kind=ErrorKind.MISSING_EXPORT,
                 retryable=False,
             )
-        plugin = self._take(pool, context)
+        plugin = self._take(pool, context, instantiate)
         failure: StepError | None = None
         output = b""
         finished = False
@@ -249,7 +272,7 @@ class ModuleHost:
             code, exports = self._compiled.setdefault(spec.compiled_key, compiled)
             return self._pools.setdefault(spec, _Pool(code, spec, exports))
 
-    def _take(self, pool: _Pool, context: HostCall) -> extism.Plugin:
+    def _take(self, pool: _Pool, context: HostCall, instantiate: bool = True) -> extism.Plugin:
         with self._lock:
             pool.last_used = time.monotonic()
             plugin = pool.idle.pop() if pool.idle else None
@@ -261,6 +284,8 @@ class ModuleHost:
                 else:
                     del self._holding[pool.spec]
         if plugin is None:
+            if not instantiate:
+                raise NoIdleInstance
             plugin = self._instantiate(pool)
             with self._lock:
                 pool.created += 1

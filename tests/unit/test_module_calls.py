@@ -24,11 +24,12 @@ class Calls(ModuleCalls):
 
     def __init__(self, threads: int, executor: Any, fail: bool = False) -> None:
         self.context = type("Context", (), {"threads": threads, "executor": executor})()
+        self.fast_spec = None  # never on the loop
         self.fail = fail
         self.started = threading.Event()
         self.release = threading.Event()
 
-    def run(self, jobs: Any) -> None:
+    def run(self, jobs: Any, **_: Any) -> None:
         self.started.set()
         if self.fail:
             raise RuntimeError("a bug of ours")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
@@ -456,3 +457,100 @@ async def test_a_dead_lettered_import_keeps_its_stamped_provenance(make: Any) ->
     await h.deliver(msg)
     [letter] = h.publisher.messages  # replayed into the step's input, it stays stripe's
     assert letter.headers[f"{events.PREFIX}{events.ORIGIN}"] == "stripe"
+
+
+# -------------------------------------------------------------- the fast lane
+
+
+def counting_submits(executor: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the batches handed to the module threads (one list item per submit)."""
+    submits: list[int] = []
+    submit = executor.submit
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        submits.append(1)
+        return submit(*args, **kwargs)
+
+    monkeypatch.setattr(executor, "submit", counted)
+    return submits
+
+
+async def deliver_until_fast(h: Harness, data: Any, limit: int = 300) -> int:
+    """Deliver lone events (as a caught-up step pulls them) until the fast lane opens."""
+    for n in range(limit):
+        await h.deliver(event_msg(data, id=f"warm-{n}"))
+        if h.runner.calls.fast:
+            return n + 1
+    raise AssertionError(f"the fast lane never opened in {limit} quick calls")
+
+
+async def test_a_quick_modules_lone_events_run_on_the_loop_once_it_proved_quick(
+    make: Any, executor: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = make(CALCULATOR, "add")
+    submits = counting_submits(executor, monkeypatch)
+    warmed = await deliver_until_fast(h, {"value": 1})
+    assert len(submits) == warmed  # until then, each in a module thread
+    for n in range(20):
+        await h.deliver(event_msg({"value": n}, id=f"ev-{n}"))
+    assert len(submits) <= warmed + 2  # at most one more (its fast-lane instance), not 20
+    assert [r.output for r in h.reports[-20:]] == [{"value": n + 10} for n in range(20)]
+    assert {r.outcome for r in h.reports} == {"ok"}
+
+
+async def test_a_batch_still_runs_in_the_module_threads(
+    make: Any, executor: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = make(CALCULATOR, "add")
+    await deliver_until_fast(h, {"value": 1})
+    submits = counting_submits(executor, monkeypatch)
+    await h.deliver(*(event_msg({"value": n}, id=f"ev-{n}") for n in range(4)))
+    assert len(submits) == 2  # one chunk per thread
+    assert [r.output for r in h.reports[-4:]] == [{"value": n + 10} for n in range(4)]
+
+
+async def test_a_module_turning_slow_holds_the_loop_for_milliseconds_then_leaves_it(
+    make: Any, executor: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = make(flaky("loop", timeout_ms=5000))
+    await deliver_until_fast(h, {"loops": 100})
+    stalls: list[float] = []
+
+    async def tick() -> None:  # how long the loop goes without a turn
+        while True:
+            began = time.perf_counter()
+            await asyncio.sleep(0)
+            stalls.append(time.perf_counter() - began)
+
+    ticker = asyncio.create_task(tick())
+    slow = event_msg({"loops": 50_000_000}, id="slow")  # ~100 ms of counting
+    submits = counting_submits(executor, monkeypatch)
+    began = time.perf_counter()
+    await h.deliver(slow)
+    took = time.perf_counter() - began
+    ticker.cancel()
+    # Cut off on the loop at the fast lane's timeout, then run whole in a thread.
+    assert slow.settled == [("ack", None)]
+    assert h.reports[-1].output == {"loops": 50_000_000}
+    assert len(submits) == 1
+    stalled = max(stalls)
+    assert stalled < took / 4, f"the loop stalled {stalled * 1e3:.1f} ms of {took * 1e3:.1f}"
+    assert not h.runner.calls.fast
+    # Back to the threads until it proves quick for twice as long.
+    await h.deliver(event_msg({"loops": 100}, id="after"))
+    assert len(submits) == 2
+    assert h.runner.calls.strikes == 1
+
+
+async def test_a_step_granting_host_functions_never_runs_on_the_loop(
+    make: Any, executor: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = make(
+        flaky("echo", module="echo", host_functions=["send_email"]),
+        functions={"send_email": host_function(lambda call, request: {}, name="send_email")},
+    )
+    submits = counting_submits(executor, monkeypatch)
+    for n in range(60):
+        await h.deliver(event_msg("hi", id=f"ev-{n}"))
+    assert len(submits) == 60
+    assert {r.outcome for r in h.reports} == {"ok"}

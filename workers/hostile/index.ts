@@ -104,3 +104,23 @@ export function flood(): i32 {
   output('{"logged":' + (<i64>lines * <i64>size).toString() + "}");
   return 0;
 }
+
+const LOOP_MAX: f64 = 1e15;
+
+/**
+ * {"loops": N} -> counts to N, then outputs {"loops": N}: as quick or as slow as
+ * asked (a module fast for a while that turns slow).
+ */
+export function loop(): i32 {
+  const usage = 'loop: input must be {"loops": integer in [0, 1e15]}';
+  const obj = parseObject(inputString(), "loop: input");
+  if (obj === null) return failWith(usage);
+  const n = fieldNumber(obj, "loops", "loop", true);
+  if (isNaN(n) || n < 0 || n > LOOP_MAX) return failWith(usage);
+  const count = <u64>n;
+  for (let i: u64 = 0; i < count; i++) {
+    spins++;
+  }
+  output('{"loops":' + count.toString() + "}");
+  return 0;
+}
