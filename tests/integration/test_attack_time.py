@@ -224,6 +224,65 @@ async def test_worker_never_instantiates_a_module_whose_start_hangs_or_crashes(
     assert "SIGSEGV" in kernel and "move that code into an exported function" in kernel
 
 
+TURNS_SLOW = """
+name: turns-slow
+org: acme
+trigger: slow.in
+steps:
+  - {name: count, module: hostile, function: loop, timeout_ms: 5000, publish: [slow.out]}
+"""
+
+
+async def test_a_module_turning_slow_on_the_fast_lane_holds_the_loop_for_milliseconds(
+    nc: Client, settings: Settings, push: Any, apply: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A quick module's lone events run on the event loop's thread (the fast lane);
+    one that then counts for a second is cut off there within ~3 ms and finishes in
+    a module thread, while the loop goes on serving."""
+    await push("hostile")
+    await apply(TURNS_SLOW)
+    async with Worker(nc, settings=settings) as worker:
+        submits: list[int] = []
+        submit = worker.executor.submit
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            submits.append(1)
+            return submit(*args, **kwargs)
+
+        monkeypatch.setattr(worker.executor, "submit", counted)
+        on_loop = 0
+        for _ in range(200):  # one at a time, as a caught-up step gets them
+            before = len(submits)
+            await publish(nc, "slow.in", {"loops": 100})
+            await worker.drain()
+            on_loop = on_loop + 1 if len(submits) == before else 0
+            if on_loop == 2:
+                break
+        assert on_loop == 2, "a quick module's lone events run on the loop"
+        stalls: list[float] = []
+
+        async def tick() -> None:
+            while True:
+                began = time.perf_counter()
+                await asyncio.sleep(0.001)
+                stalls.append(time.perf_counter() - began)
+
+        ticker = asyncio.create_task(tick())
+        submits.clear()
+        began = time.perf_counter()
+        await publish(nc, "slow.in", {"loops": 500_000_000})  # ~1 s of counting
+        await worker.drain(timeout=30)
+        took = time.perf_counter() - began
+        ticker.cancel()
+        outputs = [e.data for e in await stored(nc, "slow.out")]
+        assert outputs[-1] == {"loops": 500_000_000}
+        assert took > 0.5, "the slow call ran whole"
+        assert len(submits) == 1, "cut off on the loop, run again in a module thread"
+        assert max(stalls) < 0.2, f"the loop stalled {max(stalls) * 1e3:.0f} ms"
+        [runner] = [r for r in worker._runners[("acme.turns-slow", "count")] if r.is_trigger]
+        assert not runner.calls.fast and runner.calls.strikes == 1
+
+
 # -- the watchdog -------------------------------------------------------------------
 
 

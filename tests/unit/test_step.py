@@ -484,6 +484,17 @@ async def deliver_until_fast(h: Harness, data: Any, limit: int = 300) -> int:
     raise AssertionError(f"the fast lane never opened in {limit} quick calls")
 
 
+async def deliver_until_on_loop(h: Harness, submits: list[int], data: Any) -> None:
+    """Deliver lone events until one runs on the loop (its fast-lane instance made)."""
+    await deliver_until_fast(h, data)
+    for n in range(50):
+        before = len(submits)
+        await h.deliver(event_msg(data, id=f"lane-{n}"))
+        if len(submits) == before:
+            return
+    raise AssertionError("no lone event ran on the loop")
+
+
 async def test_a_quick_modules_lone_events_run_on_the_loop_once_it_proved_quick(
     make: Any, executor: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -513,7 +524,9 @@ async def test_a_module_turning_slow_holds_the_loop_for_milliseconds_then_leaves
     make: Any, executor: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     h = make(flaky("loop", timeout_ms=5000))
-    await deliver_until_fast(h, {"loops": 100})
+    submits = counting_submits(executor, monkeypatch)
+    await deliver_until_on_loop(h, submits, {"loops": 100})
+    submits.clear()
     stalls: list[float] = []
 
     async def tick() -> None:  # how long the loop goes without a turn
@@ -524,7 +537,6 @@ async def test_a_module_turning_slow_holds_the_loop_for_milliseconds_then_leaves
 
     ticker = asyncio.create_task(tick())
     slow = event_msg({"loops": 50_000_000}, id="slow")  # ~100 ms of counting
-    submits = counting_submits(executor, monkeypatch)
     began = time.perf_counter()
     await h.deliver(slow)
     took = time.perf_counter() - began
