@@ -29,12 +29,13 @@ busy w0               then ``--busy`` events (5,000) to ``w0`` as fast as they a
                       of N=1: with both in one run, the ratio is printed under the table.
 
 ``--start-only`` stops after *worker start* and notes where the CPU went meanwhile
-(each worker thread's, the server's, the whole machine's: on a shared machine a
-busy neighbour shows there), the JetStream API requests and the messages the
-server took in. ``--profile FILE`` records the worker with ``py-spy`` from its spawn
-until it serves (``.json``: speedscope; ``BENCH_PYSPY=--gil``: only the thread
-holding the GIL). ``--worker-code DIR`` runs the worker from another copy of the
-package (``DIR/deadlift``), to compare two versions in interleaved runs.
+(each worker thread's, the server's, the whole machine's: on a shared machine a busy
+neighbour shows there), the JetStream API requests, the messages the server took in,
+and when 10/50/90/99 % of the workflows were served. ``--profile FILE`` records the
+worker with ``py-spy`` from its spawn until it serves (``.json``: speedscope;
+``BENCH_PYSPY=--gil``: only the thread holding the GIL). ``--worker-code DIR`` runs
+the worker from another copy of the package (``DIR/deadlift``), to compare two
+versions in interleaved runs.
 
 ``--orgs N[,N…]`` measures what orgs cost the server instead (``scale_orgs.py``), then
 ``--worker-processes P`` (default 4; 0: not) worker processes serving them
@@ -107,6 +108,7 @@ class Row:
     apply_s: float | None = None
     start_s: float | None = None
     steps_started_s: float | None = None
+    served_s: list[float] = field(default_factory=list)  # 10/50/90/99 % of workflows served
     settle_s: float | None = None
     idle_cpu_pct: float | None = None
     idle_worker_msgs_per_s: float | None = None
@@ -261,6 +263,8 @@ async def wait_serving(
         done = sum(i in outputs.arrived for i in ids)
         if done == n:
             row.start_s = max(outputs.arrived[i] for i in ids) - began
+            served = sorted(outputs.arrived[i] - began for i in ids)
+            row.served_s = [round(served[int(q * (n - 1))], 2) for q in (0.1, 0.5, 0.9, 0.99)]
             return True
         progress = f"{done} of {n} workflows, {{}} of {n * STEPS} steps started"
         if process.poll() is not None or now - began > timeout:
@@ -364,7 +368,8 @@ async def run_workflows(n: int, args: argparse.Namespace, work: Path) -> Row:
                 f"server {cpu_seconds(server_pid) - server_cpu:.1f}, "
                 f"machine {busy[0] - machine[0]:.1f} of {busy[1] - machine[1]:.1f}; JetStream API "
                 f"requests {monitor(server, 'jsz').get('api', {}).get('total', 0) - api:,}, "
-                f"messages in {in_msgs(server)[1] - msgs:,}"
+                f"messages in {in_msgs(server)[1] - msgs:,}; 10/50/90/99 % of the workflows "
+                f"served after {row.served_s} s"
             )
             if not serving or args.start_only:
                 return row

@@ -41,7 +41,10 @@ class Pull:
         self._queue: asyncio.Queue[Msg] | None = None
 
     async def start(self) -> None:
-        """Subscribe to the inbox the consumer delivers to."""
+        """Subscribe to the inbox the consumer delivers to (the first fetch does it anyway:
+        a step that never pulls, idle since it started, costs the server no subscription)."""
+        if self._sub is not None:
+            return
         # Unbounded: what arrives is what this runner asked for, a batch at a time.
         self._sub = await self.nc.subscribe(self.inbox, pending_msgs_limit=0, pending_bytes_limit=0)
         self._queue = self._sub._pending_queue  # nats-py's queue: no task per message
@@ -57,6 +60,8 @@ class Pull:
             nats.js.errors.APIError: the server refused the request (e.g. the
                 consumer is gone).
         """
+        if self._queue is None:
+            await self.start()  # sent before the request: the server knows where to deliver
         assert self._queue is not None
         msgs = self.delivered()  # a late answer to an earlier request first
         wanted = batch - len(msgs)

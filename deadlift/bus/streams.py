@@ -95,6 +95,9 @@ class StepBinding:
     ack_wait: float = 30.0
     origin: str | None = None  # set for an import's trigger: the exporting org
     filters: tuple[str, ...] = ()  # the consumer's subjects (a cold step subscribes to them)
+    # Events pending or awaiting an ack when it was bound (None: not known). A step
+    # whose consumer had none goes cold at once instead of starting with a batch fetch.
+    waiting: int | None = None
 
 
 def stream_config(
@@ -277,9 +280,17 @@ async def ensure_consumers(
                 ack_wait=ack_wait,
                 origin=wanted.origin,
                 filters=tuple(f for f in filters if f) or wanted.filters,
+                waiting=_waiting(info),
             )
         )
     return bindings
+
+
+def _waiting(info: ConsumerInfo) -> int | None:
+    """Events a consumer has pending or awaiting an ack, if its info says."""
+    if info.num_pending is None or info.num_ack_pending is None:
+        return None
+    return info.num_pending + info.num_ack_pending
 
 
 async def list_consumers(

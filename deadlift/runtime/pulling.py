@@ -5,7 +5,8 @@ Three modes, by how recently the step had work:
 * **backlog** — events are waiting: a batch with a short wait for stragglers.
 * **warm** — caught up, but an event came in the last ``idle_cold_s``: one long
   pull request (``idle_pull_s``) that the next event ends at once. A step starts
-  with a batch fetch, and goes cold at once if that finds nothing.
+  with a batch fetch (unless known idle: below), and goes cold at once if that
+  finds nothing.
 * **cold** — idle for longer: no pull request at all. The step subscribes (core
   NATS, at most one message per subject) to its consumer's subjects and waits for
   an event to *ring*. A host's thousands of idle steps then cost the worker and
@@ -13,14 +14,29 @@ Three modes, by how recently the step had work:
   core). A rung step pulls as a warm one: one round trip more for the first event.
 
 Going cold is safe only if nothing can reach the consumer without ringing. After
-subscribing, the step asks the consumer (``consumer_info``) whether events are
-pending — an event stored before the subscription took effect shows there — and
-asks again after :data:`SETTLE_S` for one published just before it and stored
-just after. Events delivered to someone else and not yet acked (another worker
-holds them, or a nak's delay runs) come back without a publish: while there are
-any the step stays warm. After a reconnect (the subscriptions and any pull
-requests are renewed) every cold step checks again, and each checks every
-``cold_recheck_s`` in any case.
+subscribing, the step waits :data:`SETTLE_S` and asks the consumer whether events
+are pending: one stored before the subscription took effect shows there, and so
+does one published just before it and stored just after (the request is sent
+after the subscription, and after the time an event takes from being routed to
+being stored). An event stored between the step's last pull and its subscription
+waits for that check, up to :data:`SETTLE_S`: one check per cold spell (a check
+at once as well cost the thousands of steps of a worker's start a request each,
+for a rare race). Events delivered to someone else and not yet acked
+(another worker holds them, or a nak's delay runs) come back without a publish:
+while there are any the step stays warm, and checks at once whenever it would go
+cold. After a reconnect (the subscriptions and any pull requests are renewed)
+every cold step checks again, at once and after :data:`SETTLE_S`, and each checks
+every ``cold_recheck_s`` in any case.
+
+A step whose consumer had nothing pending nor awaiting an ack when the step was
+bound to it (a worker starting thousands of steps knows that from one listing)
+goes cold at once, without the batch fetch a step starts with: the check finds
+any event stored since.
+
+The checks of all the steps of a connection go through one
+:class:`~deadlift.bus.checks.ConsumerChecks`: those asked together are answered
+together (a listing of the stream when many ask, as every cold step does after a
+reconnect), each by a request sent after it was asked.
 """
 
 from __future__ import annotations
@@ -31,7 +47,7 @@ import itertools
 import logging
 import random
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import nats.errors
 from nats.aio.client import Client
@@ -48,6 +64,12 @@ BACKLOG_WAIT_S = 0.5  # bounds a backlog's batch fetch (the server answers it at
 SETTLE_S = 1.0  # longer than an event takes from being routed to being stored
 
 
+class Checks(Protocol):
+    """Answers whether a consumer has work (:class:`~deadlift.bus.checks.ConsumerChecks`)."""
+
+    async def has_work(self, stream: str, consumer: str) -> bool: ...
+
+
 class Puller:
     """One step's fetches: batches while there is a backlog, a long pull or a doorbell after."""
 
@@ -59,6 +81,8 @@ class Puller:
         binding: StepBinding,
         settings: Settings,
         batch: int,
+        *,
+        checks: Checks | None = None,
     ) -> None:
         self.pull = pull
         self.nc = nc
@@ -68,13 +92,20 @@ class Puller:
         self.idle_pull_s = settings.idle_pull_s
         self.cold_after_s = settings.idle_cold_s
         self.recheck_s = settings.cold_recheck_s
+        self.checks = checks  # None: each check is a consumer_info of its own
         self.waiting = False  # in a long pull or cold: nothing of ours to finish
         self.cold = False
-        self._backlog = True
+        # A batch fetch first, unless the consumer had no events when the step was bound:
+        # then straight to the doorbell, whose check finds any stored since.
+        self._backlog = binding.waiting != 0 or not self.cold_after_s
         # Warm only once an event came: a worker starting 30,000 steps would otherwise
         # renew 3,000 long pulls a second for its first idle_cold_s.
         self._warm_until = time.monotonic()
         self._bell: Doorbell | None = None
+        self._recheck = False
+        # The last check found work, and no pull found an event since: events held
+        # elsewhere (they come back without a ring), so the next cold spell checks at once.
+        self._held = False
         self._stopped = False
 
     def stop(self) -> None:
@@ -106,11 +137,19 @@ class Puller:
                 self.waiting = False
         self._backlog = bool(msgs[-1].metadata.num_pending)
         self._warm_until = time.monotonic() + self.cold_after_s
+        self._held = False
         return msgs
 
     def ring(self) -> None:
-        """Wake the step if it is cold (it checks its consumer): after a reconnect."""
+        """Wake the step if it is cold: it pulls once, as for an event."""
         if self._bell is not None:
+            self._bell.ring()
+
+    def recheck(self) -> None:
+        """Make a cold step check its consumer again, staying cold if it has nothing: after a
+        reconnect (the subscriptions were renewed; what came meanwhile rang nothing)."""
+        if self._bell is not None:
+            self._recheck = True
             self._bell.ring()
 
     async def _sleep_cold(self) -> None:
@@ -120,21 +159,34 @@ class Puller:
         self.waiting = True
         try:
             await bell.arm()
-            # Check, wait a moment (an event routed before the subscription but stored
-            # after the check), check, then wait for a ring with a check now and then.
-            waits = itertools.chain([SETTLE_S], iter(self._recheck_after, None))
-            for settled, wait in enumerate(waits):
-                if self._stopped or await self._work_waiting() or self._denied(bell):
-                    break
-                self.cold = bool(settled)  # only the bell (and the safety net) wakes it now
-                if await bell.wait(wait):
-                    break
+            check_now = self._held
+            while await self._stay_cold(bell, check_now):
+                check_now = True  # a recheck: a check now, then the same sequence again
         finally:
             self.cold = self.waiting = False
             self._bell = None
             await bell.disarm()
         # One long pull: a ring's event is stored by then, or arrives during it.
         self._warm_until = time.monotonic() + self.idle_pull_s
+
+    async def _stay_cold(self, bell: Doorbell, check_now: bool) -> bool:
+        """Until the step has work or rang (False) or is asked to check again (True)."""
+        self._recheck = False
+        # Wait a moment (an event routed before the subscription is stored by then),
+        # check, then wait for a ring with a check now and then.
+        waits = itertools.chain([SETTLE_S], iter(self._recheck_after, None))
+        for settled, wait in enumerate(waits):
+            if (
+                self._stopped
+                or ((settled or check_now) and await self._work_waiting())
+                or self._denied(bell)
+            ):
+                return False
+            self.cold = bool(settled)  # only the bell (and the safety net) wakes it now
+            if await bell.wait(wait):
+                # An event rang (or a stop), or only a recheck: then no pull, a check.
+                return self._recheck and not self._stopped and bell.quiet()
+        return False  # not reached: the waits never end
 
     def _recheck_after(self) -> float:
         # Spread so that thousands of cold steps do not check at once.
@@ -150,6 +202,12 @@ class Puller:
 
     async def _work_waiting(self) -> bool:
         """Whether the consumer has events to deliver, or delivered ones not yet acked."""
+        self._held = await self._ask()
+        return self._held
+
+    async def _ask(self) -> bool:
+        if self.checks is not None:  # asked with the other steps' (True when unsure)
+            return await self.checks.has_work(self.binding.stream, self.binding.consumer)
         try:
             info = await self.js.consumer_info(self.binding.stream, self.binding.consumer)
         except Exception as exc:  # pulling will meet the trouble and report it
@@ -183,10 +241,18 @@ class Doorbell:
     def ring(self) -> None:
         self._rung.set()
 
+    def quiet(self) -> bool:
+        """Whether no event rang it (only :meth:`ring`); then it is ready to ring again."""
+        if any(f.done() and not f.cancelled() for f in self._futures):
+            return False
+        self._rung.clear()
+        return True
+
     async def wait(self, timeout: float) -> bool:
         """Whether it rang within ``timeout`` seconds."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._rung.wait(), timeout)
+            async with asyncio.timeout(timeout):  # no task, as wait_for would start
+                await self._rung.wait()
         return self._rung.is_set()
 
     def denied(self) -> str | None:

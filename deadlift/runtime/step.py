@@ -23,6 +23,7 @@ from opentelemetry.trace import Span
 
 from deadlift.bus import direct
 from deadlift.bus.acksubject import delivery
+from deadlift.bus.checks import ConsumerChecks
 from deadlift.bus.pull import Pull
 from deadlift.bus.streams import StepBinding
 from deadlift.errors import EventDecodeError, EventEncodeError, StepError
@@ -147,8 +148,7 @@ class StepRunner:
         """Bind to the durable consumer and start pulling."""
         js = self.context.js
         nc, api = js._nc, js._prefix  # the JetStream context's connection and API prefix
-        self._pull = Pull(nc, self.binding.stream, self.binding.consumer, api)
-        await self._pull.start()
+        self._pull = Pull(nc, self.binding.stream, self.binding.consumer, api)  # subscribes lazily
         size = max(1, min(self.context.settings.fetch_batch, self.concurrency // 2))
         self.puller = Puller(
             self._pull,
@@ -157,6 +157,7 @@ class StepRunner:
             self.binding,
             self.context.settings,
             size,
+            checks=ConsumerChecks.of(js),  # one per connection: checks asked together
         )
         self._task = asyncio.create_task(
             self._loop(), name=f"deadlift-step-{self.binding.consumer}"

@@ -26,6 +26,7 @@ from nats.aio.client import Client
 from nats.js.api import ConsumerInfo
 
 from deadlift import bus
+from deadlift.bus.checks import ConsumerChecks
 from deadlift.bus.identity import Identity, whoami
 from deadlift.bus.integration_streams import ensure_integration_streams
 from deadlift.bus.offers import guest_module_problem
@@ -313,6 +314,7 @@ class Worker:
                 "in-flight events did not finish within %.0f s; leaving them for redelivery",
                 self.settings.shutdown_timeout_s,
             )
+        await ConsumerChecks.of(self.js).close()  # its inbox subscription
         # Answer `deadlift workers` / `health --worker` until now: a worker shut down
         # by its watchdog reports why (unhealthy, the stuck step) while it stops.
         if self._service is not None:
@@ -323,9 +325,10 @@ class Worker:
         self._closed.set()
 
     def _wake_cold(self) -> None:
+        # Every cold step checks at once: their checks are answered together (listings).
         for runner in (r for rs in self._runners.values() for r in rs):
             if runner.puller is not None:
-                runner.puller.ring()
+                runner.puller.recheck()
 
     @property
     def cold_consumers(self) -> int:
@@ -447,10 +450,13 @@ class Worker:
             return {}
         streams = {i.stream for w, s in steps for i in bus.step_inputs(w, s)}
         try:
-            return await bus.list_consumers(self.js, streams)
+            found = await bus.list_consumers(self.js, streams)
         except (nats.errors.Error, TimeoutError) as exc:
             log.debug("listing consumers failed (%s): each step checks its own", exc)
             return {}
+        # How long a listing of each stream is: the steps' checks list it when many ask.
+        ConsumerChecks.of(self.js).note_sizes(Counter(stream for stream, _ in found))
+        return found
 
     async def _ensure_streams(self, workflows: Mapping[str, Workflow]) -> set[str]:
         """Capture the workflows' subjects (once each); return the keys of those captured."""
