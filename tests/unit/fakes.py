@@ -105,3 +105,10 @@ def unloadable_wasm() -> bytes:
     body = bytes([0x01, 0x03]) + b"env" + bytes([0x04]) + b"nope" + bytes([0x00, 0x00])
     imports = bytes([0x02, len(body)]) + body
     return magic_version + types + imports
+
+
+class FakeCoreSub:
+    """A core subscription (a cold step's doorbell) whose unsubscribe does nothing."""
+
+    async def unsubscribe(self, limit: int = 0) -> None:
+        return None

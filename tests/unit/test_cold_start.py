@@ -18,6 +18,7 @@ from deadlift.bus.streams import StepBinding
 from deadlift.runtime.pulling import Puller
 from deadlift.settings import Settings
 from tests.conftest import eventually
+from tests.unit.fakes import FakeCoreSub
 from tests.unit.test_consumer_checks import API, FakeServer, stream_of
 
 
@@ -33,11 +34,6 @@ class FakePull:
         self.log.append("fetch no_wait" if no_wait else "fetch")
         await asyncio.sleep(min(timeout, 0.01))
         raise nats.errors.TimeoutError
-
-
-class FakeCoreSub:
-    async def unsubscribe(self, limit: int = 0) -> None:
-        return None
 
 
 class FakeNats:

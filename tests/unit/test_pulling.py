@@ -11,6 +11,7 @@ import nats.errors
 from deadlift.bus.streams import StepBinding
 from deadlift.runtime.pulling import SETTLE_S, Puller
 from deadlift.settings import Settings
+from tests.unit.fakes import FakeCoreSub
 
 
 @dataclass
@@ -27,11 +28,6 @@ class FakeSub:
         self.fetches += 1
         await asyncio.sleep(min(timeout, 0.01))
         raise nats.errors.TimeoutError
-
-
-class FakeCoreSub:
-    async def unsubscribe(self, limit: int = 0) -> None:
-        return None
 
 
 class FakeNats:
