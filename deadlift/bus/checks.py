@@ -42,10 +42,11 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
+from deadlift.bus.streams import LIST_PAGE
+
 log = logging.getLogger("deadlift.bus")
 
 WINDOW_S = 0.005  # questions asked within it share one batch of requests
-LIST_PAGE = 256  # consumers per CONSUMER.LIST answer (the server's page size)
 ASKERS_PER_PAGE = 64
 """A stream is listed only while its pages still to come answer this many askers each.
 
