@@ -49,6 +49,11 @@ class Pull:
         self._sub = await self.nc.subscribe(self.inbox, pending_msgs_limit=0, pending_bytes_limit=0)
         self._queue = self._sub._pending_queue  # nats-py's queue: no task per message
 
+    @property
+    def subscribed(self) -> bool:
+        """Whether the inbox is subscribed: else nothing was ever delivered to it."""
+        return self._sub is not None
+
     async def fetch(self, batch: int, timeout: float, *, no_wait: bool = False) -> list[Msg]:
         """Up to ``batch`` events, waiting at most ``timeout`` seconds for them.
 

@@ -174,6 +174,8 @@ class ModuleCalls:
         if job.error is None or job.error.kind != ErrorKind.TIMEOUT:
             return False
         job.error = job.output = None
+        if job.call is not None:
+            job.call.forget_logs()  # the run shows the attempt that counts, with its budget
         self.strikes = min(self.strikes + 1, MAX_STRIKES)
         self.quick = 0
         log.debug("%s: a call took over %d ms on the fast lane", self.what, FAST_TIMEOUT_MS)

@@ -213,8 +213,8 @@ class StepRunner:
         sent this client before, so all of it is queued by then, however busy the
         event loop is.
         """
-        if self._pull is None:
-            return []
+        if self._pull is None or not self._pull.subscribed:
+            return []  # never pulled: a round trip per cold step made a big stop slow
         try:
             await self._pull.nc.flush(timeout=2)
         except (nats.errors.Error, TimeoutError) as exc:

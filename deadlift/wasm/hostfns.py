@@ -91,6 +91,14 @@ class HostCall:
     log_lines: list[tuple[str, str]] | None = None
     log_lines_over: int = 0
 
+    def forget_logs(self) -> None:
+        """Start the call's log budget and captured lines afresh: the attempt that
+        logged them was undone (cut off on the fast lane, to run again)."""
+        self.log_bytes = self.log_dropped_lines = self.log_dropped_bytes = 0
+        self.log_lines_over = 0
+        if self.log_lines is not None:
+            self.log_lines.clear()
+
     def run_async(self, awaitable: Awaitable[Any], timeout: float | None = None) -> Any:
         """Run a coroutine on the worker's loop from the module's thread and wait for it.
 

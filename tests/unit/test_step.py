@@ -19,6 +19,7 @@ import pytest
 
 from deadlift.bus import dlq
 from deadlift.bus.publisher import MSG_ID, MemoryPublisher, Published
+from deadlift.bus.pull import Pull
 from deadlift.bus.streams import StepBinding
 from deadlift.model import topology
 from deadlift.model.topology import Stream, step_subject
@@ -32,7 +33,7 @@ from deadlift.wasm.host import ModuleHost, PluginSpec
 from deadlift.wasm.hostfns import HostCall, HostFunction, host_function
 from deadlift.wire import events
 from tests.unit import step_harness
-from tests.unit.fakes import FakeMsg, delivered
+from tests.unit.fakes import FakeCoreSub, FakeMsg, delivered
 
 CALCULATOR = """
 name: calc
@@ -566,3 +567,78 @@ async def test_a_step_granting_host_functions_never_runs_on_the_loop(
         await h.deliver(event_msg("hi", id=f"ev-{n}"))
     assert len(submits) == 60
     assert {r.outcome for r in h.reports} == {"ok"}
+
+
+# --- stopping -------------------------------------------------------------------
+
+
+class FlushCountingNats:
+    """A connection that counts flushes (PING/PONG round trips) and delivers nothing."""
+
+    def __init__(self) -> None:
+        self.flushes = 0
+
+    def new_inbox(self) -> str:
+        return "_INBOX.test"
+
+    async def flush(self, timeout: float = 2) -> None:
+        self.flushes += 1
+
+    async def subscribe(self, subject: str, **_: Any) -> Any:
+        sub = FakeCoreSub()
+        sub._pending_queue = asyncio.Queue()  # type: ignore[attr-defined]
+        return sub
+
+
+@pytest.mark.parametrize("pulled", [False, True])
+async def test_stopping_a_step_that_never_pulled_costs_no_round_trip(
+    make: Any, pulled: bool
+) -> None:
+    # 10,000 workflows stopping: a PING per cold step was 30,000 round trips (~30 s).
+    h = make(CALCULATOR, "add")
+    nc = FlushCountingNats()
+    h.runner._pull = Pull(cast(Any, nc), "S", "c")
+    if pulled:
+        await h.runner._pull.start()
+    await h.runner.stop()
+    if pulled:  # events the server sent may be on their way: wait for them
+        assert nc.flushes >= 1
+    else:
+        assert nc.flushes == 0
+
+
+class RecordedLogs:
+    """A run recorder keeping, per event, the module's log lines its record would show."""
+
+    def __init__(self) -> None:
+        self.lines: dict[str, list[tuple[str, str]]] = {}
+        self.dropped: dict[str, int] = {}
+
+    def capture(self) -> list[tuple[str, str]]:
+        return []
+
+    def note(self, event: Any, outcome: str, *args: Any) -> None:
+        call = args[-1]
+        self.lines[event.id] = list(call.log_lines)
+        self.dropped[event.id] = call.log_lines_over + call.log_dropped_lines
+
+
+async def test_a_call_undone_on_the_fast_lane_leaves_no_log_lines_in_the_run(
+    make: Any, executor: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The run record (and the log budget) must show one attempt, the one that counted.
+    h = make(flaky("flood", timeout_ms=5000))
+    submits = counting_submits(executor, monkeypatch)
+    await deliver_until_on_loop(h, submits, {"lines": 1, "size": 1})
+    records = RecordedLogs()
+    h.runner.runs = records
+    submits.clear()
+    many = event_msg({"lines": 200_000, "size": 1}, id="many")  # well over 2 ms of logging
+    await h.deliver(many)
+    assert len(submits) == 1  # cut off on the loop, run again in a thread
+    assert many.settled == [("ack", None)]
+    alone = make(flaky("flood", timeout_ms=5000))  # the same event, straight in a thread
+    alone.runner.runs = records
+    await alone.deliver(event_msg({"lines": 200_000, "size": 1}, id="alone"))
+    assert records.lines["many"] == records.lines["alone"]
+    assert records.dropped["many"] == records.dropped["alone"]
