@@ -237,10 +237,13 @@ class ModuleHost:
         output = b""
         finished = False
         try:
+            began = time.perf_counter()
             try:
                 output = plugin.call(function, data, parse=bytes, host_context=context)
             except extism.Error as exc:
                 failure = _step_error(exc, spec, context, logs.take_error(plugin))
+                if failure.kind == ErrorKind.TRAP and _past_timeout(began, spec):
+                    failure = _interrupted(spec, failure)
             else:
                 failure = _output_error(output, spec, context)
             finished = True
@@ -449,6 +452,21 @@ def _step_error(
     if "error while executing" in message or "wasm trap" in message or "unreachable" in message:
         return StepError(f"module trapped: {_trap_reason(message, logged)}", kind=ErrorKind.TRAP)
     return StepError(f"module returned an error: {message}", kind=ErrorKind.ERROR)
+
+
+def _past_timeout(began: float, spec: PluginSpec) -> bool:
+    return (time.perf_counter() - began) * 1000 >= spec.timeout_ms
+
+
+def _interrupted(spec: PluginSpec, trap: StepError) -> StepError:
+    """A trap at or after the call's timeout: the timer's interrupt, wherever it hit.
+
+    In libextism's own handling of a host call (e.g. a log line), it surfaces as
+    that call failing ("invalid handle offset for log message"): a timeout, then.
+    """
+    return StepError(
+        f"module call timed out after {spec.timeout_ms} ms ({trap})", kind=ErrorKind.TIMEOUT
+    )
 
 
 # What libextism says when the Wasm it runs *around* a call (its kernel: reset,

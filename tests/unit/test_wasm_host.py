@@ -155,6 +155,14 @@ def test_endless_loop_is_stopped_by_the_timeout(host: ModuleHost) -> None:
     assert "200 ms" in str(error)
 
 
+def test_a_module_timed_out_while_logging_times_out(host: ModuleHost) -> None:
+    # The timer may interrupt libextism's own log handling ("invalid handle offset for
+    # log message"): that is the timeout's doing, not the module's trap.
+    flood = json.dumps({"lines": 1_000_000, "size": 1}).encode()
+    kinds = [fails(host, "flood", flood, timeout_ms=2).kind for _ in range(30)]
+    assert set(kinds) == {"timeout"}
+
+
 def test_memory_bomb_hits_the_memory_limit(host: ModuleHost) -> None:
     error = fails(host, "bomb", max_pages=64)
     assert (error.kind, error.retryable) == ("oom", False)
