@@ -34,6 +34,30 @@ class DeadliftClient(Client):
         # Called after every reconnect: pull requests did not survive it (cold steps re-check).
         self.on_reconnect: list[Callable[[], None]] = []
 
+    @staticmethod
+    def _parse_header_lines(raw: bytes) -> dict[str, str]:
+        """nats-py's header-block parser, same result in half the time (every delivery's
+        CloudEvents headers pass through it, on the event loop).
+
+        The same rules: ``Name: value`` lines, names stripped and ASCII with no
+        whitespace inside (str.isspace), values stripped and decoded with
+        ``replace``. Only the whitespace check differs: one ``split`` instead of a
+        generator over the name's characters.
+        """
+        out: dict[str, str] = {}
+        for line in raw.split(b"\r\n"):
+            name, sep, value = line.partition(b":")
+            if not sep:
+                continue
+            try:
+                key = name.strip().decode("ascii")
+            except UnicodeDecodeError:
+                continue
+            if key and key.split() != [key]:
+                continue
+            out[key] = value.strip().decode("utf-8", "replace")
+        return out
+
     async def reconnected(self) -> None:
         """nats-py's ``reconnected_cb``: tell the listeners."""
         log.info("reconnected to NATS")

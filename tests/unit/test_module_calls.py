@@ -25,6 +25,7 @@ class Calls(ModuleCalls):
     def __init__(self, threads: int, executor: Any, fail: bool = False) -> None:
         self.context = type("Context", (), {"threads": threads, "executor": executor})()
         self.fast_spec = None  # never on the loop
+        self.quick = 0  # never proven quick: batches split over the threads
         self.fail = fail
         self.started = threading.Event()
         self.release = threading.Event()

@@ -514,10 +514,13 @@ async def test_a_batch_still_runs_in_the_module_threads(
     make: Any, executor: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     h = make(CALCULATOR, "add")
-    await deliver_until_fast(h, {"value": 1})
     submits = counting_submits(executor, monkeypatch)
+    await h.deliver(*(event_msg({"value": n}, id=f"first-{n}") for n in range(4)))
+    assert len(submits) == 2  # not yet known to be quick: split over both threads
+    await deliver_until_fast(h, {"value": 1})
+    submits.clear()
     await h.deliver(*(event_msg({"value": n}, id=f"ev-{n}") for n in range(4)))
-    assert len(submits) == 2  # one chunk per thread
+    assert len(submits) == 1  # quick: whole, to one thread (fewer wakes and GIL hand-offs)
     assert [r.output for r in h.reports[-4:]] == [{"value": n + 10} for n in range(4)]
 
 
