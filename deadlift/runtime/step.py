@@ -24,6 +24,7 @@ from opentelemetry.trace import Span
 from deadlift.bus import direct
 from deadlift.bus.acksubject import delivery
 from deadlift.bus.checks import ConsumerChecks
+from deadlift.bus.flushes import Flushes
 from deadlift.bus.pull import Pull
 from deadlift.bus.streams import StepBinding
 from deadlift.errors import EventDecodeError, EventEncodeError, StepError
@@ -216,7 +217,7 @@ class StepRunner:
         if self._pull is None or not self._pull.subscribed:
             return []  # never pulled: a round trip per cold step made a big stop slow
         try:
-            await self._pull.nc.flush(timeout=2)
+            await Flushes.of(self._pull.nc).flush(timeout=2)  # shared by steps stopping together
         except (nats.errors.Error, TimeoutError) as exc:
             log.debug("flush before taking delivered events failed: %s", exc)
         return self._pull.delivered()

@@ -610,6 +610,18 @@ async def test_stopping_a_step_that_never_pulled_costs_no_round_trip(
         assert nc.flushes == 0
 
 
+async def test_steps_stopping_together_share_a_round_trip(make: Any) -> None:
+    # 10,000 workflows: 60,000 PINGs at once outran their 2 s timeout, and SIGTERM
+    # ran out of its 25 s (exit 70). A PING sent after every stop asked covers them all.
+    nc = FlushCountingNats()
+    harnesses = [make(CALCULATOR, "add") for _ in range(50)]
+    for h in harnesses:
+        h.runner._pull = Pull(cast(Any, nc), "S", "c")
+        await h.runner._pull.start()
+    await asyncio.gather(*(h.runner.stop() for h in harnesses))
+    assert 1 <= nc.flushes <= 4
+
+
 class RecordedLogs:
     """A run recorder keeping, per event, the module's log lines its record would show."""
 
