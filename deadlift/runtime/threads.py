@@ -73,7 +73,7 @@ _resume_collector = True
 
 
 @contextlib.contextmanager
-def collector_paused() -> Iterator[None]:
+def collector_paused(*, freeze: bool = True) -> Iterator[None]:
     """No garbage collection while a worker starts its steps; then freeze what it made.
 
     A start builds a heap of long-lived objects (1,000 workflows: ~450,000), and
@@ -84,6 +84,8 @@ def collector_paused() -> Iterator[None]:
     cycle made during the start and dropped is only reclaimed after a later
     reconcile stops steps (it unfreezes): memory bounded by the start's heap.
     Nested and concurrent starts count: the collector resumes after the last.
+    ``freeze=False`` (a stop: what it leaves is garbage, not a heap that stays):
+    paused only.
     """
     global _pauses, _resume_collector
     if _pauses == 0:
@@ -95,6 +97,7 @@ def collector_paused() -> Iterator[None]:
     finally:
         _pauses -= 1
         if _pauses == 0:
-            gc.freeze()
+            if freeze:
+                gc.freeze()
             if _resume_collector:
                 gc.enable()

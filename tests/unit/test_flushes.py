@@ -30,7 +30,10 @@ class SlowPongs:
         pong = asyncio.Event()
         self.pings.append(pong)
         self.pinged.set()
-        await pong.wait()
+        try:
+            await asyncio.wait_for(pong.wait(), timeout)
+        except TimeoutError:
+            raise nats.errors.TimeoutError from None
         if self.error is not None:
             raise self.error
 
@@ -71,8 +74,21 @@ async def test_a_failed_flush_fails_every_caller_sharing_it() -> None:
 
 async def test_a_flush_never_answered_times_out() -> None:
     flushes = Flushes(cast(Any, SlowPongs()))
-    with pytest.raises(TimeoutError):
+    with pytest.raises(nats.errors.TimeoutError):
         await flushes.flush(timeout=0.05)
+
+
+async def test_a_caller_cancelled_leaves_the_others_their_answer() -> None:
+    nc = SlowPongs()
+    flushes = Flushes(cast(Any, nc))
+    waiting = [asyncio.create_task(flushes.flush(timeout=1)) for _ in range(10)]
+    pong = await nc.ping(0)
+    for task in waiting[:5]:
+        task.cancel()
+    pong.set()
+    results = await asyncio.gather(*waiting, return_exceptions=True)
+    assert all(isinstance(r, asyncio.CancelledError) for r in results[:5])
+    assert results[5:] == [None] * 5
 
 
 def test_each_connection_has_its_own() -> None:
