@@ -3,8 +3,10 @@
 Instances are pooled per step (no module state crosses steps), so a step's first
 event after a start, or after its idle instances were given back, pays for a new
 one: creating it, its first call (Extism sets the instance up then), and later
-dropping it. A worker starting N workflows of 3 steps with an event each pays
-this 3N times, on its module threads. From the repository root::
+dropping it. Each phase also shows its minor page faults per instance: memory
+touched for the first time, which the kernel must zero (4 KiB each). A worker
+starting N workflows of 3 steps with an event each pays this 3N times, on its
+module threads. From the repository root::
 
     .venv/bin/python bench/instance_cost.py [--module add_ten] [--instances 500]
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import resource
 import time
 from pathlib import Path
 
@@ -22,33 +25,36 @@ import extism
 from deadlift.wasm.host import PluginSpec, compile_module
 
 ROOT = Path(__file__).resolve().parent.parent
+PHASES = ("create", "first_call", "warm_call", "drop")
+
+
+def _faults() -> int:
+    """Minor page faults of this process so far (a fresh page touched: zeroed by the kernel)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def measure(module: str, function: str, instances: int) -> dict[str, float]:
-    """Milliseconds per instance: create, first call, a warm call, drop."""
+    """Per instance: milliseconds of create, first call, a warm call, drop; and the
+    minor page faults of each."""
     wasm = (ROOT / "workers" / "dist" / f"{module}.wasm").read_bytes()
     spec = PluginSpec(sha256="0" * 64, org="bench", timeout_ms=1000, max_pages=256)
     compiled = compile_module(wasm, spec)
     data = json.dumps({"value": 1}).encode()
-    began = time.perf_counter()
+    marks = [(time.perf_counter(), _faults())]
     plugins = [extism.Plugin(compiled, functions=None) for _ in range(instances)]
-    created = time.perf_counter()
-    for plugin in plugins:
-        plugin.call(function, data, parse=bytes)
-    first = time.perf_counter()
-    for plugin in plugins:
-        plugin.call(function, data, parse=bytes)
-    warm = time.perf_counter()
+    marks.append((time.perf_counter(), _faults()))
+    for _ in range(2):  # the first call, then a warm one
+        for plugin in plugins:
+            plugin.call(function, data, parse=bytes)
+        marks.append((time.perf_counter(), _faults()))
     del plugins, plugin
     gc.collect()
-    dropped = time.perf_counter()
-    per = 1000 / instances
-    return {
-        "create_ms": (created - began) * per,
-        "first_call_ms": (first - created) * per,
-        "warm_call_ms": (warm - first) * per,
-        "drop_ms": (dropped - warm) * per,
-    }
+    marks.append((time.perf_counter(), _faults()))
+    costs: dict[str, float] = {}
+    for name, (t0, f0), (t1, f1) in zip(PHASES, marks[:-1], marks[1:], strict=True):
+        costs[f"{name}_ms"] = (t1 - t0) * 1000 / instances
+        costs[f"{name}_faults"] = (f1 - f0) / instances
+    return costs
 
 
 def main() -> None:
@@ -58,8 +64,11 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=500)
     args = parser.parse_args()
     costs = measure(args.module, args.function or args.module, args.instances)
-    for name, ms in costs.items():
-        print(f"{name:<14} {ms:7.3f} ms")
+    for name in PHASES:
+        print(
+            f"{name:<14} {costs[name + '_ms']:7.3f} ms  "
+            f"{costs[name + '_faults']:5.0f} minor page faults"
+        )
     fresh = costs["create_ms"] + costs["first_call_ms"] + costs["drop_ms"]
     print(f"{'fresh, in all':<14} {fresh:7.3f} ms per instance")
     for workflows in (1_000, 10_000):
