@@ -11,8 +11,8 @@ one kind of resource to every org, 8 orgs at a time, each org on its own connect
   goroutines' stacks (live too);
 * streams and consumers (``/jsz``).
 
-Phases: accounts only; a connection per org; the registry (``Registry.open``: module
-Object Store, module metadata KV, workflows KV); ``add_ten`` pushed; the steps stream;
+Phases: accounts only; a connection per org; the registry (``Registry.open``: one
+stream, ``DEADLIFT_REGISTRY``); ``add_ten`` pushed; the steps stream;
 the events stream; the workflow applied (3 steps: 4 consumers, the workflow in KV);
 the dead-letter stream (now created by an org's first dead letter); the connections
 closed. The table shows each phase's growth per org. From the repository root::
@@ -181,7 +181,7 @@ async def run(n: int, work: Path, settle: float) -> list[Reading]:
         readings = [await read(server, prof_port, "accounts only", 0.0, settle)]
         phases: list[tuple[str, Callable[[str], Awaitable[Any]]]] = [
             ("a connection each", orgs.connect),
-            ("registry: 2 KV + 1 Object Store", orgs.registry),
+            ("registry (one stream)", orgs.registry),
             ("module pushed (add_ten)", orgs.module),
             ("steps stream", orgs.steps_stream),
             ("events stream", orgs.events_stream),

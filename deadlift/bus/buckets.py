@@ -48,3 +48,18 @@ async def key_value(
     # Two creators racing get the same config: the server accepts both.
     await js.add_stream(kv_stream_config(bucket, history=history, replicas=replicas))
     return await js.key_value(bucket)
+
+
+def kv_in(js: JetStreamContext, bucket: str, stream: str) -> KeyValue:
+    """KV ``bucket``'s key space kept in ``stream`` (which captures ``$KV.<bucket>.>``)."""
+    return KeyValue(name=bucket, stream=stream, pre=f"$KV.{bucket}.", js=js, direct=False)
+
+
+def stream_of(kv: KeyValue) -> str:
+    """The stream that holds a KV bucket's entries."""
+    return str(kv._stream)  # nats-py keeps it private; it is set from its constructor
+
+
+def prefix_of(kv: KeyValue) -> str:
+    """A KV bucket's subject prefix, ``$KV.<bucket>.``."""
+    return str(kv._pre)

@@ -1,4 +1,6 @@
-"""The registry: module binaries in a JetStream Object Store, metadata and workflows in KV.
+"""The registry: module binaries, their metadata and workflows, in one stream per org.
+
+(:mod:`deadlift.bus.registry_store` says how they are kept.)
 
 The store is content-addressed: a binary is kept once under its sha256, and any
 number of ``name@version`` entries point at it. A guest org's module that the
@@ -9,7 +11,6 @@ with the owner's signature; the org's own modules have no owner.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -19,14 +20,15 @@ from typing import Any
 
 import nats.js.errors
 from nats.js import JetStreamContext
-from nats.js.api import ObjectStoreConfig, StorageType
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from deadlift.bus import buckets
+from deadlift.bus.registry_store import Binaries, open_store
 from deadlift.bus.watch import watch_bucket
 from deadlift.errors import ConfigError, InUseError, ModuleError, NotFoundError
 from deadlift.model import names
 from deadlift.model.contracts import module_name, module_owner
+from deadlift.model.topology import Bucket
 from deadlift.model.workflow import NAME_PATTERN, Workflow
 from deadlift.wasm.codecs import CODECS
 from deadlift.wasm.hostfns import NAMESPACE
@@ -35,9 +37,9 @@ from deadlift.wasm.probe import DEFAULT_MAX_PAGES, DEFAULT_TIMEOUT_S, probe_modu
 
 log = logging.getLogger("deadlift.bus")
 
-BINARIES = "deadlift_modules"
-MODULES = "deadlift_module_meta"
-WORKFLOWS = "deadlift_workflows"
+BINARIES = Bucket.BINARIES
+MODULES = Bucket.MODULES
+WORKFLOWS = Bucket.WORKFLOWS
 MAX_MODULE_BYTES = 32 * 1024 * 1024
 # New versions follow deadlift.names (no '..', no trailing '.', not "latest");
 # metadata already stored is read with the looser rule it was written under.
@@ -80,7 +82,7 @@ class ModuleMeta(BaseModel):
 class Registry:
     """Modules and workflows stored in JetStream. Open with :meth:`open`."""
 
-    def __init__(self, js: JetStreamContext, binaries: Any, modules: Any, workflows: Any) -> None:
+    def __init__(self, js: JetStreamContext, binaries: Binaries, modules: Any, workflows: Any):
         self.js = js
         self._binaries = binaries
         self._modules = modules
@@ -88,16 +90,23 @@ class Registry:
 
     @classmethod
     async def open(cls, js: JetStreamContext, *, replicas: int = 1) -> Registry:
-        """Open the registry buckets, creating them on first use (``replicas`` on a cluster)."""
-        try:
-            binaries = await js.object_store(BINARIES)
-        except nats.js.errors.NotFoundError:
-            binaries = await js.create_object_store(
-                BINARIES, config=ObjectStoreConfig(storage=StorageType.FILE, replicas=replicas)
-            )
-        modules = await buckets.key_value(js, MODULES, history=5, replicas=replicas)
-        workflows = await buckets.key_value(js, WORKFLOWS, history=10, replicas=replicas)
-        return cls(js, binaries, modules, workflows)
+        """Open the org's registry, creating it on first use (``replicas`` on a cluster)."""
+        store = await open_store(js, replicas=replicas)
+        return cls(js, store.binaries, store.modules, store.workflows)
+
+    @property
+    def modules_bucket(self) -> Any:
+        """The module metadata's KV key space (nats-py's ``KeyValue``)."""
+        return self._modules
+
+    @property
+    def workflows_bucket(self) -> Any:
+        """The workflows' KV key space (nats-py's ``KeyValue``)."""
+        return self._workflows
+
+    async def binary_shas(self) -> list[str]:
+        """The sha256 of every stored binary."""
+        return await self._binaries.shas()
 
     # -- modules -------------------------------------------------------------
 
@@ -220,10 +229,7 @@ class Registry:
 
     async def modules(self) -> list[ModuleMeta]:
         """Every module version, the org's own first, by owner, name, then push time."""
-        metas = [
-            ModuleMeta.model_validate_json(v)
-            for v in await _values(self.js, MODULES, self._modules)
-        ]
+        metas = [ModuleMeta.model_validate_json(v) for v in await _values(self.js, self._modules)]
         return sorted(metas, key=lambda m: (m.owner or "", m.name, m.pushed_at))
 
     async def versions(self, name: str, *, owner: str | None = None) -> list[ModuleMeta]:
@@ -313,27 +319,20 @@ class Registry:
             await self._modules.purge(_module_key(meta.name, meta.version, meta.owner))
         remaining = {m.sha256 for m in await self.modules()}
         for sha in shas - remaining:  # the store is content-addressed: drop orphans only
-            with contextlib.suppress(nats.js.errors.NotFoundError):
-                await self._binaries.delete(sha)
+            await self._binaries.delete(sha)
         return chosen
 
     async def binary(self, sha256: str) -> bytes:
         """The module binary with this sha256 (verified by the object store)."""
-        try:
-            result = await self._binaries.get(sha256)
-        except nats.js.errors.NotFoundError:
-            raise NotFoundError(f"module binary {sha256} is missing from the store") from None
-        data: bytes = result.data
+        data = await self._binaries.get(sha256)
+        if data is None:
+            raise NotFoundError(f"module binary {sha256} is missing from the store")
         if hashlib.sha256(data).hexdigest() != sha256:
             raise ModuleError(f"module binary {sha256} is corrupt in the store")
         return data
 
     async def _has_binary(self, sha256: str) -> bool:
-        try:
-            await self._binaries.get_info(sha256)
-        except nats.js.errors.NotFoundError:
-            return False
-        return True
+        return await self._binaries.has(sha256)
 
     # -- workflows -----------------------------------------------------------
 
@@ -395,10 +394,7 @@ class Registry:
 
     async def workflows(self) -> list[Workflow]:
         """Every stored workflow."""
-        found = [
-            Workflow.model_validate_json(v)
-            for v in await _values(self.js, WORKFLOWS, self._workflows)
-        ]
+        found = [Workflow.model_validate_json(v) for v in await _values(self.js, self._workflows)]
         return sorted(found, key=lambda w: w.key)
 
     async def workflow(self, name: str) -> Workflow:
@@ -423,7 +419,7 @@ class Registry:
         A deleted workflow yields ``(key, None)``. Setting ``stop`` ends the iteration.
         Idle, it costs nothing (see :mod:`deadlift.bus.watch`).
         """
-        async for change in watch_bucket(self.js, WORKFLOWS, stop):
+        async for change in watch_bucket(self.js, self._workflows, stop):
             if change.value is None:
                 yield change.key, None
                 continue
@@ -509,11 +505,11 @@ def _validate(wasm: bytes, *, name: str, version: str | None, codec: str, source
     return info
 
 
-async def _values(js: JetStreamContext, bucket: str, kv: Any) -> list[bytes]:
-    return [value for _, value in await kv_entries(js, bucket, kv)]
+async def _values(js: JetStreamContext, kv: Any) -> list[bytes]:
+    return [value for _, value in await kv_entries(js, kv)]
 
 
-async def kv_entries(js: JetStreamContext, bucket: str, kv: Any) -> list[tuple[str, bytes]]:
+async def kv_entries(js: JetStreamContext, kv: Any) -> list[tuple[str, bytes]]:
     """Every current ``(key, value)`` of a KV bucket, by key.
 
     Keys come from the bucket stream's subjects, not from ``kv.keys()``: that
@@ -521,8 +517,8 @@ async def kv_entries(js: JetStreamContext, bucket: str, kv: Any) -> list[tuple[s
     5-minute inactivity threshold), so about a thousand registry listings in five
     minutes would hit the server's consumer limit and break every later one.
     """
-    prefix = f"$KV.{bucket}."
-    info = await js.stream_info(f"KV_{bucket}", subjects_filter=f"{prefix}>")
+    prefix = buckets.prefix_of(kv)
+    info = await js.stream_info(buckets.stream_of(kv), subjects_filter=f"{prefix}>")
     entries = []
     for subject in sorted(info.state.subjects or {}):
         key = subject.removeprefix(prefix)

@@ -33,6 +33,9 @@ from typing import Any
 import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+
+from deadlift.bus import buckets
 
 log = logging.getLogger("deadlift.bus")
 
@@ -51,11 +54,11 @@ class Change:
 
 
 async def watch_bucket(
-    js: JetStreamContext, bucket: str, stop: asyncio.Event | None = None
+    js: JetStreamContext, kv: KeyValue, stop: asyncio.Event | None = None
 ) -> AsyncIterator[Change]:
-    """Every current entry of KV ``bucket``, then each change, until ``stop`` is set."""
+    """Every current entry of KV bucket ``kv``, then each change, until ``stop`` is set."""
     nc = js._nc
-    keys = _Keys(f"$KV.{bucket}.")
+    keys = _Keys(buckets.prefix_of(kv))
     # Unbounded: a burst of applies must not be dropped as a slow consumer's.
     sub = await nc.subscribe(
         f"{keys.prefix}>", cb=keys.named_key, pending_msgs_limit=0, pending_bytes_limit=0
@@ -64,7 +67,6 @@ async def watch_bucket(
     stopper: asyncio.Task[None] | None = None
     try:
         await nc.flush()
-        kv = await js.key_value(bucket)
         refusal = _refusal(nc, f"{keys.prefix}>")
         if refusal is not None:
             log.warning(
@@ -73,7 +75,7 @@ async def watch_bucket(
                 "to allow it",
                 keys.prefix,
                 refusal,
-                bucket,
+                kv._name,
             )
             async for change in _entries(kv, stop, initial_only=False):
                 yield change
@@ -87,7 +89,7 @@ async def watch_bucket(
         while stop is None or not stop.is_set():
             key = await keys.next()
             if key is not None:
-                stored = await _read(js, bucket, key)
+                stored = await _read(js, kv, key)
                 found = [stored] if stored is not None else []
             elif stop is None or not stop.is_set():  # a resync: the entries as they are now
                 keys.resynced()
@@ -165,10 +167,10 @@ def _refusal(nc: Any, subject: str) -> str | None:
     return denied(subject) if denied is not None else None
 
 
-async def _read(js: JetStreamContext, bucket: str, key: str) -> Change | None:
+async def _read(js: JetStreamContext, kv: KeyValue, key: str) -> Change | None:
     """The stored state of ``key``; None if the stream has nothing for it."""
     try:
-        msg = await js.get_last_msg(f"KV_{bucket}", f"$KV.{bucket}.{key}")
+        msg = await js.get_last_msg(buckets.stream_of(kv), f"{buckets.prefix_of(kv)}{key}")
     except nats.js.errors.NotFoundError:
         return None
     operation = (msg.headers or {}).get("KV-Operation")

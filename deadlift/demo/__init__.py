@@ -368,7 +368,7 @@ async def _read_counts(js: Any) -> dict[str, int]:
     """Acme's discount counters, read back from Acme's own KV bucket."""
     bucket = state_bucket("acme")
     counts = {}
-    for key, value in await kv_entries(js, bucket, await js.key_value(bucket)):
+    for key, value in await kv_entries(js, await js.key_value(bucket)):
         name = decode_key(key)
         if name.startswith("discounts."):
             counts[name.removeprefix("discounts.")] = int(value)

@@ -16,6 +16,7 @@ class Stream(StrEnum):
     EVENTS = "DEADLIFT_EVENTS"  # triggers and publish/emit subjects of the org's own
     STEPS = "DEADLIFT_STEPS"  # step-to-step traffic: deadlift.step.>
     DLQ = "DEADLIFT_DLQ"  # dead letters: deadlift.dlq.>
+    REGISTRY = "DEADLIFT_REGISTRY"  # modules and workflows (deadlift.bus.registry_store)
 
 
 # Integrations (deadlift.model.integrations): a host keeps the modules a guest offers
@@ -34,9 +35,11 @@ IMPORT_STREAM_PREFIX = "DEADLIFT_IN_"
 class Bucket(StrEnum):
     """The registry's buckets (KV and Object Store) in each org's account."""
 
-    BINARIES = "deadlift_modules"  # Object Store: module binaries by sha256
-    MODULES = "deadlift_module_meta"  # KV: module metadata, NAME@VERSION → meta
-    WORKFLOWS = "deadlift_workflows"  # KV: applied workflows, ORG.NAME → workflow
+    # The registry's key spaces, all in the stream Stream.REGISTRY (in an earlier
+    # version's layout: an Object Store and two KV buckets of these names).
+    BINARIES = "deadlift_modules"  # module binaries by sha256
+    MODULES = "deadlift_module_meta"  # module metadata, NAME@VERSION → meta
+    WORKFLOWS = "deadlift_workflows"  # applied workflows, ORG.NAME → workflow
     DEAD_LETTERS = "deadlift_dead_letters"  # Object Store: dead letters too large to be messages
 
 

@@ -538,7 +538,7 @@ async def test_registry_and_state_buckets_get_the_streams_replicas(cluster: Loca
     nc = await bus.connect(settings)
     try:
         await Registry.open(nc.jetstream(), replicas=settings.stream_replicas)
-        for stream in ("KV_deadlift_workflows", "KV_deadlift_module_meta", "OBJ_deadlift_modules"):
+        for stream in (Stream.REGISTRY,):
             info = await nc.jetstream().stream_info(stream)
             assert info.config.num_replicas == 3, stream
     finally:

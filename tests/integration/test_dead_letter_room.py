@@ -17,7 +17,7 @@ from deadlift.wire import events
 from tests.integration.accounts import Connect, write_orgs
 from tests.manifests import logins
 
-# Registry (2 KV buckets and an Object Store), steps and events: 5 streams.
+# The registry, steps and events: 3 streams.
 FLOW = """
 name: fragile
 org: {org}
@@ -30,7 +30,7 @@ steps:
 
 @pytest.fixture(scope="module")
 def orgs_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    limits = {"tight": {"limits": {"max_streams": 5}}, "roomy": {"limits": {"max_streams": 6}}}
+    limits = {"tight": {"limits": {"max_streams": 3}}, "roomy": {"limits": {"max_streams": 4}}}
     return write_orgs(tmp_path_factory.mktemp("orgs"), {"orgs": logins("tight", "roomy", **limits)})
 
 
@@ -54,5 +54,5 @@ async def test_apply_keeps_a_stream_free_for_the_first_dead_letter(
 
     [letter] = await dlq.letters(roomy.js)  # in the stream its account had room for
     assert (letter.headers["ce-id"], letter.kind) == ("e1", "trap")
-    assert (await roomy.js.account_info()).streams == 6
+    assert (await roomy.js.account_info()).streams == 4
     assert (await roomy.js.stream_info(Stream.DLQ)).state.messages == 1

@@ -23,7 +23,6 @@ from nats.js.api import RePublish, StreamConfig
 from deadlift.bus import offers
 from deadlift.bus.integration_streams import offers_stream
 from deadlift.bus.offers import accept_offer, chunk_size, list_offers, offer_module
-from deadlift.bus.registry import MODULES
 from deadlift.errors import ConfigError, PermissionDeniedError
 from deadlift.model import integrations as links
 from deadlift.model import topology
@@ -330,7 +329,7 @@ async def test_a_tampered_signature_in_the_registry_never_runs(
     acme: Org, stripe: Org, orgs: OrgManifest, caplog: pytest.LogCaptureFixture
 ) -> None:
     await accepted_scoring(acme, stripe, orgs)
-    kv = await stripe.js.key_value(MODULES)
+    kv = stripe.registry.modules_bucket
     entry = json.loads((await kv.get("acme/scorer/1")).value or b"")
     other, other_public = signing.new_key()
     # Whoever writes the registry may also claim another key: the worker uses the manifest's.
@@ -347,7 +346,7 @@ async def test_a_registry_entry_pointed_at_another_binary_never_runs(
 ) -> None:
     await accepted_scoring(acme, stripe, orgs)
     own = await stripe.push("echo")  # a binary of Stripe's own
-    kv = await stripe.js.key_value(MODULES)
+    kv = stripe.registry.modules_bucket
     entry = json.loads((await kv.get("acme/scorer/1")).value or b"")
     entry["sha256"] = own.sha256  # Acme's name and signature, Stripe's binary
     await kv.put("acme/scorer/1", json.dumps(entry).encode())

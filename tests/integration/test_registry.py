@@ -21,7 +21,7 @@ import pytest
 from nats.aio.client import Client
 
 import deadlift.bus.registry
-from deadlift.bus.registry import BINARIES, Registry
+from deadlift.bus.registry import Registry
 from deadlift.errors import ConfigError, InUseError, ModuleError, NotFoundError
 from deadlift.model.topology import Stream
 from deadlift.model.workflow import parse_workflow
@@ -45,13 +45,8 @@ def sha(data: bytes) -> str:
 
 
 async def stored_binaries(nc: Client) -> list[str]:
-    """Names of the (not deleted) objects in the module binary store."""
-    store = await nc.jetstream().object_store(BINARIES)
-    try:
-        infos = await store.list(ignore_deletes=True)
-    except nats.js.errors.NotFoundError:
-        return []
-    return sorted(i.name for i in infos if not i.deleted)
+    """The sha256 of every binary in the module store."""
+    return await (await Registry.open(nc.jetstream())).binary_shas()
 
 
 async def stream_names(nc: Client) -> set[str]:
@@ -524,11 +519,7 @@ async def test_buckets_are_created_without_message_ttls_and_work(
     bucket = await StateBuckets(js).of("acme")
     await bucket.put("counter", b"1")
     await push("add_ten")
-    for stream in (
-        "KV_deadlift_workflows",
-        "KV_deadlift_module_meta",
-        f"KV_{state_bucket('acme')}",
-    ):
+    for stream in (Stream.REGISTRY, f"KV_{state_bucket('acme')}"):
         assert not (await js.stream_info(stream)).config.allow_msg_ttl, stream
     assert (await bucket.get("counter")).value == b"1"
     assert [m.name for m in await registry.modules()] == ["add_ten"]

@@ -17,6 +17,7 @@ from nats.aio.client import Client
 import deadlift.bus.watch
 from deadlift import bus
 from deadlift.bus.registry import WORKFLOWS, Registry
+from deadlift.model.topology import Stream
 from deadlift.model.workflow import Workflow, parse_workflow
 from deadlift.ops.server import EmbeddedServer, free_port
 from deadlift.settings import Settings
@@ -105,7 +106,7 @@ async def test_an_idle_watch_holds_no_consumer_and_gets_no_messages(
     await registry.put_workflow(flow("first"))
     async with watching(registry) as watch:
         await watch.until(("acme.first", "calc.in"))
-        info = await nc.jetstream().stream_info(f"KV_{WORKFLOWS}")
+        info = await nc.jetstream().stream_info(Stream.REGISTRY)
         assert info.state.consumer_count == 0
         received = nc.stats["in_msgs"]
         await asyncio.sleep(6)  # more than the 5 s heartbeat of a consumer
@@ -230,7 +231,7 @@ async def test_an_invalid_stored_workflow_is_skipped_and_the_watch_goes_on(
     registry: Registry, nc: Client, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Written around `workflow apply` (a raw KV put): the org's other workflows still run."""
-    kv = await nc.jetstream().key_value(WORKFLOWS)
+    kv = registry.workflows_bucket
     await kv.put("acme.broken", b"{not a workflow")
     await registry.put_workflow(flow("first"))
     async with watching(registry) as watch:
