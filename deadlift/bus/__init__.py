@@ -20,9 +20,11 @@ from deadlift.bus.streams import (
     delete_consumer,
     delete_consumers,
     ensure_consumers,
+    ensure_replay_input,
     ensure_streams,
     import_stream,
     list_consumers,
+    made_at_apply,
     step_inputs,
 )
 
@@ -41,9 +43,11 @@ __all__ = [
     "delete_consumer",
     "delete_consumers",
     "ensure_consumers",
+    "ensure_replay_input",
     "ensure_streams",
     "import_stream",
     "list_consumers",
+    "made_at_apply",
     "step_inputs",
     "with_org_credentials",
 ]

@@ -55,6 +55,7 @@ Measured on this 2-core machine (3,000 consumers, worker and server CPU together
 consumer's whole state, encoded, sent and parsed): a page pays off from ~75 askers.
 """
 IN_FLIGHT = 256  # single requests outstanding at once (the server queues its API requests)
+CONSUMER_NOT_FOUND = 10014  # the JetStream API's error code
 
 
 class ConsumerChecks:
@@ -92,6 +93,8 @@ class ConsumerChecks:
         self._sub: Subscription | None = None
         self._replies: dict[str, asyncio.Future[Msg]] = {}
         self._next_token = 0
+        # Questions whose consumer, if the server has none, has no work (has_work's absent).
+        self._idle_if_absent: set[asyncio.Future[bool]] = set()
 
     @classmethod
     def of(cls, js: JetStreamContext) -> ConsumerChecks:
@@ -107,18 +110,25 @@ class ConsumerChecks:
         """How many consumers each stream has (e.g. from a listing at start): a hint."""
         self._sizes.update(sizes)
 
-    async def has_work(self, stream: str, consumer: str) -> bool:
+    async def has_work(self, stream: str, consumer: str, *, absent: bool = True) -> bool:
         """Whether ``consumer`` has events to deliver, or delivered ones not yet acked.
 
         The answer comes from a request sent after this call; True when unsure.
+        ``absent``: the answer when the server says the consumer does not exist (for
+        one made on demand, False: nothing can be waiting in it).
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bool] = loop.create_future()
         self._asked.setdefault(stream, {}).setdefault(consumer, []).append(future)
+        if not absent:
+            self._idle_if_absent.add(future)
         self.stats["asked"] += 1
         if self._flush is None:
             self._flush = loop.call_later(self.window_s, self._answer_asked)
-        return await future
+        try:
+            return await future
+        finally:
+            self._idle_if_absent.discard(future)
 
     def _answer_asked(self) -> None:
         self._flush = None
@@ -142,6 +152,7 @@ class ConsumerChecks:
     ) -> None:
         left = dict(asked)
         offset = 0
+        listed = False  # to the end: a consumer not in the listing does not exist
         # List while the pages still to come answer enough askers each; the rest singly.
         while left and len(left) >= self._pages(stream, offset) * ASKERS_PER_PAGE:
             [page] = await self._requests([(f"CONSUMER.LIST.{stream}", {"offset": offset})])
@@ -156,13 +167,19 @@ class ConsumerChecks:
             offset += len(consumers)
             self._sizes[stream] = total = int(page.get("total") or offset)
             if len(consumers) < LIST_PAGE or offset >= total:
+                listed = True
                 break  # listed to the end: those not in it are gone, or just made
         else:  # too few askers left for the pages to come (or none)
             await self._ask_each(stream, left)
             return
-        self.stats["unsure"] += len(left)
         for futures in left.values():
-            _answer(futures, True)
+            # Made after the listing was sent, a consumer made on demand was made for
+            # an event that rings its step: not in a whole listing is absent.
+            self.stats["absent" if listed else "unsure"] += 1
+            if listed:
+                self._answer_absent(futures)
+            else:
+                _answer(futures, True)
 
     async def _ask_each(self, stream: str, left: dict[str, list[asyncio.Future[bool]]]) -> None:
         names = list(left)
@@ -173,7 +190,15 @@ class ConsumerChecks:
             )
             self.stats["single"] += len(chunk)
             for name, info in zip(chunk, infos, strict=True):
-                _answer(left[name], info is None or "error" in info or _has_work(info))
+                if info is not None and _consumer_not_found(info):
+                    self._answer_absent(left[name])
+                else:
+                    _answer(left[name], info is None or "error" in info or _has_work(info))
+
+    def _answer_absent(self, futures: list[asyncio.Future[bool]]) -> None:
+        """The consumer does not exist: work waiting, unless asked with ``absent=False``."""
+        for future in futures:
+            _answer([future], future not in self._idle_if_absent)
 
     def _pages(self, stream: str, offset: int) -> int:
         """Listing pages still to come from ``offset`` (at least one)."""
@@ -238,6 +263,11 @@ def _json(msg: Msg) -> dict[str, Any] | None:
     except ValueError:
         return None
     return answer if isinstance(answer, dict) else None
+
+
+def _consumer_not_found(info: dict[str, Any]) -> bool:
+    error = info.get("error")
+    return isinstance(error, dict) and error.get("err_code") == CONSUMER_NOT_FOUND
 
 
 def _has_work(info: dict[str, Any]) -> bool:

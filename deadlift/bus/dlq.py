@@ -467,7 +467,9 @@ async def reinject(
 ) -> Reinjected:
     """Re-inject a dead letter into its step's input, then remove it (and its stored body).
 
-    Idempotent: the replay's ``Nats-Msg-Id`` is derived from the letter, so two
+    An entry step's input consumer is made on demand: make it first
+    (``bus.ensure_replay_input``, as ``ops.dead_letters.replay`` does), or nothing
+    reads the event. Idempotent: the replay's ``Nats-Msg-Id`` is derived from the letter, so two
     replays of one letter publish one event (the second sees ``duplicate``), and
     a letter or body removed meanwhile by someone else is no error.
 
@@ -481,15 +483,6 @@ async def reinject(
     ack = await publisher.publish(subject, letter.body, letter.original_headers(), msg_id=msg_id)
     await _delete(js, store, letter)
     return Reinjected(subject, bool(ack.duplicate))
-
-
-async def replay(js: JetStreamContext, publisher: Publisher, letter: DeadLetter) -> str:
-    """Re-inject a dead letter into its step's input, then remove it from the queue.
-
-    The step runs the module its workflow pins *now*, so replay after pushing a
-    fixed module version and re-applying the workflow. Returns the subject used.
-    """
-    return (await reinject(js, publisher, letter)).subject
 
 
 async def _delete(js: JetStreamContext, store: BodyStore, letter: DeadLetter) -> bool:

@@ -50,6 +50,8 @@ class StepInput:
     consumer: str
     filters: tuple[str, ...]
     origin: str | None = None  # the exporting org, for a trigger arriving through an import
+    # Made by the first `dlq replay` into it, not by `workflow apply` (see step_inputs).
+    on_demand: bool = False
 
 
 def step_inputs(workflow: Workflow, step: Step) -> list[StepInput]:
@@ -59,16 +61,23 @@ def step_inputs(workflow: Workflow, step: Step) -> list[StepInput]:
     before it and by ``dlq replay``). Entry steps also read the workflow's own
     triggers from the events stream, and each import's triggers from that
     import's stream, so the org that sent an event is known from where it arrived.
+
+    An entry step's own subject is fed only by ``dlq replay`` (no step lists it in
+    ``next``), so its consumer is ``on_demand``: made by the first replay into the
+    step, not by ``workflow apply``. Most workflows never replay into their entry
+    step, and each consumer costs the server ~40 KB for as long as it exists.
     """
     org, name, step_name = workflow.org, workflow.name, step.name
+    entry = step in workflow.entry_steps()
     inputs = [
         StepInput(
             Stream.STEPS,
             topology.consumer_name(org, name, step_name),
             (topology.step_subject(org, name, step_name),),
+            on_demand=entry,
         )
     ]
-    if step not in workflow.entry_steps():
+    if not entry:
         return inputs
     own = [t for t in workflow.trigger if t not in workflow.imports]
     if own:
@@ -98,6 +107,9 @@ class StepBinding:
     # Events pending or awaiting an ack when it was bound (None: not known). A step
     # whose consumer had none goes cold at once instead of starting with a batch fetch.
     waiting: int | None = None
+    # The consumer may not exist yet (StepInput.on_demand): until it does, the input
+    # has nothing to deliver, and the step waits cold for a replay to ring.
+    on_demand: bool = False
 
 
 def stream_config(
@@ -257,13 +269,32 @@ async def ensure_consumers(
 
     ``existing`` (from :func:`list_consumers`): consumers known to be there already; one
     configured as wanted is not sent to the server again (a worker starting thousands
-    of steps that ``workflow apply`` created saves a round trip each).
+    of steps that ``workflow apply`` created saves a round trip each), and one not in
+    it is known to be absent.
+
+    An ``on_demand`` input's consumer is not created (unless steps never go cold,
+    ``idle_cold_s`` 0: nothing would wait for its first replay), only updated if there.
     """
     bindings = []
     for wanted in step_inputs(workflow, step):
         config = consumer_config(wanted.consumer, list(wanted.filters), step, settings)
+        lazy = not made_at_apply(wanted, settings)
         try:
             info = (existing or {}).get((wanted.stream, wanted.consumer))
+            if lazy and info is None and existing is None:
+                info = await _consumer_info(js, wanted.stream, wanted.consumer)
+            if lazy and info is None:
+                bindings.append(
+                    StepBinding(
+                        wanted.stream,
+                        wanted.consumer,
+                        ack_wait=settings.ack_wait_s,
+                        filters=wanted.filters,
+                        waiting=0,
+                        on_demand=True,
+                    )
+                )
+                continue
             if info is None or not configured_as(info.config, config):
                 info = await js.add_consumer(wanted.stream, config)
         except nats.js.errors.APIError as exc:
@@ -281,9 +312,40 @@ async def ensure_consumers(
                 origin=wanted.origin,
                 filters=tuple(f for f in filters if f) or wanted.filters,
                 waiting=_waiting(info),
+                on_demand=lazy,
             )
         )
     return bindings
+
+
+def made_at_apply(wanted: StepInput, settings: Settings) -> bool:
+    """Whether ``workflow apply`` (and a worker binding the step) makes this consumer."""
+    return not (wanted.on_demand and settings.idle_cold_s > 0)
+
+
+async def ensure_replay_input(
+    js: JetStreamContext, settings: Settings, workflow: Workflow, step: Step
+) -> None:
+    """Make the consumer of a step's own subject if it is made on demand, before a replay
+    publishes there (it delivers what is stored after it was made)."""
+    for wanted in step_inputs(workflow, step):
+        if wanted.on_demand and await _consumer_info(js, wanted.stream, wanted.consumer) is None:
+            config = consumer_config(wanted.consumer, list(wanted.filters), step, settings)
+            try:
+                await js.add_consumer(wanted.stream, config)
+            except nats.js.errors.APIError as exc:
+                raise ConfigError(
+                    f"workflow {workflow.key} step {step.name!r}: cannot create consumer "
+                    f"{wanted.consumer} for the replay: {exc}"
+                ) from None
+
+
+async def _consumer_info(js: JetStreamContext, stream: str, consumer: str) -> ConsumerInfo | None:
+    """A consumer's info; None if it (or its stream) does not exist."""
+    try:
+        return await js.consumer_info(stream, consumer)
+    except nats.js.errors.NotFoundError:
+        return None
 
 
 def _waiting(info: ConsumerInfo) -> int | None:

@@ -125,6 +125,7 @@ def dlq_replay(
             letter_ids,
             workflow=workflow,
             step=step,
+            settings=settings,
         )
 
     results = run_async(replay(settings_of(ctx)))

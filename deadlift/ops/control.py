@@ -167,7 +167,7 @@ async def _create_consumers(
     nothing of the apply is left behind then but the streams' subjects.
     """
     had = {(i.stream, i.consumer) for w in stored for s in w.steps for i in bus.step_inputs(w, s)}
-    await _check_consumer_room(js, workflows, had)
+    await _check_consumer_room(js, settings, workflows, had)
     slots = asyncio.Semaphore(CONSUMER_REQUESTS)
 
     async def ensure(workflow: Workflow, step: Step) -> None:
@@ -197,7 +197,7 @@ async def _create_consumers(
 
 
 async def _check_consumer_room(
-    js: JetStreamContext, workflows: list[Workflow], had: set[tuple[str, str]]
+    js: JetStreamContext, settings: Settings, workflows: list[Workflow], had: set[tuple[str, str]]
 ) -> None:
     """Refuse, naming the first step over it, an apply that needs more consumers than the
     account or a stream allows: decided up front (consumers are then created many at
@@ -208,7 +208,7 @@ async def _check_consumer_room(
         for w in workflows
         for s in w.steps
         for i in bus.step_inputs(w, s)
-        if (i.stream, i.consumer) not in had
+        if (i.stream, i.consumer) not in had and bus.made_at_apply(i, settings)
     ]
     if not new:
         return

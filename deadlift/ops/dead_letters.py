@@ -14,12 +14,14 @@ from typing import Any
 
 from nats.js import JetStreamContext
 
+from deadlift import bus
 from deadlift.bus import dlq
 from deadlift.bus.publisher import Publisher
 from deadlift.bus.registry import Registry
 from deadlift.errors import DeadliftError, NotFoundError
 from deadlift.model import topology
 from deadlift.model.workflow import Workflow
+from deadlift.settings import Settings
 
 
 def scope(workflow: str | None) -> tuple[str | None, str | None]:
@@ -103,6 +105,7 @@ async def replay(
     *,
     workflow: str | None = None,
     step: str | None = None,
+    settings: Settings | None = None,
 ) -> list[Replay]:
     """Replay the dead letters named by ``ids``, or else those of ``workflow`` and ``step``.
 
@@ -112,6 +115,9 @@ async def replay(
     replay, are skipped: running this twice, or twice at once, replays each
     letter once.
 
+    An entry step's consumer is made by its first replay (``bus.step_inputs``), with
+    ``settings`` (the environment's when None).
+
     Raises:
         ConfigError: ``workflow`` or ``step`` is not a valid name.
     """
@@ -119,7 +125,10 @@ async def replay(
     chosen = ids or [letter.id for letter in await find(js, workflow=workflow, step=step)]
     flows = {flow.key: flow for flow in await registry.workflows()}
     store = dlq.ObjectBodies(js)
-    return [await _replay_one(js, publisher, store, flows, letter_id) for letter_id in chosen]
+    settings = settings or Settings()
+    return [
+        await _replay_one(js, publisher, store, flows, letter_id, settings) for letter_id in chosen
+    ]
 
 
 async def _replay_one(
@@ -128,6 +137,7 @@ async def _replay_one(
     store: dlq.BodyStore,
     flows: Mapping[str, Workflow],
     letter_id: int,
+    settings: Settings,
 ) -> Replay:
     try:
         letter = await dlq.get(js, letter_id, store=store)
@@ -149,6 +159,8 @@ async def _replay_one(
         )
         return Replay(letter_id, Outcome.REFUSED, subject, why)
     try:
+        [step] = [s for s in flow.steps if s.name == letter.step]
+        await bus.ensure_replay_input(js, settings, flow, step)
         done = await dlq.reinject(js, publisher, letter, store=store)
     except NotFoundError:
         return Replay(letter_id, Outcome.SKIPPED, subject, "gone: replayed or purged meanwhile")

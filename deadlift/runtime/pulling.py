@@ -50,6 +50,7 @@ import time
 from typing import Any, Protocol
 
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -67,7 +68,7 @@ SETTLE_S = 1.0  # longer than an event takes from being routed to being stored
 class Checks(Protocol):
     """Answers whether a consumer has work (:class:`~deadlift.bus.checks.ConsumerChecks`)."""
 
-    async def has_work(self, stream: str, consumer: str) -> bool: ...
+    async def has_work(self, stream: str, consumer: str, *, absent: bool = True) -> bool: ...
 
 
 class Puller:
@@ -123,6 +124,8 @@ class Puller:
             except (TimeoutError, nats.errors.TimeoutError):
                 self._backlog = False
                 return []
+            except nats.js.errors.APIError as exc:
+                return self._not_made_yet(exc)
         elif self.cold_after_s and time.monotonic() >= self._warm_until:
             await self._sleep_cold()
             return []
@@ -133,12 +136,24 @@ class Puller:
                 msgs = await self.pull.fetch(1, self.idle_pull_s)
             except (TimeoutError, nats.errors.TimeoutError):
                 return []
+            except nats.js.errors.APIError as exc:
+                return self._not_made_yet(exc)
             finally:
                 self.waiting = False
         self._backlog = bool(msgs[-1].metadata.num_pending)
         self._warm_until = time.monotonic() + self.cold_after_s
         self._held = False
         return msgs
+
+    def _not_made_yet(self, exc: Exception) -> list[Msg]:
+        """A consumer made on demand that is not there: nothing to deliver, so wait cold
+        for the event that rings (its maker makes it first). Anything else is raised."""
+        if not self.binding.on_demand or not self.cold_after_s:
+            raise exc
+        log.debug("%s has no consumer yet (%s): waiting cold", self.binding.consumer, exc)
+        self._backlog = False
+        self._warm_until = time.monotonic()
+        return []
 
     def ring(self) -> None:
         """Wake the step if it is cold: it pulls once, as for an event."""
@@ -206,10 +221,15 @@ class Puller:
         return self._held
 
     async def _ask(self) -> bool:
+        absent = not self.binding.on_demand  # a consumer made on demand: absent is idle
         if self.checks is not None:  # asked with the other steps' (True when unsure)
-            return await self.checks.has_work(self.binding.stream, self.binding.consumer)
+            return await self.checks.has_work(
+                self.binding.stream, self.binding.consumer, absent=absent
+            )
         try:
             info = await self.js.consumer_info(self.binding.stream, self.binding.consumer)
+        except nats.js.errors.NotFoundError:
+            return absent
         except Exception as exc:  # pulling will meet the trouble and report it
             log.debug("consumer info of %s failed: %s", self.binding.consumer, exc)
             return True

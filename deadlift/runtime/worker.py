@@ -22,6 +22,7 @@ from types import TracebackType
 from typing import Any
 
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client
 from nats.js.api import ConsumerInfo
 
@@ -266,7 +267,12 @@ class Worker:
         async with self._lock:
             bindings = [r.binding for rs in self._runners.values() for r in rs]
         for binding in bindings:
-            info = await self.js.consumer_info(binding.stream, binding.consumer)
+            try:
+                info = await self.js.consumer_info(binding.stream, binding.consumer)
+            except nats.js.errors.NotFoundError:
+                if binding.on_demand:
+                    continue  # not made yet: nothing in it
+                raise
             if info.num_pending or info.num_ack_pending or self.in_flight:
                 return False
         return True

@@ -11,6 +11,7 @@ from deadlift import bus
 from deadlift.bus import dlq
 from deadlift.errors import PayloadTooLargeError
 from deadlift.model.topology import Stream
+from deadlift.ops import dead_letters
 from deadlift.runtime.worker import StepReport, Worker
 from deadlift.settings import Settings
 from deadlift.wasm.hostfns import HostCall, host_function
@@ -221,7 +222,10 @@ steps:
             lambda: worker.modules.get("acme.normalizer.norm") == fixed.sha256,
             message="worker runs normalize@2",
         )
-        subject = await dlq.replay(nc.jetstream(), bus.JetStreamPublisher(nc), letter)
+        publisher = bus.JetStreamPublisher(nc)
+        [done] = await dead_letters.replay(nc.jetstream(), publisher, registry, [letter.id])
+        subject = done.subject
+        await eventually(lambda: _any_stored(nc, "norm.out"), message="the replay ran")
         await worker.drain()
     out = await stored(nc, "norm.out")
     assert subject == "deadlift.step.acme.normalizer.norm"
@@ -245,3 +249,7 @@ steps:
   - {name: slow-retry, module: add_ten, function: add_ten,
      retry: {max_attempts: 3, backoff: [60, 90]}}
 """)
+
+
+async def _any_stored(nc: Client, subject: str) -> bool:
+    return bool(await stored(nc, subject))

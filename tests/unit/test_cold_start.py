@@ -50,7 +50,7 @@ class FakeChecks:
         self.log = log
         self.work = work
 
-    async def has_work(self, stream: str, consumer: str) -> bool:
+    async def has_work(self, stream: str, consumer: str, *, absent: bool = True) -> bool:
         self.log.append(f"check {stream} {consumer}")
         return self.work
 
