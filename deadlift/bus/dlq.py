@@ -467,8 +467,8 @@ async def reinject(
 ) -> Reinjected:
     """Re-inject a dead letter into its step's input, then remove it (and its stored body).
 
-    An entry step's input consumer is made on demand: make it first
-    (``bus.ensure_replay_input``, as ``ops.dead_letters.replay`` does), or nothing
+    A step's input consumer is made on demand: make it first
+    (``bus.ensure_on_demand``, as ``ops.dead_letters.replay`` does), or nothing
     reads the event. Idempotent: the replay's ``Nats-Msg-Id`` is derived from the letter, so two
     replays of one letter publish one event (the second sees ``duplicate``), and
     a letter or body removed meanwhile by someone else is no error.

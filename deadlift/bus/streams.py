@@ -34,6 +34,7 @@ log = logging.getLogger("deadlift.bus")
 # What a stream's consumer ceiling is when the account sets none (-1 on a stream
 # means the server's default of 1,000).
 UNLIMITED_CONSUMERS = 1_000_000
+UNAVAILABLE = 503  # a JetStream API answer's code: try again (a leader election, say)
 LIST_PAGE = 256  # consumers per CONSUMER.LIST answer (the server's page size)
 
 
@@ -50,7 +51,7 @@ class StepInput:
     consumer: str
     filters: tuple[str, ...]
     origin: str | None = None  # the exporting org, for a trigger arriving through an import
-    # Made by the first `dlq replay` into it, not by `workflow apply` (see step_inputs).
+    # Made by whatever first sends to it, not by `workflow apply` (see step_inputs).
     on_demand: bool = False
 
 
@@ -62,10 +63,12 @@ def step_inputs(workflow: Workflow, step: Step) -> list[StepInput]:
     triggers from the events stream, and each import's triggers from that
     import's stream, so the org that sent an event is known from where it arrived.
 
-    An entry step's own subject is fed only by ``dlq replay`` (no step lists it in
-    ``next``), so its consumer is ``on_demand``: made by the first replay into the
-    step, not by ``workflow apply``. Most workflows never replay into their entry
-    step, and each consumer costs the server ~40 KB for as long as it exists.
+    A step's own subject is written only by Deadlift (the steps before it, ``dlq
+    replay``), so its consumer is ``on_demand``: made by whatever first sends to it
+    (:func:`ensure_on_demand`), not by ``workflow apply``. An entry step's is made
+    by its first replay, which most never have; a workflow applied and not yet
+    run holds its triggers' consumers only. Each consumer costs the server ~40 KB
+    for as long as it exists.
     """
     org, name, step_name = workflow.org, workflow.name, step.name
     entry = step in workflow.entry_steps()
@@ -74,7 +77,7 @@ def step_inputs(workflow: Workflow, step: Step) -> list[StepInput]:
             Stream.STEPS,
             topology.consumer_name(org, name, step_name),
             (topology.step_subject(org, name, step_name),),
-            on_demand=entry,
+            on_demand=True,
         )
     ]
     if not entry:
@@ -107,9 +110,10 @@ class StepBinding:
     # Events pending or awaiting an ack when it was bound (None: not known). A step
     # whose consumer had none goes cold at once instead of starting with a batch fetch.
     waiting: int | None = None
-    # The consumer may not exist yet (StepInput.on_demand): until it does, the input
-    # has nothing to deliver, and the step waits cold for a replay to ring.
-    on_demand: bool = False
+    # False: its consumer, made on demand (StepInput.on_demand), was not there when the
+    # step was bound. Until something sends to the step (making it first), the input
+    # has nothing to deliver: the step waits cold for that event to ring.
+    made: bool = True
 
 
 def stream_config(
@@ -291,7 +295,7 @@ async def ensure_consumers(
                         ack_wait=settings.ack_wait_s,
                         filters=wanted.filters,
                         waiting=0,
-                        on_demand=True,
+                        made=False,
                     )
                 )
                 continue
@@ -312,7 +316,6 @@ async def ensure_consumers(
                 origin=wanted.origin,
                 filters=tuple(f for f in filters if f) or wanted.filters,
                 waiting=_waiting(info),
-                on_demand=lazy,
             )
         )
     return bindings
@@ -323,21 +326,37 @@ def made_at_apply(wanted: StepInput, settings: Settings) -> bool:
     return not (wanted.on_demand and settings.idle_cold_s > 0)
 
 
-async def ensure_replay_input(
+async def ensure_on_demand(
     js: JetStreamContext, settings: Settings, workflow: Workflow, step: Step
 ) -> None:
-    """Make the consumer of a step's own subject if it is made on demand, before a replay
-    publishes there (it delivers what is stored after it was made)."""
+    """Make the consumer of a step's own subject if it is made on demand and missing:
+    before sending there (a step's outputs, a replay). It delivers from the stream's
+    next sequence, not with ``DeliverPolicy.NEW``: a cluster's consumer leader picks
+    "new" when it starts, after events sent meanwhile (5 of 300 were skipped on a
+    3-node cluster).
+
+    Raises:
+        ConfigError: the server refused it (its account's consumer limit, say).
+        nats.errors.Error: NATS is unavailable for now (a cluster electing a leader).
+    """
     for wanted in step_inputs(workflow, step):
-        if wanted.on_demand and await _consumer_info(js, wanted.stream, wanted.consumer) is None:
-            config = consumer_config(wanted.consumer, list(wanted.filters), step, settings)
-            try:
-                await js.add_consumer(wanted.stream, config)
-            except nats.js.errors.APIError as exc:
-                raise ConfigError(
-                    f"workflow {workflow.key} step {step.name!r}: cannot create consumer "
-                    f"{wanted.consumer} for the replay: {exc}"
-                ) from None
+        if not wanted.on_demand or await _consumer_info(js, wanted.stream, wanted.consumer):
+            continue
+        last = (await js.stream_info(wanted.stream)).state.last_seq or 0
+        config = consumer_config(
+            wanted.consumer, list(wanted.filters), step, settings, start_seq=last + 1
+        )
+        try:
+            await js.add_consumer(wanted.stream, config)
+        except nats.js.errors.APIError as exc:
+            if await _consumer_info(js, wanted.stream, wanted.consumer):
+                continue  # made meanwhile by another sender (from its own start)
+            if exc.code == UNAVAILABLE:
+                raise
+            raise ConfigError(
+                f"workflow {workflow.key} step {step.name!r}: cannot create consumer "
+                f"{wanted.consumer}: {exc}"
+            ) from None
 
 
 async def _consumer_info(js: JetStreamContext, stream: str, consumer: str) -> ConsumerInfo | None:
@@ -391,9 +410,15 @@ def configured_as(current: ConsumerConfig, wanted: ConsumerConfig) -> bool:
 
 
 def consumer_config(
-    name: str, filters: list[str], step: Step, settings: Settings
+    name: str,
+    filters: list[str],
+    step: Step,
+    settings: Settings,
+    *,
+    start_seq: int | None = None,
 ) -> ConsumerConfig:
-    """The consumer configuration for a step (durable, explicit ack).
+    """The consumer configuration for a step (durable, explicit ack), delivering what is
+    stored from now on (or from stream sequence ``start_seq``).
 
     Deliveries are unlimited: the worker, not the server, decides when an event
     is dead, so an event is never dropped silently (a server that gives up
@@ -403,7 +428,8 @@ def consumer_config(
         name=name,
         durable_name=name,
         description=f"deadlift step {name}",
-        deliver_policy=DeliverPolicy.NEW,
+        deliver_policy=DeliverPolicy.NEW if start_seq is None else DeliverPolicy.BY_START_SEQUENCE,
+        opt_start_seq=start_seq,
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=settings.ack_wait_s,
         max_deliver=-1,

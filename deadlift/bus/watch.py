@@ -67,6 +67,10 @@ async def watch_bucket(
     stopper: asyncio.Task[None] | None = None
     try:
         await nc.flush()
+        # The bucket's stream must be there; the round trip also gives the server's
+        # -ERR for a denied subscription (sent before the flush's PONG) time to reach
+        # the error callback, which nats-py runs in a task of its own.
+        await js.stream_info(buckets.stream_of(kv))
         refusal = _refusal(nc, f"{keys.prefix}>")
         if refusal is not None:
             log.warning(

@@ -166,8 +166,10 @@ async def _create_consumers(
     The server can refuse one late (its limit of consumers per stream, say):
     nothing of the apply is left behind then but the streams' subjects.
     """
-    had = {(i.stream, i.consumer) for w in stored for s in w.steps for i in bus.step_inputs(w, s)}
-    await _check_consumer_room(js, settings, workflows, had)
+    inputs = [i for w in stored for s in w.steps for i in bus.step_inputs(w, s)]
+    had = {(i.stream, i.consumer) for i in inputs}
+    lazy = {(i.stream, i.consumer) for i in inputs if i.on_demand}
+    await _check_consumer_room(js, workflows, had, lazy)
     slots = asyncio.Semaphore(CONSUMER_REQUESTS)
 
     async def ensure(workflow: Workflow, step: Step) -> None:
@@ -197,24 +199,36 @@ async def _create_consumers(
 
 
 async def _check_consumer_room(
-    js: JetStreamContext, settings: Settings, workflows: list[Workflow], had: set[tuple[str, str]]
+    js: JetStreamContext,
+    workflows: list[Workflow],
+    had: set[tuple[str, str]],
+    lazy: set[tuple[str, str]],
 ) -> None:
     """Refuse, naming the first step over it, an apply that needs more consumers than the
     account or a stream allows: decided up front (consumers are then created many at
     once, in no fixed order), so the same apply always names the same step.
+
+    ``lazy``: the stored workflows' consumers made on demand; room is kept for those
+    not made yet, as for this apply's.
     """
     new = [
         (w, s, i)
         for w in workflows
         for s in w.steps
         for i in bus.step_inputs(w, s)
-        if (i.stream, i.consumer) not in had and bus.made_at_apply(i, settings)
+        # Those made on demand too: the room is kept for them, so a step's first
+        # output is never refused for a full account.
+        if (i.stream, i.consumer) not in had
     ]
     if not new:
         return
     account = await js.account_info()
     limit = account.limits.max_consumers or -1
-    account_room = limit - account.consumers if limit > 0 else None
+    account_room = None
+    if limit > 0:
+        # Room is kept for the stored workflows' consumers made on demand, not made yet.
+        made = await bus.list_consumers(js, {stream for stream, _ in lazy}) if lazy else {}
+        account_room = limit - account.consumers - len(lazy - made.keys())
     stream_room: dict[str, tuple[int, int]] = {}
     for stream in sorted({i.stream for _, _, i in new}):
         with contextlib.suppress(nats.js.errors.NotFoundError):

@@ -115,8 +115,8 @@ async def replay(
     replay, are skipped: running this twice, or twice at once, replays each
     letter once.
 
-    An entry step's consumer is made by its first replay (``bus.step_inputs``), with
-    ``settings`` (the environment's when None).
+    A step's input consumer is made by the first event sent to it, a replay too
+    (``bus.step_inputs``), with ``settings`` (the environment's when None).
 
     Raises:
         ConfigError: ``workflow`` or ``step`` is not a valid name.
@@ -160,7 +160,7 @@ async def _replay_one(
         return Replay(letter_id, Outcome.REFUSED, subject, why)
     try:
         [step] = [s for s in flow.steps if s.name == letter.step]
-        await bus.ensure_replay_input(js, settings, flow, step)
+        await bus.ensure_on_demand(js, settings, flow, step)
         done = await dlq.reinject(js, publisher, letter, store=store)
     except NotFoundError:
         return Replay(letter_id, Outcome.SKIPPED, subject, "gone: replayed or purged meanwhile")

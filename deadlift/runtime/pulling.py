@@ -108,6 +108,11 @@ class Puller:
         # elsewhere (they come back without a ring), so the next cold spell checks at once.
         self._held = False
         self._stopped = False
+        # The consumer (made on demand) was not there when the step was bound: a check
+        # or pull finding none means no work, until an event rings or a pull succeeds.
+        # After that a missing consumer is trouble (a cluster electing its leader
+        # answers "not found" too), so the step pulls and retries rather than waits.
+        self._unmade = not binding.made
 
     def stop(self) -> None:
         """No more pulls; a cold wait ends now (a cancel alone may be swallowed)."""
@@ -142,13 +147,13 @@ class Puller:
                 self.waiting = False
         self._backlog = bool(msgs[-1].metadata.num_pending)
         self._warm_until = time.monotonic() + self.cold_after_s
-        self._held = False
+        self._held = self._unmade = False
         return msgs
 
     def _not_made_yet(self, exc: Exception) -> list[Msg]:
         """A consumer made on demand that is not there: nothing to deliver, so wait cold
         for the event that rings (its maker makes it first). Anything else is raised."""
-        if not self.binding.on_demand or not self.cold_after_s:
+        if not self._unmade or not self.cold_after_s:
             raise exc
         log.debug("%s has no consumer yet (%s): waiting cold", self.binding.consumer, exc)
         self._backlog = False
@@ -181,6 +186,8 @@ class Puller:
             self.cold = self.waiting = False
             self._bell = None
             await bell.disarm()
+        if not self._stopped:
+            self._unmade = False  # rung, or work found: its sender made the consumer
         # One long pull: a ring's event is stored by then, or arrives during it.
         self._warm_until = time.monotonic() + self.idle_pull_s
 
@@ -221,7 +228,7 @@ class Puller:
         return self._held
 
     async def _ask(self) -> bool:
-        absent = not self.binding.on_demand  # a consumer made on demand: absent is idle
+        absent = not self._unmade  # a consumer not made yet: absent is idle
         if self.checks is not None:  # asked with the other steps' (True when unsure)
             return await self.checks.has_work(
                 self.binding.stream, self.binding.consumer, absent=absent

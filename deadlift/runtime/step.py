@@ -21,13 +21,14 @@ import nats.errors
 from nats.aio.msg import Msg
 from opentelemetry.trace import Span
 
+from deadlift import bus
 from deadlift.bus import direct
 from deadlift.bus.acksubject import delivery
 from deadlift.bus.checks import ConsumerChecks
 from deadlift.bus.flushes import Flushes
 from deadlift.bus.pull import Pull
 from deadlift.bus.streams import StepBinding
-from deadlift.errors import EventDecodeError, EventEncodeError, StepError
+from deadlift.errors import DeadliftError, EventDecodeError, EventEncodeError, StepError
 from deadlift.model import topology
 from deadlift.model.topology import ErrorKind, Outcome, Stream, step_subject
 from deadlift.model.workflow import Step, Workflow
@@ -139,6 +140,8 @@ class StepRunner:
         self._task: asyncio.Task[None] | None = None
         self._pull: Pull | None = None
         self.puller: Puller | None = None
+        # The next steps' input consumers are made on demand: by the first output sent.
+        self._next_made = not step.next
 
     @property
     def in_flight(self) -> int:
@@ -406,7 +409,28 @@ class StepRunner:
 
     async def _publish_all(self, jobs: list[_Job]) -> None:
         """Start publishing every output (PubAcks are awaited in :meth:`_confirm`)."""
+        if not self._next_made and any(j.error is None and j.output is not None for j in jobs):
+            try:
+                await self._make_next_inputs()
+            except (DeadliftError, nats.errors.Error) as exc:
+                # NATS trouble is an outage (published again in place); a refusal (a
+                # full account) fails the event, retried then dead-lettered, saying why.
+                outage = not isinstance(exc, DeadliftError)
+                kind = ErrorKind.PUBLISH if outage else ErrorKind.ERROR
+                for job in jobs:
+                    if job.error is None and job.output is not None:
+                        job.error = StepError(str(exc), kind=kind, retryable=True)
+                return
         await self.outputs.publish_all(jobs, self.context.publisher)
+
+    async def _make_next_inputs(self) -> None:
+        """Make the next steps' input consumers if missing, before their first event."""
+        js, settings = self.context.js, self.context.settings
+        if js is not None:  # None: no JetStream (a memory publisher's run), nothing to make
+            steps = {s.name: s for s in self.workflow.steps}
+            for name in self.step.next:
+                await bus.ensure_on_demand(js, settings, self.workflow, steps[name])
+        self._next_made = True
 
     async def _confirm(self, jobs: list[_Job]) -> None:
         """Wait for every PubAck; a job whose output was not stored fails (and is retried)."""

@@ -270,8 +270,8 @@ class Worker:
             try:
                 info = await self.js.consumer_info(binding.stream, binding.consumer)
             except nats.js.errors.NotFoundError:
-                if binding.on_demand:
-                    continue  # not made yet: nothing in it
+                if not binding.made:
+                    continue  # made on demand, not yet: nothing in it
                 raise
             if info.num_pending or info.num_ack_pending or self.in_flight:
                 return False

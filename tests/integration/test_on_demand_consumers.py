@@ -1,8 +1,9 @@
-"""An entry step's own consumer is made by its first replay, not by ``workflow apply``.
+"""A step's own consumer is made by the first event sent to it, not by ``workflow apply``.
 
-Its subject is fed only by ``dlq replay`` (no step lists an entry step in ``next``),
-and every consumer costs nats-server ~40 KB for as long as it exists: a host's
-thousands of workflows would each hold one that almost never delivers anything.
+Only Deadlift writes a step's subject: the step before it (its first output makes
+the consumer) and ``dlq replay`` (the only writer of an entry step's). Every
+consumer costs nats-server ~40 KB for as long as it exists: a host's thousands of
+workflows applied and not yet run hold their triggers' consumers only.
 Real nats-server, real modules.
 """
 
@@ -12,6 +13,7 @@ import asyncio
 from typing import Any
 
 from nats.aio.client import Client
+from nats.js.api import ConsumerConfig
 
 from deadlift import bus
 from deadlift.bus import dlq
@@ -23,7 +25,7 @@ from deadlift.ops import dead_letters
 from deadlift.ops.control import push_module_file
 from deadlift.runtime.worker import Worker
 from deadlift.settings import Settings
-from tests.conftest import eventually, module_path, publish, stored
+from tests.conftest import eventually, module_path, publish, recreated, stored
 
 CHAIN = """
 name: chain
@@ -52,16 +54,10 @@ async def consumers(nc: Client, stream: str) -> set[str]:
         return set()
 
 
-async def test_apply_makes_no_consumer_for_the_entry_steps_own_subject(
-    nc: Client, push: Any, apply: Any
-) -> None:
+async def test_apply_makes_only_the_triggers_consumers(nc: Client, push: Any, apply: Any) -> None:
     await push("add_ten")
     await apply(CHAIN)
-    steps = await consumers(nc, Stream.STEPS)
-    assert steps == {
-        topology.consumer_name("acme", "chain", "second"),
-        topology.consumer_name("acme", "chain", "third"),
-    }
+    assert await consumers(nc, Stream.STEPS) == set()
     assert await consumers(nc, Stream.EVENTS) == {
         topology.trigger_consumer("acme", "chain", "first")
     }
@@ -77,7 +73,11 @@ async def test_a_workflow_runs_end_to_end_without_it(
         await worker.drain()
         [out] = await stored(nc, "chain.out")
         assert out.data == {"value": 31}
-    assert ENTRY not in await consumers(nc, Stream.STEPS)
+    # Made by the first output sent to each; the entry step's only by a replay.
+    assert await consumers(nc, Stream.STEPS) == {
+        topology.consumer_name("acme", "chain", "second"),
+        topology.consumer_name("acme", "chain", "third"),
+    }
 
 
 async def test_the_first_replay_into_an_entry_step_makes_it_and_a_running_worker_runs_it(
@@ -171,3 +171,37 @@ async def test_a_check_of_a_consumer_not_made_yet_finds_no_work(
         assert checks.stats["pages"] >= 1
     finally:
         await checks.close()
+
+
+TWO = """
+name: two
+org: acme
+trigger: two.in
+steps:
+  - {name: first, module: add_ten, function: add_ten, next: [second], retry: {max_attempts: 1}}
+  - {name: second, module: add_ten, function: add_ten, publish: [two.out]}
+"""
+
+
+async def test_a_next_steps_consumer_the_server_refuses_fails_the_event_saying_why(
+    nc: Client, settings: Settings, push: Any, apply: Any
+) -> None:
+    """Apply keeps room for the consumers made on demand; taken meanwhile, the first
+    output cannot be sent: the event is dead-lettered naming the consumer, not lost."""
+    await push("add_ten")
+    js = nc.jetstream()
+    await recreated(
+        lambda: js.add_stream(name=Stream.STEPS, subjects=["deadlift.step.>"], max_consumers=2)
+    )
+    await apply(TWO)  # room for first's and second's own consumers: kept, not made
+    for squatter in ("a", "b"):
+        config = ConsumerConfig(durable_name=squatter, filter_subject=f"deadlift.step.x.{squatter}")
+        await js.add_consumer(Stream.STEPS, config)
+    async with Worker(nc, settings=settings) as worker:
+        await publish(nc, "two.in", {"value": 1}, id="e1")
+        await worker.drain()
+    [letter] = await dlq.letters(js)
+    assert letter.step == "first"
+    assert "cannot create consumer acme--two--second" in letter.error
+    assert "maximum consumers" in letter.error
+    assert await stored(nc, "two.out") == []

@@ -51,8 +51,9 @@ async def test_events_delivered_to_a_stopping_worker_are_not_left_for_ack_wait(
 ) -> None:
     port = free_port()
     consumers = [
+        # Not the entry step's own (acme--calc--add): that one is made by a replay.
         (Stream.EVENTS, "acme--calc--add--trigger"),
-        (Stream.STEPS, "acme--calc--more"),  # the entry step's own: made by a replay
+        (Stream.STEPS, "acme--calc--more"),
     ]
     with EmbeddedServer(port=port, store_dir=tmp_path / "store") as server:
         settings = Settings(nats_url=server.url, ack_wait_s=30.0)

@@ -161,12 +161,12 @@ async def test_a_1500_step_chain_applies(
     await push("add_ten")
     js = nc.jetstream()
     # A stream made elsewhere with a consumer ceiling (nats-server's own default is
-    # 1,000): apply is refused at step 1,001 (s0's own consumer is made by a replay,
-    # not by apply) and leaves no consumer behind.
+    # 1,000): apply is refused at step 1,000 (room is kept for the consumers made on
+    # demand) and leaves no consumer behind.
     await recreated(
         lambda: js.add_stream(name=Stream.STEPS, subjects=["deadlift.step.>"], max_consumers=1000)
     )
-    with pytest.raises(ConfigError, match=r"s1001': cannot create consumer .*maximum consumers"):
+    with pytest.raises(ConfigError, match=r"s1000': cannot create consumer .*maximum consumers"):
         await apply_workflows(js, registry, settings, [doc(long_chain(1500), "long.yaml")])
     assert (await js.stream_info(Stream.STEPS)).state.consumer_count == 0
     assert await registry.workflows() == []
@@ -176,5 +176,7 @@ async def test_a_1500_step_chain_applies(
     [applied] = await apply_workflows(js, registry, settings, [doc(long_chain(1500), "long.yaml")])
     assert len(applied.steps) == 1500
     assert len((await registry.workflow("acme.long")).steps) == 1500
-    assert (await js.stream_info(Stream.STEPS)).state.consumer_count == 1499  # s0's: a replay's
+    # Each step's own consumer is made by the first event sent to it.
+    assert (await js.stream_info(Stream.STEPS)).state.consumer_count == 0
+    assert (await js.stream_info(Stream.EVENTS)).state.consumer_count == 1  # s0's trigger
     assert time.monotonic() - started < 60
