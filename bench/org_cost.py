@@ -12,11 +12,12 @@ one kind of resource to every org, 8 orgs at a time, each org on its own connect
 * streams and consumers (``/jsz``).
 
 Phases: accounts only; a connection per org; the registry (``Registry.open``: one
-stream, ``DEADLIFT_REGISTRY``); ``add_ten`` pushed; the steps stream;
-the events stream; the workflow applied (3 steps: 3 consumers, as the entry step's
-own is made by its first replay; the workflow in KV);
-the dead-letter stream (now created by an org's first dead letter); the connections
-closed. The table shows each phase's growth per org. From the repository root::
+stream, ``DEADLIFT_REGISTRY``); ``add_ten`` pushed; the events stream; the workflow
+applied (3 steps: what ``workflow apply`` makes, the trigger's consumer and the
+workflow in KV); what the workflow's first run makes (the steps stream and the
+consumers of steps 2 and 3, made by the first event sent to each); the dead-letter
+stream (made by an org's first dead letter); the connections closed. The table
+shows each phase's growth per org. From the repository root::
 
     .venv/bin/python bench/org_cost.py --orgs 200 [--json]
 """
@@ -44,7 +45,7 @@ from deadlift import bus
 from deadlift.bus.registry import Registry
 from deadlift.bus.streams import dead_letter_config, stream_config
 from deadlift.model.orgs import OrgManifest
-from deadlift.model.topology import STEP_PREFIX, Stream
+from deadlift.model.topology import Stream
 from deadlift.model.workflow import parse_workflow
 from deadlift.ops.control import apply_workflows, push_module_file
 from deadlift.ops.server import EmbeddedServer, free_port
@@ -139,9 +140,13 @@ class Orgs:
         registry = await Registry.open(self.clients[org].jetstream())
         await push_module_file(registry, WASM, name="add_ten")
 
-    async def steps_stream(self, org: str) -> None:
-        config = stream_config(Stream.STEPS, [f"{STEP_PREFIX}.>"], self.settings[org])
-        await self.clients[org].jetstream().add_stream(config)
+    async def first_run(self, org: str) -> None:
+        """What the first event through every step makes (``bus.ensure_on_demand``, as the
+        step before each does; the entry step's own is made only by a replay)."""
+        js = self.clients[org].jetstream()
+        workflow = parse_workflow(workflow_yaml("flow", org, org))
+        for step in workflow.steps[1:]:
+            await bus.ensure_on_demand(js, self.settings[org], workflow, step)
 
     async def events_stream(self, org: str) -> None:
         subjects = [f"{org}.in", f"{org}.out"]
@@ -184,9 +189,9 @@ async def run(n: int, work: Path, settle: float) -> list[Reading]:
             ("a connection each", orgs.connect),
             ("registry (one stream)", orgs.registry),
             ("module pushed (add_ten)", orgs.module),
-            ("steps stream", orgs.steps_stream),
             ("events stream", orgs.events_stream),
-            ("workflow applied (3 consumers, 1 KV entry)", orgs.workflow),
+            ("workflow applied (1 consumer, 1 KV entry)", orgs.workflow),
+            ("first run (steps stream, 2 consumers)", orgs.first_run),
             ("dead-letter stream", orgs.dead_letter_stream),
             ("connections closed", orgs.close),
         ]

@@ -55,7 +55,8 @@ Measured on this 2-core machine (3,000 consumers, worker and server CPU together
 consumer's whole state, encoded, sent and parsed): a page pays off from ~75 askers.
 """
 IN_FLIGHT = 256  # single requests outstanding at once (the server queues its API requests)
-CONSUMER_NOT_FOUND = 10014  # the JetStream API's error code
+CONSUMER_NOT_FOUND = 10014  # the JetStream API's error codes
+STREAM_NOT_FOUND = 10059
 
 
 class ConsumerChecks:
@@ -157,6 +158,9 @@ class ConsumerChecks:
         while left and len(left) >= self._pages(stream, offset) * ASKERS_PER_PAGE:
             [page] = await self._requests([(f"CONSUMER.LIST.{stream}", {"offset": offset})])
             consumers = page.get("consumers") if page is not None else None
+            if page is not None and _not_found(page, STREAM_NOT_FOUND):
+                listed = True  # no stream, so none of its consumers
+                break
             if page is None or not isinstance(consumers, list):
                 break  # an error: work waiting, for every one left
             self.stats["pages"] += 1
@@ -190,7 +194,7 @@ class ConsumerChecks:
             )
             self.stats["single"] += len(chunk)
             for name, info in zip(chunk, infos, strict=True):
-                if info is not None and _consumer_not_found(info):
+                if info is not None and _not_found(info, CONSUMER_NOT_FOUND, STREAM_NOT_FOUND):
                     self._answer_absent(left[name])
                 else:
                     _answer(left[name], info is None or "error" in info or _has_work(info))
@@ -265,9 +269,10 @@ def _json(msg: Msg) -> dict[str, Any] | None:
     return answer if isinstance(answer, dict) else None
 
 
-def _consumer_not_found(info: dict[str, Any]) -> bool:
-    error = info.get("error")
-    return isinstance(error, dict) and error.get("err_code") == CONSUMER_NOT_FOUND
+def _not_found(answer: dict[str, Any], *codes: int) -> bool:
+    """Whether an API answer is an error with one of these codes."""
+    error = answer.get("error")
+    return isinstance(error, dict) and error.get("err_code") in codes
 
 
 def _has_work(info: dict[str, Any]) -> bool:

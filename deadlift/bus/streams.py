@@ -34,6 +34,7 @@ log = logging.getLogger("deadlift.bus")
 # What a stream's consumer ceiling is when the account sets none (-1 on a stream
 # means the server's default of 1,000).
 UNLIMITED_CONSUMERS = 1_000_000
+STREAM_NAME_IN_USE = 10058  # JetStream API error: a stream of that name exists (other config)
 UNAVAILABLE = 503  # a JetStream API answer's code: try again (a leader election, say)
 LIST_PAGE = 256  # consumers per CONSUMER.LIST answer (the server's page size)
 
@@ -152,28 +153,29 @@ async def ensure_streams(
     ``imported`` maps an exporting org to the trigger subjects that arrive from it
     through an import; each exporter gets its own stream (see ``import_stream``).
 
-    The dead-letter stream is not created here but by the org's first dead letter
-    (:func:`deadlift.bus.dlq.ensure_stream`): most orgs never have one, and each
-    stream costs the server memory. One that exists is brought to the settings. An
-    account whose ``max_streams`` leaves no room for it is refused with
-    ``require_dead_letter_room`` (``workflow apply``), else logged: its first dead
-    letter would not be stored, and come back until there is room.
+    Two streams are not created here but when first needed, as most orgs never need
+    one of them and each stream costs the server ~40 KB of memory: the steps stream
+    by the first event sent to a step's own subject (:func:`ensure_on_demand`), the
+    dead-letter stream by the org's first dead letter
+    (:func:`deadlift.bus.dlq.ensure_stream`). One that exists is brought to the
+    settings. An account whose ``max_streams`` leaves no room for them is refused
+    with ``require_dead_letter_room`` (``workflow apply``), else logged: an event
+    would wait (redelivered) until there is room.
 
     Raises:
         ConfigError: a subject is captured by another stream, or (with
-            ``require_dead_letter_room``) no stream is left for the dead letters.
+            ``require_dead_letter_room``) no stream is left for those made when needed.
     """
     account = await js.account_info()
-    account_limit = account.limits.max_consumers or -1
-    # Every step has a consumer here: the stream's ceiling is the account's
-    # (limits.max_consumers in the org manifest), never the server's per-stream
-    # default of 1,000, which "unlimited" (-1) falls back to.
-    max_consumers = account_limit if account_limit > 0 else UNLIMITED_CONSUMERS
+    max_consumers = _stream_consumers(account.limits.max_consumers)
 
     def config(name: str, subjects: list[str]) -> StreamConfig:
         return stream_config(name, subjects, settings, max_consumers=max_consumers)
 
-    found = [await _ensure_stream(js, config(Stream.STEPS, [f"{STEP_PREFIX}.>"]))]
+    later = []  # made when first needed
+    if await _ensure_stream(js, steps_config(settings, max_consumers), create=False) == "absent":
+        later.append(Stream.STEPS)
+    found: list[str] = []
     if event_subjects:
         found.append(await _ensure_stream(js, config(Stream.EVENTS, event_subjects), merge=True))
     for exporter, subjects in sorted((imported or {}).items()):
@@ -181,16 +183,54 @@ async def ensure_streams(
             await _ensure_stream(js, config(import_stream(exporter), subjects), merge=True)
         )
     if await _ensure_stream(js, dead_letter_config(settings), create=False) == "absent":
-        streams, limit = account.streams + found.count("created"), account.limits.max_streams
-        if limit is not None and 0 < limit <= streams:
-            problem = ConfigError(
-                f"the account has {streams} streams and allows {limit}: none is left for "
-                f"{Stream.DLQ}, created with the org's first dead letter; raise "
-                "limits.max_streams in the org manifest"
-            )
-            if require_dead_letter_room:
-                raise problem
-            log.warning("%s", problem)
+        later.append(Stream.DLQ)
+    streams, limit = account.streams + found.count("created"), account.limits.max_streams
+    if later and limit is not None and 0 < limit < streams + len(later):
+        problem = ConfigError(
+            f"the account has {streams} streams and allows {limit}: no room is left for "
+            f"{' and '.join(later)}, made when first needed (a step's first event, the "
+            "first dead letter); raise limits.max_streams in the org manifest"
+        )
+        if require_dead_letter_room:
+            raise problem
+        log.warning("%s", problem)
+
+
+def _stream_consumers(account_limit: int | None) -> int:
+    """A Deadlift stream's consumer ceiling: the account's (limits.max_consumers in the
+    org manifest), never the server's per-stream default of 1,000, which "unlimited"
+    (-1) falls back to."""
+    limit = account_limit or -1
+    return limit if limit > 0 else UNLIMITED_CONSUMERS
+
+
+def steps_config(settings: Settings, max_consumers: int | None = None) -> StreamConfig:
+    """The steps stream's configuration: every step's own subject."""
+    return stream_config(Stream.STEPS, [f"{STEP_PREFIX}.>"], settings, max_consumers=max_consumers)
+
+
+async def ensure_steps_stream(js: JetStreamContext, settings: Settings) -> None:
+    """Create the steps stream unless it is there (creators racing are fine).
+
+    Raises:
+        ConfigError: the server refused it (the account's ``max_streams``, say).
+    """
+    with contextlib.suppress(nats.js.errors.NotFoundError):
+        await js.stream_info(Stream.STEPS)
+        return
+    account = await js.account_info()
+    config = steps_config(settings, _stream_consumers(account.limits.max_consumers))
+    try:
+        await js.add_stream(config)
+    except nats.js.errors.APIError as exc:
+        if exc.err_code == STREAM_NAME_IN_USE:  # made meanwhile
+            return
+        if exc.code == UNAVAILABLE:
+            raise
+        raise ConfigError(
+            f"cannot create the steps stream {Stream.STEPS}: {exc.description or exc}; "
+            "raise the org's limits.max_streams in the org manifest if it is full"
+        ) from None
 
 
 def _patient(js: JetStreamContext, subjects: list[str]) -> JetStreamManager:
@@ -299,6 +339,8 @@ async def ensure_consumers(
                     )
                 )
                 continue
+            if info is None and wanted.stream == Stream.STEPS:
+                await ensure_steps_stream(js, settings)  # made when first needed
             if info is None or not configured_as(info.config, config):
                 info = await js.add_consumer(wanted.stream, config)
         except nats.js.errors.APIError as exc:
@@ -342,6 +384,8 @@ async def ensure_on_demand(
     for wanted in step_inputs(workflow, step):
         if not wanted.on_demand or await _consumer_info(js, wanted.stream, wanted.consumer):
             continue
+        if wanted.stream == Stream.STEPS:
+            await ensure_steps_stream(js, settings)
         last = (await js.stream_info(wanted.stream)).state.last_seq or 0
         config = consumer_config(
             wanted.consumer, list(wanted.filters), step, settings, start_seq=last + 1

@@ -169,6 +169,7 @@ async def test_sigkill_of_the_stream_leader_loses_nothing_and_stores_every_outpu
     # The dead-letter stream comes with the first dead letter, replicated the same.
     assert not await dlq.stream_exists(js)
     await dlq.ensure_stream(js, settings)
+    await bus.ensure_steps_stream(js, settings)  # else made by the first step's output
     for stream in (Stream.EVENTS, Stream.STEPS, Stream.DLQ):
         assert (await js.stream_info(stream)).config.num_replicas == 3
 

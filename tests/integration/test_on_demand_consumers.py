@@ -156,13 +156,16 @@ async def _has_consumer(nc: Client, name: str) -> bool:
 async def test_a_check_of_a_consumer_not_made_yet_finds_no_work(
     nc: Client, push: Any, apply: Any
 ) -> None:
-    """Asked singly and in a listing: absent is idle for one made on demand, else unsure."""
+    """Asked singly and in a listing, with and without the steps stream: absent is idle
+    for one made on demand, else unsure."""
     await push("add_ten")
     await apply(CHAIN)
     checks = ConsumerChecks(nc)
     try:
-        assert await checks.has_work(Stream.STEPS, ENTRY, absent=False) is False
-        assert await checks.has_work(Stream.STEPS, ENTRY) is True
+        for _ in ("no steps stream yet", "the stream, not the consumer"):
+            assert await checks.has_work(Stream.STEPS, ENTRY, absent=False) is False
+            assert await checks.has_work(Stream.STEPS, ENTRY) is True
+            await bus.ensure_steps_stream(nc.jetstream(), Settings())
         checks.note_sizes({Stream.STEPS: 1})  # few consumers: answered by a listing
         many = [checks.has_work(Stream.STEPS, f"gone-{i}") for i in range(80)]
         answers = await asyncio.gather(checks.has_work(Stream.STEPS, ENTRY, absent=False), *many)
