@@ -23,7 +23,7 @@ from nats.js import JetStreamContext
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from deadlift.bus import buckets
-from deadlift.bus.registry_store import Binaries, open_store
+from deadlift.bus.registry_store import MAX_MODULE_BYTES, Binaries, open_store
 from deadlift.bus.watch import watch_bucket
 from deadlift.errors import ConfigError, InUseError, ModuleError, NotFoundError
 from deadlift.model import names
@@ -40,7 +40,6 @@ log = logging.getLogger("deadlift.bus")
 BINARIES = Bucket.BINARIES
 MODULES = Bucket.MODULES
 WORKFLOWS = Bucket.WORKFLOWS
-MAX_MODULE_BYTES = 32 * 1024 * 1024
 # New versions follow deadlift.names (no '..', no trailing '.', not "latest");
 # metadata already stored is read with the looser rule it was written under.
 VERSION_PATTERN = names.VERSION_PATTERN

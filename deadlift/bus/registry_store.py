@@ -37,6 +37,7 @@ from deadlift.bus import buckets
 from deadlift.model.topology import Bucket, Stream
 
 CHUNK_BYTES = 128 * 1024  # as nats-py's Object Store: a chunk's JSON answer stays far below 1 MB
+MAX_MODULE_BYTES = 32 * 1024 * 1024  # the largest binary the registry takes
 READ_AHEAD = 8  # chunks asked for at once
 # Per key: a workflow's earlier versions (the old workflows bucket kept 10).
 HISTORY = 10
@@ -131,7 +132,12 @@ class ChunkedBinaries:
         await self.js.publish(f"{self.prefix}{sha256}", listing, stream=self.stream)
 
     async def get(self, sha256: str) -> bytes | None:
-        """The binary, or None if it is not listed (missing, deleted, or a put unfinished)."""
+        """The binary, or None if it is not listed (missing, deleted, or a put unfinished).
+
+        A listing or chunk not as :meth:`put` writes them gives ``b""`` (the registry
+        reports it corrupt), read no further: whoever may write the account's registry
+        must not make a worker serving many orgs read gigabytes or millions of chunks.
+        """
         listing = await self._last(f"{self.prefix}{sha256}")
         if listing is None:
             return None
@@ -139,13 +145,17 @@ class ChunkedBinaries:
             shape = json.loads(listing)
             size, count = int(shape["size"]), int(shape["chunks"])
         except (ValueError, KeyError, TypeError):
-            return b""  # not what put wrote: the registry's hash check reports it corrupt
+            return b""
+        if not 0 <= size <= MAX_MODULE_BYTES or count != -(-size // CHUNK_BYTES):
+            return b""
         parts: list[bytes] = []
         for first in range(0, count, READ_AHEAD):
             batch = range(first, min(count, first + READ_AHEAD))
             subjects = [f"{self.prefix}{sha256}.{i}" for i in batch]
             for part in await asyncio.gather(*(self._last(s) for s in subjects)):
-                parts.append(part or b"")
+                if part is None or len(part) > CHUNK_BYTES:
+                    return b""
+                parts.append(part)
         data = b"".join(parts)
         return data if len(data) == size else b""
 

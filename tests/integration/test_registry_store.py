@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -163,3 +164,32 @@ async def test_an_earlier_versions_buckets_are_used_as_they_are(
     async for key, watched in reopened.watch_workflows(stop):
         assert (key, watched is not None) == ("acme.single", True)
         break
+
+
+@pytest.mark.parametrize(
+    "listing",
+    [
+        {"size": 2**40, "chunks": 2**23},  # far over the module limit
+        {"size": 10, "chunks": 1_000_000},  # more chunks than its size needs
+    ],
+)
+async def test_a_hostile_listing_is_corrupt_and_read_no_further(
+    nc: Client, registry: Registry, listing: dict[str, int]
+) -> None:
+    """A worker serving many orgs must not be made to read gigabytes or a million chunks
+    by whoever may write one org's registry."""
+    wasm = module_path("add_ten").read_bytes()
+    meta, _ = await registry.push_module(wasm, name="add_ten")
+    subject = f"$KV.{Bucket.BINARIES}.{meta.sha256}"
+    await nc.jetstream().publish(subject, json.dumps(listing).encode())
+    with pytest.raises(ModuleError, match="corrupt"):
+        await asyncio.wait_for(registry.binary(meta.sha256), 5)
+
+
+async def test_an_oversized_chunk_is_corrupt(nc: Client, registry: Registry) -> None:
+    wasm = padded("add_ten", CHUNK_BYTES)
+    meta, _ = await registry.push_module(wasm, name="big")
+    chunk = f"$KV.{Bucket.BINARIES}.{meta.sha256}.0"
+    await nc.jetstream().publish(chunk, b"\x01" * (CHUNK_BYTES + 1))
+    with pytest.raises(ModuleError, match="corrupt"):
+        await registry.binary(meta.sha256)
