@@ -53,6 +53,10 @@ def write_private(path: Path, text: str) -> None:
         out.write(text)
 
 
+PORT_TRIES = 3
+ADDRESS_IN_USE = "address already in use"  # nats-server's log line when a port is taken
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as sock:
@@ -145,6 +149,7 @@ class EmbeddedServer(Managed):
         log_file: str | Path | None = None,
         orgs: OrgManifest | None = None,
     ) -> None:
+        self._port_given = bool(port)  # else chosen here, and chosen again if taken
         self.port = port or free_port()
         self.host = host
         self.monitor_port = free_port()
@@ -165,7 +170,24 @@ class EmbeddedServer(Managed):
         return f"nats://{self.host}:{self.port}"
 
     def start(self, timeout: float = 20.0) -> Self:
-        """Start the server and wait until JetStream is ready."""
+        """Start the server and wait until JetStream is ready.
+
+        A port chosen here was free when chosen, and may be taken before the server
+        binds it (another process's outgoing connection can draw it): the server is
+        started again on newly chosen ports, up to :data:`PORT_TRIES` times.
+        """
+        for attempt in range(1, PORT_TRIES + 1):
+            try:
+                return self._start_once(timeout)
+            except DeadliftError as exc:
+                if attempt == PORT_TRIES or ADDRESS_IN_USE not in str(exc):
+                    raise
+                if not self._port_given:
+                    self.port = free_port()
+                self.monitor_port = free_port()
+        raise AssertionError("not reached")
+
+    def _start_once(self, timeout: float) -> Self:
         self.store_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         args = [
             nats_server_binary(),

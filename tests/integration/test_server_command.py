@@ -9,7 +9,10 @@ import time
 from pathlib import Path
 
 import nats
+import pytest
 
+import deadlift.ops.server
+from deadlift.errors import DeadliftError
 from deadlift.ops.server import EmbeddedServer, free_port
 from tests.conftest import ROOT
 
@@ -57,3 +60,31 @@ async def test_a_config_file_given_by_absolute_path_is_included(tmp_path: Path) 
             assert nc.max_payload == 2097152
         finally:
             await nc.close()
+
+
+def test_a_chosen_port_taken_before_the_server_binds_it_is_chosen_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A port free when chosen can be drawn by another process's connection before
+    nats-server binds it (a `deadlift bench` run failed so): the server starts on new
+    ports instead of failing."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        first = iter([busy])
+        monkeypatch.setattr(
+            deadlift.ops.server, "free_port", lambda: next(first, None) or free_port()
+        )
+        with EmbeddedServer() as server:
+            assert server.port != busy
+            assert accepting(server.port)
+
+
+def test_a_port_given_and_taken_is_reported(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        with pytest.raises(DeadliftError, match="address already in use"):
+            EmbeddedServer(port=busy, store_dir=tmp_path / "store").start()
