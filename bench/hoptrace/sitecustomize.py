@@ -117,12 +117,12 @@ def install(prefix: str) -> None:  # noqa: C901 (one wrapper per stamp)
 
     run = calls.ModuleCalls.run
 
-    def traced_run(self: Any, jobs: Any) -> None:
+    def traced_run(self: Any, jobs: Any, *args: Any, **kwargs: Any) -> None:
         current.msg = jobs[0].msg if len(jobs) == 1 else None
         at = now()
         for job in jobs:
             stamp(job.msg, "thread_in", at)
-        run(self, jobs)
+        run(self, jobs, *args, **kwargs)
         at = now()
         for job in jobs:
             stamp(job.msg, "thread_out", at)
