@@ -42,7 +42,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
-from deadlift.bus.streams import LIST_PAGE
+from deadlift.bus.streams import CONSUMER_NOT_FOUND, LIST_PAGE, STREAM_NOT_FOUND
 
 log = logging.getLogger("deadlift.bus")
 
@@ -55,8 +55,6 @@ Measured on this 2-core machine (3,000 consumers, worker and server CPU together
 consumer's whole state, encoded, sent and parsed): a page pays off from ~75 askers.
 """
 IN_FLIGHT = 256  # single requests outstanding at once (the server queues its API requests)
-CONSUMER_NOT_FOUND = 10014  # the JetStream API's error codes
-STREAM_NOT_FOUND = 10059
 
 
 class ConsumerChecks:

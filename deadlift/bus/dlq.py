@@ -32,7 +32,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ObjectMeta, ObjectMetaOptions, ObjectStoreConfig, StorageType
 
 from deadlift.bus.publisher import MSG_ID, Publisher
-from deadlift.bus.streams import STREAM_NAME_IN_USE, dead_letter_config
+from deadlift.bus.streams import STREAM_NAME_IN_USE, STREAM_NOT_FOUND, dead_letter_config
 from deadlift.errors import (
     ConfigError,
     DeadliftError,
@@ -59,7 +59,6 @@ H_TIME = "Deadlift-Time"
 H_BODY_REF = "Deadlift-Body-Ref"  # the Object Store name holding the original body and headers
 MAX_ERROR_CHARS = 1000
 CHUNK_BYTES = 128 * 1024  # object store chunk size, when the server's max_payload allows
-STREAM_NOT_FOUND = 10059  # JetStream API error: no such stream
 
 
 async def ensure_stream(js: JetStreamContext, settings: Settings) -> None:

@@ -34,7 +34,10 @@ log = logging.getLogger("deadlift.bus")
 # What a stream's consumer ceiling is when the account sets none (-1 on a stream
 # means the server's default of 1,000).
 UNLIMITED_CONSUMERS = 1_000_000
-STREAM_NAME_IN_USE = 10058  # JetStream API error: a stream of that name exists (other config)
+# JetStream API error codes.
+STREAM_NAME_IN_USE = 10058  # a stream of that name exists (other config)
+STREAM_NOT_FOUND = 10059
+CONSUMER_NOT_FOUND = 10014
 UNAVAILABLE = 503  # a JetStream API answer's code: try again (a leader election, say)
 LIST_PAGE = 256  # consumers per CONSUMER.LIST answer (the server's page size)
 
