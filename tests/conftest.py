@@ -12,8 +12,10 @@ import nats.js.errors
 from nats.aio.client import Client
 
 from deadlift import bus
+from deadlift.bus.registry import Registry
 from deadlift.model.topology import Stream
 from deadlift.ops.discovery import discover_workers
+from deadlift.settings import Settings
 from deadlift.wire import events
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +53,14 @@ async def raw_messages(nc: Client, stream: str, subject: str) -> list[Any]:
         found.append(msg)
         seq = msg.seq + 1
     return found
+
+
+async def triggers_made(nc: Client, settings: Settings | None = None) -> None:
+    """Make the triggers' consumers of every stored workflow, as a worker finding their
+    first events would: for a test acting on one (as a crashed worker) before any has."""
+    js = nc.jetstream()
+    for workflow in await (await Registry.open(js)).workflows():
+        await bus.ensure_triggers(js, settings or Settings(), workflow)
 
 
 async def stored(nc: Client, subject: str, stream: str = Stream.EVENTS) -> list[events.Event]:

@@ -5,6 +5,15 @@ them, and :mod:`deadlift.model.topology` names everything.
 """
 
 from deadlift.bus.connection import DeadliftClient, connect, with_org_credentials
+from deadlift.bus.on_demand import (
+    count_from,
+    ensure_on_demand,
+    ensure_trigger,
+    ensure_triggers,
+    events_from,
+    input_has_events,
+    make_consumer,
+)
 from deadlift.bus.publisher import (
     MSG_ID,
     JetStreamPublisher,
@@ -20,13 +29,13 @@ from deadlift.bus.streams import (
     delete_consumer,
     delete_consumers,
     ensure_consumers,
-    ensure_on_demand,
     ensure_steps_stream,
     ensure_streams,
     import_stream,
     list_consumers,
     made_at_apply,
     step_inputs,
+    trigger_inputs,
 )
 
 __all__ = [
@@ -41,15 +50,22 @@ __all__ = [
     "configured_as",
     "connect",
     "consumer_config",
+    "count_from",
     "delete_consumer",
     "delete_consumers",
     "ensure_consumers",
     "ensure_on_demand",
     "ensure_steps_stream",
     "ensure_streams",
+    "ensure_trigger",
+    "ensure_triggers",
+    "events_from",
     "import_stream",
+    "input_has_events",
     "list_consumers",
     "made_at_apply",
+    "make_consumer",
     "step_inputs",
+    "trigger_inputs",
     "with_org_credentials",
 ]

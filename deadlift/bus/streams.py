@@ -25,7 +25,7 @@ from deadlift.errors import ConfigError
 from deadlift.model import topology
 from deadlift.model.orgs import account_name
 from deadlift.model.topology import DLQ_PREFIX, STEP_PREFIX, Stream
-from deadlift.model.workflow import Step, Workflow, minimal_subjects
+from deadlift.model.workflow import Step, TriggerStart, Workflow, minimal_subjects
 from deadlift.settings import Settings
 
 log = logging.getLogger("deadlift.bus")
@@ -55,8 +55,12 @@ class StepInput:
     consumer: str
     filters: tuple[str, ...]
     origin: str | None = None  # the exporting org, for a trigger arriving through an import
-    # Made by whatever first sends to it, not by `workflow apply` (see step_inputs).
+    # Made when first needed, not by `workflow apply` (see step_inputs).
     on_demand: bool = False
+    # A trigger's: made by the worker that first finds an event at or after this start
+    # (Workflow.starts), delivering from it. None for a step's own input, made by
+    # whatever first sends to it.
+    start: TriggerStart | None = None
 
 
 def step_inputs(workflow: Workflow, step: Step) -> list[StepInput]:
@@ -70,9 +74,12 @@ def step_inputs(workflow: Workflow, step: Step) -> list[StepInput]:
     A step's own subject is written only by Deadlift (the steps before it, ``dlq
     replay``), so its consumer is ``on_demand``: made by whatever first sends to it
     (:func:`ensure_on_demand`), not by ``workflow apply``. An entry step's is made
-    by its first replay, which most never have; a workflow applied and not yet
-    run holds its triggers' consumers only. Each consumer costs the server ~40 KB
-    for as long as it exists.
+    by its first replay, which most never have. A trigger's consumer is made by the
+    worker that first finds an event for it (rung, or a check at its start), from the
+    stream sequence ``workflow apply`` recorded (``Workflow.starts``), so no event
+    stored since the apply is skipped: :func:`ensure_trigger`. A workflow applied and
+    not yet run holds no consumer; each costs the server ~40 KB while it exists. A
+    trigger with no recorded start (stored by an earlier version) is made by apply.
     """
     org, name, step_name = workflow.org, workflow.name, step.name
     entry = step in workflow.entry_steps()
@@ -89,17 +96,31 @@ def step_inputs(workflow: Workflow, step: Step) -> list[StepInput]:
     own = [t for t in workflow.trigger if t not in workflow.imports]
     if own:
         consumer = topology.trigger_consumer(org, name, step_name)
-        inputs.append(StepInput(Stream.EVENTS, consumer, tuple(minimal_subjects(own))))
+        inputs.append(_trigger(workflow, Stream.EVENTS, consumer, own))
     for exporter, subjects in sorted(workflow.imported_triggers().items()):
-        inputs.append(
-            StepInput(
-                import_stream(exporter),
-                topology.import_consumer(org, name, step_name, exporter),
-                tuple(minimal_subjects(subjects)),
-                origin=exporter,
-            )
-        )
+        consumer = topology.import_consumer(org, name, step_name, exporter)
+        inputs.append(_trigger(workflow, import_stream(exporter), consumer, subjects, exporter))
     return inputs
+
+
+def trigger_inputs(workflow: Workflow) -> list[StepInput]:
+    """The consumers of a workflow's triggers (its entry steps' inputs other than their own)."""
+    entries = workflow.entry_steps()
+    return [i for s in entries for i in step_inputs(workflow, s) if i.stream != Stream.STEPS]
+
+
+def _trigger(
+    workflow: Workflow, stream: str, consumer: str, subjects: list[str], origin: str | None = None
+) -> StepInput:
+    start = workflow.starts.get(consumer)
+    return StepInput(
+        stream,
+        consumer,
+        tuple(minimal_subjects(subjects)),
+        origin=origin,
+        on_demand=start is not None,
+        start=start,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +139,9 @@ class StepBinding:
     # step was bound. Until something sends to the step (making it first), the input
     # has nothing to deliver: the step waits cold for that event to ring.
     made: bool = True
+    # A trigger's consumer not made yet: the worker that finds an event at or after
+    # this start makes it (StepInput.start), and the step then pulls.
+    start: TriggerStart | None = None
 
 
 def stream_config(
@@ -329,23 +353,35 @@ async def ensure_consumers(
         try:
             info = (existing or {}).get((wanted.stream, wanted.consumer))
             if lazy and info is None and existing is None:
-                info = await _consumer_info(js, wanted.stream, wanted.consumer)
+                info = await consumer_info_or_none(js, wanted.stream, wanted.consumer)
             if lazy and info is None:
                 bindings.append(
                     StepBinding(
                         wanted.stream,
                         wanted.consumer,
                         ack_wait=settings.ack_wait_s,
+                        origin=wanted.origin,
                         filters=wanted.filters,
                         waiting=0,
                         made=False,
+                        start=wanted.start,
                     )
                 )
                 continue
             if info is None and wanted.stream == Stream.STEPS:
                 await ensure_steps_stream(js, settings)  # made when first needed
-            if info is None or not configured_as(info.config, config):
+            if info is None:
+                start = None
+                if wanted.start is not None:  # steps never go cold: made at once
+                    created = (await js.stream_info(wanted.stream)).created
+                    start = wanted.start.of_stream(created).seq
+                config = consumer_config(
+                    wanted.consumer, list(wanted.filters), step, settings, start_seq=start
+                )
                 info = await js.add_consumer(wanted.stream, config)
+            elif not configured_as(info.config, config):
+                # Where it delivers from is kept: the server refuses to change it.
+                info = await js.add_consumer(wanted.stream, _keeping_start(config, info.config))
         except nats.js.errors.APIError as exc:
             raise ConfigError(
                 f"workflow {workflow.key} step {step.name!r}: cannot create consumer "
@@ -366,47 +402,23 @@ async def ensure_consumers(
     return bindings
 
 
+def _keeping_start(wanted: ConsumerConfig, current: ConsumerConfig) -> ConsumerConfig:
+    """``wanted`` with ``current``'s delivery start (which a consumer's update may not change)."""
+    return wanted.evolve(
+        deliver_policy=current.deliver_policy,
+        opt_start_seq=current.opt_start_seq,
+        opt_start_time=current.opt_start_time,
+    )
+
+
 def made_at_apply(wanted: StepInput, settings: Settings) -> bool:
     """Whether ``workflow apply`` (and a worker binding the step) makes this consumer."""
     return not (wanted.on_demand and settings.idle_cold_s > 0)
 
 
-async def ensure_on_demand(
-    js: JetStreamContext, settings: Settings, workflow: Workflow, step: Step
-) -> None:
-    """Make the consumer of a step's own subject if it is made on demand and missing:
-    before sending there (a step's outputs, a replay). It delivers from the stream's
-    next sequence, not with ``DeliverPolicy.NEW``: a cluster's consumer leader picks
-    "new" when it starts, after events sent meanwhile (5 of 300 were skipped on a
-    3-node cluster).
-
-    Raises:
-        ConfigError: the server refused it (its account's consumer limit, say).
-        nats.errors.Error: NATS is unavailable for now (a cluster electing a leader).
-    """
-    for wanted in step_inputs(workflow, step):
-        if not wanted.on_demand or await _consumer_info(js, wanted.stream, wanted.consumer):
-            continue
-        if wanted.stream == Stream.STEPS:
-            await ensure_steps_stream(js, settings)
-        last = (await js.stream_info(wanted.stream)).state.last_seq or 0
-        config = consumer_config(
-            wanted.consumer, list(wanted.filters), step, settings, start_seq=last + 1
-        )
-        try:
-            await js.add_consumer(wanted.stream, config)
-        except nats.js.errors.APIError as exc:
-            if await _consumer_info(js, wanted.stream, wanted.consumer):
-                continue  # made meanwhile by another sender (from its own start)
-            if exc.code == UNAVAILABLE:
-                raise
-            raise ConfigError(
-                f"workflow {workflow.key} step {step.name!r}: cannot create consumer "
-                f"{wanted.consumer}: {exc}"
-            ) from None
-
-
-async def _consumer_info(js: JetStreamContext, stream: str, consumer: str) -> ConsumerInfo | None:
+async def consumer_info_or_none(
+    js: JetStreamContext, stream: str, consumer: str
+) -> ConsumerInfo | None:
     """A consumer's info; None if it (or its stream) does not exist."""
     try:
         return await js.consumer_info(stream, consumer)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -12,6 +13,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PositiveInt,
     ValidationError,
     field_validator,
     model_validator,
@@ -184,6 +186,26 @@ class Step(BaseModel):
         return [check_subject(s, wildcards=True) for s in value]
 
 
+class TriggerStart(BaseModel):
+    """Where a trigger's consumer delivers from: a sequence in one life of its stream."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seq: PositiveInt
+    # The stream's creation time: a stream deleted and made again numbers from 1, and
+    # every event in it came after the start.
+    stream_created: datetime | None = None
+
+    def of_stream(self, created: datetime | None) -> TriggerStart:
+        """This start in the stream made at ``created``: the same, or 1 in a stream made
+        since (a microsecond of slack: what a JSON round trip may round)."""
+        if created is None or self.stream_created is None:
+            return self
+        if abs((created - self.stream_created).total_seconds()) < 1e-3:
+            return self
+        return TriggerStart(seq=1, stream_created=created)
+
+
 class Workflow(BaseModel):
     """A named graph of steps, started by messages on its trigger subjects."""
 
@@ -197,6 +219,10 @@ class Workflow(BaseModel):
     # Filled in by `workflow apply` from the org manifest: trigger subjects that
     # arrive through an import, each mapped to the org that exports them.
     imports: dict[str, Name] = Field(default_factory=dict)
+    # Filled in by `workflow apply`: per trigger consumer, where it delivers from once
+    # made (the stream's next sequence at the apply that first had it). It is made by
+    # the first worker to find an event there, not by the apply.
+    starts: dict[str, TriggerStart] = Field(default_factory=dict)
 
     @field_validator("trigger", mode="before")
     @classmethod

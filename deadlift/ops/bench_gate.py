@@ -35,12 +35,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from deadlift.bus.streams import step_inputs
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from deadlift.bus.on_demand import make_consumer
+from deadlift.bus.streams import consumer_config, step_inputs
 from deadlift.errors import DeadliftError
 from deadlift.model.topology import Stream
 from deadlift.model.workflow import Workflow
 from deadlift.ops.bench_support import stored, until
 from deadlift.ops.discovery import discover_workers
+from deadlift.settings import Settings
 
 FOREVER = "2100-01-01T00:00:00Z"
 LEAD_S = 0.3  # between setting the pause's end and the end: the request's round trip, and more
@@ -66,6 +70,9 @@ class Gate:
     pulls: tuple[tuple[str, str], ...]
     output: str
     output_stream: str = Stream.EVENTS
+    # The held consumer's configuration, if it may not be made yet (a trigger's is made
+    # by the first worker to find an event): :func:`hold` makes it first.
+    make: ConsumerConfig | None = None
 
     @classmethod
     def of(cls, workflow: Workflow, output: str) -> Gate:
@@ -77,11 +84,19 @@ class Gate:
         """
         entry = workflow.entry_steps()[0]
         trigger = next(w for w in step_inputs(workflow, entry) if w.stream == Stream.EVENTS)
-        return cls(trigger.stream, trigger.consumer, ((trigger.stream, trigger.consumer),), output)
+        config = consumer_config(trigger.consumer, list(trigger.filters), entry, Settings())
+        pulls = ((trigger.stream, trigger.consumer),)
+        return cls(trigger.stream, trigger.consumer, pulls, output, make=config)
 
 
 async def hold(js: Any, gate: Gate) -> None:
-    """Pause the gate's consumer: events stored meanwhile wait."""
+    """Pause the gate's consumer (made first if need be): events stored from now on wait."""
+    if gate.make is not None:
+        last = (await js.stream_info(gate.stream)).state.last_seq or 0
+        config = gate.make.evolve(
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=last + 1
+        )
+        await make_consumer(js, gate.stream, config, "bench")
     await js.pause_consumer(gate.stream, gate.consumer, FOREVER)
 
 

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from deadlift.model.contracts import check_workflow
 from deadlift.model.orgs import OrgManifest, load_orgs
 from deadlift.model.workflow import (
     Step,
+    TriggerStart,
     Workflow,
     check_org_graph,
     load_workflow,
@@ -150,12 +151,42 @@ async def apply_workflows(
         for exporter, triggers in workflow.imported_triggers().items():
             imported.setdefault(exporter, []).extend(triggers)
     await bus.ensure_streams(js, settings, subjects, imported, require_dead_letter_room=True)
+    resolved = await _record_starts(js, resolved, stored)
     await _create_consumers(js, settings, [w for w, _ in resolved], stored.values())
     for workflow, _ in resolved:
         await registry.put_workflow(workflow)
         if workflow.key in stored:
             await _drop_old_inputs(js, stored[workflow.key], workflow)
     return [w for w, _ in resolved]
+
+
+async def _record_starts(
+    js: JetStreamContext, workflows: list[tuple[Workflow, str]], stored: Mapping[str, Workflow]
+) -> list[tuple[Workflow, str]]:
+    """Record where each trigger's consumer delivers from once a worker makes it
+    (``Workflow.starts``): the start the stored workflow has for it, else the stream's
+    next sequence now, so every event sent from this apply on is run.
+
+    A start given in the document is never used: apply decides.
+    """
+    tails: dict[str, TriggerStart] = {}
+    recorded = []
+    for workflow, source in workflows:
+        previous = stored[workflow.key].starts if workflow.key in stored else {}
+        bare = workflow.model_copy(update={"starts": {}})
+        starts = {}
+        for wanted in bus.trigger_inputs(bare):
+            if wanted.consumer in previous:
+                starts[wanted.consumer] = previous[wanted.consumer]
+                continue
+            if wanted.stream not in tails:
+                info = await js.stream_info(wanted.stream)
+                tails[wanted.stream] = TriggerStart(
+                    seq=(info.state.last_seq or 0) + 1, stream_created=info.created
+                )
+            starts[wanted.consumer] = tails[wanted.stream]
+        recorded.append((bare.model_copy(update={"starts": starts}), source))
+    return recorded
 
 
 async def _create_consumers(

@@ -86,22 +86,24 @@ class StatusReport:
         }
 
 
-def step_consumers(workflow: Workflow) -> dict[StepKey, list[tuple[str, str]]]:
-    """``(stream, consumer)`` of every step: its input, and the triggers for entry steps."""
+def step_consumers(workflow: Workflow) -> dict[StepKey, list[bus.StepInput]]:
+    """The consumers of every step: its input, and the triggers for entry steps."""
     return {
-        (workflow.org, workflow.name, step.name): [
-            (i.stream, i.consumer) for i in bus.step_inputs(workflow, step)
-        ]
+        (workflow.org, workflow.name, step.name): bus.step_inputs(workflow, step)
         for step in workflow.steps
     }
 
 
-async def consumer_counts(js: JetStreamContext, stream: str, consumer: str) -> Counts:
-    """One consumer's state (zero if it does not exist)."""
+async def consumer_counts(js: JetStreamContext, wanted: bus.StepInput) -> Counts:
+    """One consumer's state: zero if it does not exist, but for a trigger's not made yet
+    (no worker came since events were sent) the events waiting for it."""
     try:
-        info = await js.consumer_info(stream, consumer)
+        info = await js.consumer_info(wanted.stream, wanted.consumer)
     except nats.js.errors.NotFoundError:
-        return Counts()
+        if wanted.start is None:
+            return Counts()
+        waiting = await bus.count_from(js, wanted.stream, wanted.filters, wanted.start)
+        return Counts(pending=waiting)
     return Counts(
         pending=info.num_pending or 0,
         ack_pending=info.num_ack_pending or 0,
@@ -115,10 +117,10 @@ async def consumer_counts(js: JetStreamContext, stream: str, consumer: str) -> C
 async def step_counts(js: JetStreamContext, workflows: Sequence[Workflow]) -> dict[StepKey, Counts]:
     """Consumer state per step, summed over the step's consumers."""
     wanted = {k: v for w in workflows for k, v in step_consumers(w).items()}
-    pairs = [(key, stream, name) for key, cs in wanted.items() for stream, name in cs]
-    results = await asyncio.gather(*(consumer_counts(js, s, n) for _, s, n in pairs))
+    pairs = [(key, i) for key, inputs in wanted.items() for i in inputs]
+    results = await asyncio.gather(*(consumer_counts(js, i) for _, i in pairs))
     totals = dict.fromkeys(wanted, Counts())
-    for (key, _, _), counts in zip(pairs, results, strict=True):
+    for (key, _), counts in zip(pairs, results, strict=True):
         totals[key] = totals[key] + counts
     return totals
 

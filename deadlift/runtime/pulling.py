@@ -33,6 +33,13 @@ bound to it (a worker starting thousands of steps knows that from one listing)
 goes cold at once, without the batch fetch a step starts with: the check finds
 any event stored since.
 
+A consumer made on demand and not made yet has nothing to deliver, so its step
+waits cold: a step's own is made by its first event's sender, which rings it. A
+trigger's is this step's to make (from the start ``workflow apply`` recorded),
+when an event rings or its check finds one in the stream at or after that start;
+the step then pulls. Events sent while no worker ran are found by the check at
+start, :data:`SETTLE_S` after it.
+
 The checks of all the steps of a connection go through one
 :class:`~deadlift.bus.checks.ConsumerChecks`: those asked together are answered
 together (a listing of the stream when many ask, as every cold step does after a
@@ -47,6 +54,7 @@ import itertools
 import logging
 import random
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import nats.errors
@@ -55,8 +63,10 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from deadlift.bus.on_demand import events_from
 from deadlift.bus.pull import Pull
 from deadlift.bus.streams import StepBinding
+from deadlift.model.workflow import TriggerStart
 from deadlift.settings import Settings
 
 log = logging.getLogger("deadlift.worker")
@@ -84,6 +94,7 @@ class Puller:
         batch: int,
         *,
         checks: Checks | None = None,
+        make: Callable[[TriggerStart], Awaitable[None]] | None = None,
     ) -> None:
         self.pull = pull
         self.nc = nc
@@ -113,6 +124,12 @@ class Puller:
         # After that a missing consumer is trouble (a cluster electing its leader
         # answers "not found" too), so the step pulls and retries rather than waits.
         self._unmade = not binding.made
+        # A trigger's consumer not made yet is this step's to make (``make(start)``), from
+        # the recorded start, once an event is found at or after it (a later start
+        # when a check found none before it: the stream is not scanned again).
+        self._make = make
+        self._start = binding.start if not binding.made else None
+        self._make_first = False
 
     def stop(self) -> None:
         """No more pulls; a cold wait ends now (a cancel alone may be swallowed)."""
@@ -123,6 +140,8 @@ class Puller:
         """The next events (none when a wait ended without any, or once stopped)."""
         if self._stopped:
             return []
+        if self._make_first:
+            await self._make_trigger()  # raises on trouble: the step retries shortly
         if self._backlog:
             try:
                 msgs = await self.pull.fetch(self.batch, BACKLOG_WAIT_S, no_wait=True)
@@ -149,6 +168,14 @@ class Puller:
         self._warm_until = time.monotonic() + self.cold_after_s
         self._held = self._unmade = False
         return msgs
+
+    async def _make_trigger(self) -> None:
+        assert self._start is not None
+        if self._make is None:
+            raise RuntimeError(f"{self.binding.consumer}: no way to make the trigger's consumer")
+        await self._make(self._start)
+        self._make_first = False
+        self._start = None  # made: its own state answers from now on
 
     def _not_made_yet(self, exc: Exception) -> list[Msg]:
         """A consumer made on demand that is not there: nothing to deliver, so wait cold
@@ -187,7 +214,10 @@ class Puller:
             self._bell = None
             await bell.disarm()
         if not self._stopped:
-            self._unmade = False  # rung, or work found: its sender made the consumer
+            # Rung, or work found: a step's sender made its consumer; a trigger's is
+            # this step's to make, before it pulls.
+            self._make_first = self._unmade and self._start is not None
+            self._unmade = False
         # One long pull: a ring's event is stored by then, or arrives during it.
         self._warm_until = time.monotonic() + self.idle_pull_s
 
@@ -229,6 +259,19 @@ class Puller:
 
     async def _ask(self) -> bool:
         absent = not self._unmade  # a consumer not made yet: absent is idle
+        if self._unmade and self._start is not None:
+            # A trigger's consumer not made yet: work if the stream has an event for it
+            # (then, absent, it is this step's to make).
+            try:
+                found, self._start = await events_from(
+                    self.js, self.binding.stream, self.binding.filters, self._start
+                )
+            except Exception as exc:  # pulling will meet the trouble and report it
+                log.debug("looking for events of %s failed: %s", self.binding.consumer, exc)
+                return True
+            if not found:
+                return False
+            absent = True
         if self.checks is not None:  # asked with the other steps' (True when unsure)
             return await self.checks.has_work(
                 self.binding.stream, self.binding.consumer, absent=absent

@@ -31,7 +31,7 @@ from deadlift.bus.streams import StepBinding
 from deadlift.errors import DeadliftError, EventDecodeError, EventEncodeError, StepError
 from deadlift.model import topology
 from deadlift.model.topology import ErrorKind, Outcome, Stream, step_subject
-from deadlift.model.workflow import Step, Workflow
+from deadlift.model.workflow import Step, TriggerStart, Workflow
 from deadlift.runtime import crossings, runs, telemetry
 from deadlift.runtime import hops as hops_guard
 from deadlift.runtime.calls import ModuleCalls
@@ -162,9 +162,16 @@ class StepRunner:
             self.context.settings,
             size,
             checks=ConsumerChecks.of(js),  # one per connection: checks asked together
+            make=self._make_trigger,
         )
         self._task = asyncio.create_task(
             self._loop(), name=f"deadlift-step-{self.binding.consumer}"
+        )
+
+    async def _make_trigger(self, start: TriggerStart) -> None:
+        """Make this trigger's consumer (not made by apply), delivering from ``start``."""
+        await bus.ensure_trigger(
+            self.context.js, self.context.settings, self.step, self.binding, start
         )
 
     async def stop(self) -> None:

@@ -267,13 +267,7 @@ class Worker:
         async with self._lock:
             bindings = [r.binding for rs in self._runners.values() for r in rs]
         for binding in bindings:
-            try:
-                info = await self.js.consumer_info(binding.stream, binding.consumer)
-            except nats.js.errors.NotFoundError:
-                if not binding.made:
-                    continue  # made on demand, not yet: nothing in it
-                raise
-            if info.num_pending or info.num_ack_pending or self.in_flight:
+            if await bus.input_has_events(self.js, binding) or self.in_flight:
                 return False
         return True
 
@@ -451,18 +445,19 @@ class Worker:
 
     async def _consumers_of(
         self, steps: Iterable[tuple[Workflow, Step]]
-    ) -> Mapping[tuple[str, str], ConsumerInfo]:
+    ) -> Mapping[tuple[str, str], ConsumerInfo] | None:
         """The consumers already there, when starting many steps (a listing costs a
-        request per 256 consumers of the stream, a step's check one per consumer)."""
+        request per 256 consumers of the stream, a step's check one per consumer); None
+        when not listed (then each step asks for its own: {} would say none exists)."""
         steps = list(steps)
         if len(steps) < LIST_CONSUMERS_FROM:
-            return {}
+            return None
         streams = {i.stream for w, s in steps for i in bus.step_inputs(w, s)}
         try:
             found = await bus.list_consumers(self.js, streams)
         except (nats.errors.Error, TimeoutError) as exc:
             log.debug("listing consumers failed (%s): each step checks its own", exc)
-            return {}
+            return None
         # How long a listing of each stream is: the steps' checks list it when many ask.
         ConsumerChecks.of(self.js).note_sizes(Counter(stream for stream, _ in found))
         return found

@@ -59,15 +59,20 @@ async def test_events_stored_after_the_start_listed_the_consumers_are_served_onc
     nc: Client, registry: Registry, settings: Settings
 ) -> None:
     await ready(nc, registry, settings)
+    # Half the triggers' consumers made (as by an earlier worker), half not made yet:
+    # a step finds its events either way.
+    for workflow in await registry.workflows():
+        if int(workflow.name[1:]) % 2 == 0:
+            await bus.ensure_triggers(nc.jetstream(), settings, workflow)
     worker_nc = await bus.connect(settings, name="deadlift-worker")
     worker = Worker(worker_nc, settings=settings, advertise=False)
     listed = worker._consumers_of
 
     async def listing_then_events(
         steps: Iterable[tuple[Workflow, Step]],
-    ) -> Mapping[tuple[str, str], ConsumerInfo]:
+    ) -> Mapping[tuple[str, str], ConsumerInfo] | None:
         found = await listed(steps)
-        assert found, "the start listed the consumers"
+        assert found is not None and len(found) == FLOWS // 2, "the start listed those made"
         assert not any(i.num_pending for i in found.values())
         for i in range(FLOWS):  # stored before any step started: no doorbell rings
             await send(nc, i, i)

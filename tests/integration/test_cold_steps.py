@@ -25,7 +25,7 @@ from deadlift.ops.server import EmbeddedServer, free_port
 from deadlift.runtime.worker import Worker
 from deadlift.settings import Settings
 from deadlift.wire import events
-from tests.conftest import eventually, module_path, stored
+from tests.conftest import eventually, module_path, stored, triggers_made
 from tests.manifests import ADD_TEN_CHAIN
 
 CHAIN = ADD_TEN_CHAIN
@@ -92,6 +92,7 @@ async def test_an_event_another_worker_held_when_it_died_is_served_by_a_cold_ste
     worker_nc = await bus.connect(settings)
     try:
         await send(nc, 5)
+        await triggers_made(nc, settings)  # by the worker that found the event
         held = await other.jetstream().pull_subscribe_bind(durable=TRIGGER, stream=Stream.EVENTS)
         assert len(await held.fetch(1, timeout=5)) == 1
         await other.close()  # never acked: back after ack_wait
@@ -112,6 +113,7 @@ async def test_a_retry_waiting_out_its_delay_is_served_by_a_cold_step(
     worker_nc = await bus.connect(settings)
     try:
         await send(nc, 7)
+        await triggers_made(nc, settings)  # by the worker that found the event
         held = await other.jetstream().pull_subscribe_bind(durable=TRIGGER, stream=Stream.EVENTS)
         [msg] = await held.fetch(1, timeout=5)
         async with Worker(worker_nc, settings=settings, advertise=False):

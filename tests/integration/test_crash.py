@@ -21,7 +21,7 @@ from deadlift.ops.control import push_module_file
 from deadlift.ops.server import EmbeddedServer
 from deadlift.runtime.worker import Worker
 from deadlift.settings import Settings
-from tests.conftest import ROOT, eventually, module_path, publish, stored
+from tests.conftest import ROOT, eventually, module_path, publish, stored, triggers_made
 from tests.integration.test_processes import start_worker
 
 pytestmark = pytest.mark.slow
@@ -171,6 +171,7 @@ async def test_redeliveries_without_a_failure_never_dead_letter_a_healthy_event(
     await push("multiply_by_five")
     await apply(CALCULATOR)  # retry: max_attempts 3
     await publish(nc, "calc.in", {"value": 1})
+    await triggers_made(nc, settings)  # as the first worker to find the event did
     consumer = nc.jetstream()
     sub = await consumer.pull_subscribe_bind(
         durable="acme--calculator--add--trigger", stream=Stream.EVENTS

@@ -25,10 +25,9 @@ from deadlift.bus.integration_streams import offers_stream
 from deadlift.bus.offers import accept_offer, chunk_size, list_offers, offer_module
 from deadlift.errors import ConfigError, PermissionDeniedError
 from deadlift.model import integrations as links
-from deadlift.model import topology
 from deadlift.model.orgs import OrgManifest
-from deadlift.model.topology import Stream
 from deadlift.model.workflow import Workflow
+from deadlift.ops.status import step_counts
 from deadlift.runtime.step import StepReport
 from deadlift.runtime.worker import Worker
 from deadlift.settings import Settings
@@ -316,10 +315,10 @@ async def assert_not_run(
             await publish(stripe.nc, "stripe.score", {"value": 1})
             await asyncio.sleep(2.0)
     assert reports == []
-    info = await stripe.js.consumer_info(
-        Stream.EVENTS, topology.trigger_consumer("stripe", "scoring", "score")
-    )
-    assert info.num_pending == 1 and info.delivered.stream_seq == 0
+    # The event waits, never delivered: no step made the trigger's consumer.
+    counts = await step_counts(stripe.js, [await stripe.registry.workflow("scoring")])
+    assert counts[("stripe", "scoring", "score")].pending == 1
+    assert counts[("stripe", "scoring", "score")].consumers == 0
     refusals = [r.getMessage() for r in caplog.records if "not started" in r.getMessage()]
     assert refusals and "workflow stripe.scoring step 'score'" in refusals[0]
     assert why in refusals[0]

@@ -12,7 +12,7 @@ from deadlift.ops.control import apply_workflows
 from deadlift.runtime.worker import LIST_CONSUMERS_FROM, Worker
 from deadlift.settings import Settings
 from deadlift.wire import events
-from tests.conftest import eventually, module_path, stored
+from tests.conftest import eventually, module_path, stored, triggers_made
 
 FLOWS = LIST_CONSUMERS_FROM  # one step each: enough for the listing
 
@@ -36,6 +36,7 @@ async def test_a_worker_starting_many_steps_updates_consumers_configured_otherwi
     await apply_workflows(
         js, registry, applied, [(parse_workflow(flow(i)), f"w{i}.yaml") for i in range(FLOWS)]
     )
+    await triggers_made(nc, applied)  # by an earlier worker, configured so
     worker_nc = await bus.connect(settings)
     wanted = settings.model_copy(update={"ack_wait_s": 7.0})
     try:
@@ -59,13 +60,15 @@ async def test_consumers_listed_are_configured_as_apply_made_them(
     [workflow] = await apply_workflows(
         js, registry, settings, [(parse_workflow(flow(0)), "w.yaml")]
     )
-    listed = await bus.list_consumers(js, {Stream.STEPS, Stream.EVENTS})
     step = workflow.steps[0]
-    made = [w for w in bus.step_inputs(workflow, step) if bus.made_at_apply(w, settings)]
-    assert [w.stream for w in made] == [Stream.EVENTS]  # the entry step's own: by a replay
-    for wanted in made:
-        config = bus.consumer_config(wanted.consumer, list(wanted.filters), step, settings)
-        assert bus.configured_as(listed[(wanted.stream, wanted.consumer)].config, config)
+    # Apply makes none: the trigger's by the first worker to find an event, the entry
+    # step's own by a replay.
+    assert not [w for w in bus.step_inputs(workflow, step) if bus.made_at_apply(w, settings)]
+    await triggers_made(nc, settings)
+    listed = await bus.list_consumers(js, {Stream.STEPS, Stream.EVENTS})
+    [made] = bus.trigger_inputs(workflow)
+    config = bus.consumer_config(made.consumer, list(made.filters), step, settings)
+    assert bus.configured_as(listed[(made.stream, made.consumer)].config, config)
     other = bus.consumer_config("x", ["elsewhere.>"], step, settings)
     trigger = (Stream.EVENTS, "acme--w0--add--trigger")
     assert not bus.configured_as(listed[trigger].config, other)
