@@ -73,8 +73,8 @@ async def ensure_trigger(
         ConfigError: the server refused it (its account's consumer limit, say).
         nats.errors.Error: NATS is unavailable for now (a cluster electing a leader).
     """
-    if await consumer_info_or_none(js, binding.stream, binding.consumer):
-        return
+    # No look first: the add is a no-op for one made alike, refused (then found) for
+    # one made from another start.
     start = start.of_stream((await js.stream_info(binding.stream)).created)
     config = consumer_config(
         binding.consumer, list(binding.filters), step, settings, start_seq=start.seq

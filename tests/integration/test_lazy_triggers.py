@@ -153,6 +153,19 @@ async def test_a_trigger_whose_stream_was_made_again_runs_the_new_streams_events
     assert await values(nc, "one.out") == [17]
 
 
+async def test_wildcard_and_several_triggers_find_events_sent_before_a_worker_came(
+    nc: Client, settings: Settings, push: Any, apply: Any
+) -> None:
+    await push("add_ten")
+    await apply(ONE.replace("trigger: one.in", "trigger: [shop.*.order, shop.refund]"))
+    await publish(nc, "shop.eu.order", {"value": 1})
+    await publish(nc, "shop.refund", {"value": 2})
+    async with Worker(nc, settings=settings) as worker:
+        await eventually(lambda: _count(nc, "one.out", 2), message="both triggers ran")
+        await worker.drain()
+    assert await values(nc, "one.out") == [11, 12]
+
+
 async def test_two_workers_finding_the_same_backlog_run_each_event_once(
     nc: Client, settings: Settings, push: Any, apply: Any
 ) -> None:
