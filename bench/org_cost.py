@@ -13,9 +13,10 @@ one kind of resource to every org, 8 orgs at a time, each org on its own connect
 
 Phases: accounts only; a connection per org; the registry (``Registry.open``: one
 stream, ``DEADLIFT_REGISTRY``); ``add_ten`` pushed; the events stream; the workflow
-applied (3 steps: what ``workflow apply`` makes, the trigger's consumer and the
-workflow in KV); what the workflow's first run makes (the steps stream and the
-consumers of steps 2 and 3, made by the first event sent to each); the dead-letter
+applied (3 steps: what ``workflow apply`` makes, the workflow in KV and no
+consumer); what the workflow's first run makes (the trigger's consumer, made by
+the worker that finds the first event, the steps stream and the consumers of
+steps 2 and 3, made by the first event sent to each); the dead-letter
 stream (made by an org's first dead letter); the connections closed. The table
 shows each phase's growth per org. From the repository root::
 
@@ -141,10 +142,13 @@ class Orgs:
         await push_module_file(registry, WASM, name="add_ten")
 
     async def first_run(self, org: str) -> None:
-        """What the first event through every step makes (``bus.ensure_on_demand``, as the
-        step before each does; the entry step's own is made only by a replay)."""
+        """What the first event through every step makes: the trigger's consumer (as the
+        worker that finds the event does, ``bus.ensure_triggers``), then each next step's
+        own (``bus.ensure_on_demand``, as the step before it does; the entry step's own
+        is made only by a replay)."""
         js = self.clients[org].jetstream()
-        workflow = parse_workflow(workflow_yaml("flow", org, org))
+        workflow = await (await Registry.open(js)).workflow("flow")
+        await bus.ensure_triggers(js, self.settings[org], workflow)
         for step in workflow.steps[1:]:
             await bus.ensure_on_demand(js, self.settings[org], workflow, step)
 
@@ -190,8 +194,8 @@ async def run(n: int, work: Path, settle: float) -> list[Reading]:
             ("registry (one stream)", orgs.registry),
             ("module pushed (add_ten)", orgs.module),
             ("events stream", orgs.events_stream),
-            ("workflow applied (1 consumer, 1 KV entry)", orgs.workflow),
-            ("first run (steps stream, 2 consumers)", orgs.first_run),
+            ("workflow applied (1 KV entry, no consumer)", orgs.workflow),
+            ("first run (steps stream, 3 consumers)", orgs.first_run),
             ("dead-letter stream", orgs.dead_letter_stream),
             ("connections closed", orgs.close),
         ]

@@ -13,13 +13,21 @@ thousands of workflows applied and not yet run should hold none (see
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
+import weakref
+from dataclasses import dataclass
+from datetime import datetime
 
+import nats.js.api
 import nats.js.errors
+from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from deadlift.bus.streams import (
+    STREAM_NOT_FOUND,
     UNAVAILABLE,
     StepBinding,
     consumer_config,
@@ -31,6 +39,85 @@ from deadlift.errors import ConfigError
 from deadlift.model.topology import Stream
 from deadlift.model.workflow import Step, TriggerStart, Workflow
 from deadlift.settings import Settings
+
+TAILS_WINDOW_S = 0.02  # questions about a stream asked within it share one STREAM.INFO
+
+
+@dataclass(frozen=True, slots=True)
+class Tail:
+    """A stream's last sequence and creation time (which tells a stream made again)."""
+
+    last_seq: int
+    created: datetime | None
+
+
+class StreamTails:
+    """Streams' tails for many steps of a connection: one ``STREAM.INFO`` per stream for the
+    questions asked within :data:`TAILS_WINDOW_S`, each sent after every question it
+    answers (so it sees whatever was stored before a step asked).
+
+    A worker starting a thousand workflows never run asks for each trigger at once;
+    nats-py's ``stream_info`` answer holds the stream's whole configuration (an events
+    stream of 2,000 subjects: ~50 KB of JSON, parsed into dataclasses), which one by
+    one cost the start seconds. Here only the two fields are read.
+    """
+
+    _by_connection: weakref.WeakKeyDictionary[Client, StreamTails] = weakref.WeakKeyDictionary()
+
+    def __init__(self, nc: Client, api_prefix: str, timeout: float) -> None:
+        self.nc, self.api, self.timeout = nc, api_prefix, timeout
+        self._asked: dict[str, asyncio.Future[Tail | None]] = {}
+        self._sending: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    def of(cls, js: JetStreamContext) -> StreamTails:
+        """The tails of ``js``'s connection (made on first use, shared by its steps)."""
+        nc, api, timeout = js._nc, js._prefix, js._timeout  # nats-py keeps them private
+        tails = cls._by_connection.get(nc)
+        if tails is None or tails.api != api:
+            tails = cls._by_connection[nc] = cls(nc, api, timeout)
+        return tails
+
+    async def tail(self, stream: str) -> Tail | None:
+        """``stream``'s tail (None: there is no such stream).
+
+        Raises:
+            nats.errors.Error, nats.js.errors.APIError: the request failed.
+        """
+        future = self._asked.get(stream)
+        if future is None:
+            loop = asyncio.get_running_loop()
+            future = self._asked[stream] = loop.create_future()
+            loop.call_later(TAILS_WINDOW_S, self._send, stream)
+        return await asyncio.shield(future)
+
+    def _send(self, stream: str) -> None:
+        future = self._asked.pop(stream)  # asked from now on: the next request
+        task = asyncio.get_running_loop().create_task(self._answer(stream, future))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _answer(self, stream: str, future: asyncio.Future[Tail | None]) -> None:
+        try:
+            msg = await self.nc.request(f"{self.api}.STREAM.INFO.{stream}", b"", self.timeout)
+            answer = json.loads(msg.data)
+            error = answer.get("error")
+            if error and error.get("err_code") == STREAM_NOT_FOUND:
+                tail = None
+            elif error:
+                raise nats.js.errors.APIError.from_error(error)
+            else:
+                created = answer.get("created")
+                tail = Tail(
+                    last_seq=int(answer.get("state", {}).get("last_seq") or 0),
+                    created=nats.js.api.Base._parse_utc_iso(created) if created else None,
+                )
+        except Exception as exc:
+            if not future.done():
+                future.set_exception(exc)
+            return
+        if not future.done():
+            future.set_result(tail)
 
 
 async def ensure_on_demand(
@@ -65,9 +152,9 @@ async def ensure_trigger(
 ) -> None:
     """Make a trigger's consumer, delivering from ``start``, unless it is there.
 
-    ``start``: the recorded one (``StepInput.start``), or a later one before which
-    :func:`events_from` found no event for it; 1 if the stream was made again since.
-    Workers racing are fine: the first one's is kept.
+    ``start``: the recorded one (``StepInput.start``), or one :func:`events_from`
+    returned; 1 if the stream was made again since. Workers racing are fine: the
+    first one's is kept.
 
     Raises:
         ConfigError: the server refused it (its account's consumer limit, say).
@@ -75,7 +162,8 @@ async def ensure_trigger(
     """
     # No look first: the add is a no-op for one made alike, refused (then found) for
     # one made from another start.
-    start = start.of_stream((await js.stream_info(binding.stream)).created)
+    tail = await StreamTails.of(js).tail(binding.stream)
+    start = start.of_stream(tail.created if tail else None)
     config = consumer_config(
         binding.consumer, list(binding.filters), step, settings, start_seq=start.seq
     )
@@ -110,12 +198,11 @@ async def events_from(
     sequence as read *before* looking (an event stored meanwhile is after it), so a
     later question does not scan again what this one did.
     """
-    try:
-        info = await js.stream_info(stream)
-    except nats.js.errors.NotFoundError:
+    tail = await StreamTails.of(js).tail(stream)
+    if tail is None:
         return False, start
-    start = start.of_stream(info.created)
-    last = info.state.last_seq or 0
+    start = start.of_stream(tail.created)
+    last = tail.last_seq
     if last < start.seq:
         return False, start
     for subject in subjects:

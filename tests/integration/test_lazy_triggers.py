@@ -16,6 +16,7 @@ from typing import Any
 from nats.aio.client import Client
 from nats.js.api import ConsumerConfig
 
+from deadlift.bus.on_demand import StreamTails
 from deadlift.bus.registry import Registry
 from deadlift.model import topology
 from deadlift.model.topology import Stream
@@ -235,3 +236,24 @@ async def test_consumers_made_from_a_start_are_updated_by_a_worker_configured_ot
         assert config.opt_start_seq is not None  # where it delivered from, kept
     assert config.opt_start_seq >= 1 and workflow.starts
     assert await values(nc, "two.out") == [21, 22]
+
+
+async def test_tails_asked_together_share_one_request_sent_after_them(
+    nc: Client, push: Any, apply: Any
+) -> None:
+    """A worker starting thousands of never-run workflows checks every trigger at once:
+    one STREAM.INFO answers them, and a question asked later sees what was stored since."""
+    await push("add_ten")
+    await apply(ONE)
+    tails = StreamTails.of(nc.jetstream())
+    sent = nc.stats["out_msgs"]
+    answers = await asyncio.gather(*(tails.tail(Stream.EVENTS) for _ in range(200)))
+    assert nc.stats["out_msgs"] - sent == 1
+    assert len({a.last_seq for a in answers if a}) == 1
+    before = answers[0]
+    assert before is not None
+    await publish(nc, "one.in", {"value": 1})
+    after = await tails.tail(Stream.EVENTS)
+    assert after is not None and after.last_seq == before.last_seq + 1
+    assert after.created == before.created
+    assert await tails.tail("NO_SUCH_STREAM") is None
