@@ -55,6 +55,14 @@ async def raw_messages(nc: Client, stream: str, subject: str) -> list[Any]:
     return found
 
 
+async def consumer_names(nc: Client, stream: str) -> set[str]:
+    """The names of ``stream``'s consumers (none if the stream is not there)."""
+    try:
+        return {str(c.name) for c in await nc.jetstream().consumers_info(stream)}
+    except nats.js.errors.NotFoundError:
+        return set()
+
+
 async def triggers_made(nc: Client, settings: Settings | None = None) -> None:
     """Make the triggers' consumers of every stored workflow, as a worker finding their
     first events would: for a test acting on one (as a crashed worker) before any has."""

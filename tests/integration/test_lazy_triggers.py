@@ -24,7 +24,7 @@ from deadlift.model.workflow import TriggerStart
 from deadlift.ops.status import step_counts
 from deadlift.runtime.worker import Worker
 from deadlift.settings import Settings
-from tests.conftest import eventually, publish, stored
+from tests.conftest import consumer_names, eventually, publish, stored
 
 ONE = """
 name: one
@@ -36,13 +36,6 @@ steps:
 TRIGGER = topology.trigger_consumer("acme", "one", "only")
 
 
-async def consumers(nc: Client, stream: str) -> set[str]:
-    try:
-        return {str(c.name) for c in await nc.jetstream().consumers_info(stream)}
-    except Exception:
-        return set()
-
-
 async def values(nc: Client, subject: str) -> list[int]:
     return sorted(e.data["value"] for e in await stored(nc, subject))
 
@@ -52,7 +45,7 @@ async def test_apply_makes_no_consumer_and_records_where_the_trigger_starts(
 ) -> None:
     await push("add_ten")
     await apply(ONE)
-    assert await consumers(nc, Stream.EVENTS) == set()
+    assert await consumer_names(nc, Stream.EVENTS) == set()
     info = await nc.jetstream().stream_info(Stream.EVENTS)
     workflow = await registry.workflow("one")
     assert workflow.starts == {
@@ -71,7 +64,7 @@ async def test_events_sent_while_no_worker_ran_are_run_and_earlier_ones_are_not(
     await apply(ONE.replace("name: one", "name: late").replace("one.out", "late.out"))
     for value in (2, 3, 4):
         await publish(nc, "one.in", {"value": value})
-    assert await consumers(nc, Stream.EVENTS) == set()
+    assert await consumer_names(nc, Stream.EVENTS) == set()
     async with Worker(nc, settings=settings) as worker:
         await eventually(lambda: _count(nc, "late.out", 3), message="late ran 2, 3, 4")
         await worker.drain()
@@ -90,11 +83,11 @@ async def test_a_cold_workers_first_event_rings_it_and_makes_the_consumer(
     await apply(ONE)
     async with Worker(nc, settings=settings) as worker:
         await asyncio.sleep(1.5)  # past the check at start: cold, nothing made
-        assert await consumers(nc, Stream.EVENTS) == set()
+        assert await consumer_names(nc, Stream.EVENTS) == set()
         await publish(nc, "one.in", {"value": 5})
         await eventually(lambda: _count(nc, "one.out", 1), message="the event ran")
         await worker.drain()
-    assert await consumers(nc, Stream.EVENTS) == {TRIGGER}
+    assert await consumer_names(nc, Stream.EVENTS) == {TRIGGER}
     assert await values(nc, "one.out") == [15]
 
 
@@ -192,7 +185,7 @@ async def test_status_counts_the_events_waiting_for_a_trigger_not_made_yet(
         await publish(nc, "one.in", {"value": value})
     counts = await step_counts(nc.jetstream(), [workflow])
     assert counts[("acme", "one", "only")].pending == 3
-    assert await consumers(nc, Stream.EVENTS) == set()  # counting made nothing lasting
+    assert await consumer_names(nc, Stream.EVENTS) == set()  # counting made nothing lasting
 
 
 TWO = """

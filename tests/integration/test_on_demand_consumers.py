@@ -25,7 +25,7 @@ from deadlift.ops import dead_letters
 from deadlift.ops.control import push_module_file
 from deadlift.runtime.worker import Worker
 from deadlift.settings import Settings
-from tests.conftest import eventually, module_path, publish, recreated, stored
+from tests.conftest import consumer_names, eventually, module_path, publish, recreated, stored
 
 CHAIN = """
 name: chain
@@ -47,18 +47,11 @@ steps:
 """
 
 
-async def consumers(nc: Client, stream: str) -> set[str]:
-    try:
-        return {str(c.name) for c in await nc.jetstream().consumers_info(stream)}
-    except Exception:
-        return set()
-
-
 async def test_apply_makes_no_consumer(nc: Client, push: Any, apply: Any) -> None:
     await push("add_ten")
     await apply(CHAIN)
-    assert await consumers(nc, Stream.STEPS) == set()
-    assert await consumers(nc, Stream.EVENTS) == set()  # the trigger's: test_lazy_triggers
+    assert await consumer_names(nc, Stream.STEPS) == set()
+    assert await consumer_names(nc, Stream.EVENTS) == set()  # the trigger's: test_lazy_triggers
 
 
 async def test_a_workflow_runs_end_to_end_without_it(
@@ -72,7 +65,7 @@ async def test_a_workflow_runs_end_to_end_without_it(
         [out] = await stored(nc, "chain.out")
         assert out.data == {"value": 31}
     # Made by the first output sent to each; the entry step's only by a replay.
-    assert await consumers(nc, Stream.STEPS) == {
+    assert await consumer_names(nc, Stream.STEPS) == {
         topology.consumer_name("acme", "chain", "second"),
         topology.consumer_name("acme", "chain", "third"),
     }
@@ -90,7 +83,7 @@ async def test_the_first_replay_into_an_entry_step_makes_it_and_a_running_worker
         await publish(nc, "fix.in", {"value": 1}, id="e1")
         await worker.drain()
         [letter] = await dlq.letters(nc.jetstream())
-        assert name not in await consumers(nc, Stream.STEPS)
+        assert name not in await consumer_names(nc, Stream.STEPS)
 
         fixed, _ = await push_module_file(
             registry, module_path("add_ten"), name="fixme", version="2"
@@ -103,7 +96,7 @@ async def test_the_first_replay_into_an_entry_step_makes_it_and_a_running_worker
         publisher = bus.JetStreamPublisher(nc)
         [result] = await dead_letters.replay(nc.jetstream(), publisher, registry, [letter.id])
         assert result.outcome == "replayed"
-        assert name in await consumers(nc, Stream.STEPS)  # made by the replay
+        assert name in await consumer_names(nc, Stream.STEPS)  # made by the replay
         await eventually(lambda: _stored_count(nc, "fix.out"), message="the replayed event ran")
         await worker.drain()
     [out] = await stored(nc, "fix.out")
@@ -148,7 +141,7 @@ async def test_steps_that_never_go_cold_make_it_at_start(
 
 
 async def _has_consumer(nc: Client, name: str) -> bool:
-    return name in await consumers(nc, Stream.STEPS)
+    return name in await consumer_names(nc, Stream.STEPS)
 
 
 async def test_a_check_of_a_consumer_not_made_yet_finds_no_work(
