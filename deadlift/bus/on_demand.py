@@ -138,8 +138,12 @@ async def ensure_on_demand(
             continue  # a trigger's is made by its receiver: ensure_trigger
         if await consumer_info_or_none(js, wanted.stream, wanted.consumer):
             continue
-        await ensure_steps_stream(js, settings)
-        last = (await js.stream_info(wanted.stream)).state.last_seq or 0
+        # The tail, read with the other steps' (a worker's first events make many).
+        tail = await StreamTails.of(js).tail(wanted.stream)
+        if tail is None:
+            await ensure_steps_stream(js, settings)
+            tail = await StreamTails.of(js).tail(wanted.stream)
+        last = tail.last_seq if tail else 0
         config = consumer_config(
             wanted.consumer, list(wanted.filters), step, settings, start_seq=last + 1
         )
