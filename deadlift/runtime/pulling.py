@@ -37,8 +37,8 @@ A consumer made on demand and not made yet has nothing to deliver, so its step
 waits cold: a step's own is made by its first event's sender, which rings it. A
 trigger's is this step's to make (from the start ``workflow apply`` recorded),
 when an event rings or its check finds one in the stream at or after that start;
-the step then pulls. Events sent while no worker ran are found by the check at
-start, :data:`SETTLE_S` after it.
+the step then pulls. Events sent while no worker ran are found by a check as soon
+as the step's doorbell is armed (and the usual one :data:`SETTLE_S` after).
 
 The checks of all the steps of a connection go through one
 :class:`~deadlift.bus.checks.ConsumerChecks`: those asked together are answered
@@ -130,6 +130,9 @@ class Puller:
         self._make = make
         self._start = binding.start if not binding.made else None
         self._make_first = False
+        # Events sent while no worker ran wait for no ring: the first cold spell looks
+        # at once too (tails are read together, so a thousand triggers cost a request).
+        self._look_at_once = self._start is not None
 
     def stop(self) -> None:
         """No more pulls; a cold wait ends now (a cancel alone may be swallowed)."""
@@ -206,7 +209,7 @@ class Puller:
         self.waiting = True
         try:
             await bell.arm()
-            check_now = self._held
+            check_now, self._look_at_once = self._held or self._look_at_once, False
             while await self._stay_cold(bell, check_now):
                 check_now = True  # a recheck: a check now, then the same sequence again
         finally:
